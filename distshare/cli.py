@@ -1,0 +1,65 @@
+"""`distshare`: the command line. Each subcommand lives in `distshare/commands/<name>.py`
+with a `<name>_command_parser(subparsers)` and a `<name>_command(args)`; this module only
+registers them and turns deliberate errors into exit codes:
+
+    0  every check held
+    1  a verification failed (replicas diverged, equivalence broken)
+    2  bad input (config, path, argument): one line, never a traceback
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+
+from distshare.errors import DistshareError, RankError, UsageError
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage mistake is one line (not usage + error) and exit code 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UsageError(f"{self.prog}: {message} (see {self.prog} --help)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from distshare.commands.env import env_command_parser
+    from distshare.commands.train import train_command_parser
+    from distshare.commands.verify import verify_command_parser
+
+    parser = _Parser(prog="distshare", description="Make data-parallel weight sharing visible and verifiable.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+    verify_command_parser(sub)
+    train_command_parser(sub)
+    env_command_parser(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # distshare never downloads; fail fast if asked to
+    try:
+        args = build_parser().parse_args(argv)
+        return int(args.func(args) or 0)
+    except UsageError as exc:
+        print(f"distshare: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except RankError as exc:
+        print(f"distshare: error: {exc}", file=sys.stderr)
+        if os.environ.get("DISTSHARE_DEBUG"):
+            print(exc.traceback_text, file=sys.stderr)
+        else:
+            print("(set DISTSHARE_DEBUG=1 for the rank's traceback)", file=sys.stderr)
+        return exc.exit_code
+    except DistshareError as exc:
+        print(f"distshare: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("distshare: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

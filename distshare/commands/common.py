@@ -1,0 +1,148 @@
+"""What the run-making subcommands share: the same flags, the same config loading, the
+same pre-flight checks, the same ending (a table, result files, one verdict line)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from distshare.accounting import Accounting, account
+from distshare.config import RunConfig, load_config, to_dict
+from distshare.data import build_dataset
+from distshare.data.plan import GlobalBatchPlan
+from distshare.dist.world import launched
+from distshare.train import TrainResult
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {value}")
+    return value
+
+
+def add_run_arguments(parser: argparse.ArgumentParser, nproc_default: int) -> None:
+    """Flags of every command that trains: config, overrides, ranks, output."""
+    parser.add_argument("--config", metavar="PATH", help="YAML run config (configs/train/*.yaml)")
+    parser.add_argument(
+        "--set", metavar="KEY=VALUE", action="append", default=[], dest="overrides",
+        help="override a config field, dotted (repeatable): --set plan.accum_steps=4",
+    )
+    parser.add_argument("--nproc", type=positive_int, default=nproc_default,
+                        help=f"simulated CPU ranks (gloo); ignored under torchrun (default {nproc_default})")
+    parser.add_argument("--steps", type=positive_int, help="optimizer steps (overrides config 'steps')")
+    parser.add_argument("--seed", type=int, help="parameter init seed (overrides config 'seed')")
+    parser.add_argument("--sync", choices=("ddp", "allreduce"), help="gradient sync mode")
+    parser.add_argument("--timeout", type=positive_float, metavar="SECONDS",
+                        help="bound on every collective (overrides config 'timeout_s')")
+    parser.add_argument("--out", metavar="DIR", help="run directory (default runs/<command>-<time>)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def config_from_args(args: argparse.Namespace, base: list[str] | None = None) -> RunConfig:
+    overrides = list(base or []) + list(args.overrides)
+    for flag, key in (("steps", "steps"), ("seed", "seed"), ("sync", "sync"), ("timeout", "timeout_s")):
+        value = getattr(args, flag, None)
+        if value is not None:
+            overrides.append(f"{key}={value}")
+    return load_config(args.config, overrides)
+
+
+def world_size_for(args: argparse.Namespace) -> int:
+    """The launcher's world size when launched, else --nproc."""
+    if launched():
+        import os
+
+        return int(os.environ["WORLD_SIZE"])
+    return args.nproc
+
+
+def preflight(cfg: RunConfig, world_size: int) -> GlobalBatchPlan:
+    """Build the data set and plan once here, so bad input fails in one line before any
+    rank starts (a data error inside N ranks would otherwise arrive N times)."""
+    cfg.plan.resolve(world_size)
+    dataset, _ = build_dataset(cfg.data)
+    resolved = cfg.plan.resolve(world_size)
+    return GlobalBatchPlan(len(dataset), resolved, cfg.plan.seed, cfg.plan.drop_last)
+
+
+def is_main_process() -> bool:
+    import os
+
+    return not launched() or os.environ.get("RANK", "0") == "0"
+
+
+def engine_name() -> str:
+    return "torchrun" if launched() else "spawn"
+
+
+def training_summary(cfg: RunConfig, results: list[TrainResult], plan: GlobalBatchPlan) -> dict[str, Any]:
+    """The facts every training command reports, from every rank's account."""
+    main = results[0]
+    accounting: Accounting = account(plan, [r.samples_by_step for r in results])
+    fingerprints = [r.final_fingerprint for r in results]
+    in_sync = main.replicas_in_sync and len(set(fingerprints)) == 1
+    return {
+        "world_size": main.world_size,
+        "steps": main.steps,
+        "engine": engine_name() if main.world_size > 1 else "local",
+        "plan": to_dict(cfg, main.world_size)["plan"],
+        "sync": cfg.sync if main.world_size > 1 else "none (single process)",
+        "dtype": cfg.model.dtype,
+        "replicas_in_sync": in_sync,
+        "replica_checks": main.checks,
+        "first_divergence": main.first_divergence,
+        "final_fingerprint": main.final_fingerprint,
+        "final_fingerprints_by_rank": fingerprints,
+        "accounting": {**accounting.to_dict(), "summary": accounting.summary()},
+        "dropped_per_epoch": main.dropped_per_epoch,
+        "losses": main.losses,
+        "final_loss": main.losses[-1] if main.losses else None,
+        "seconds": round(main.seconds, 3),
+    }
+
+
+def versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for pkg in ("distshare", "torch", "accelerate", "ray", "datasets", "numpy", "xxhash", "safetensors"):
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            out[pkg] = "not installed"
+    return out
+
+
+def finish(command: str, result: dict[str, Any], table: list[tuple[str, str, str]], as_json: bool,
+           verdict: str, out_dir: Path | None) -> int:
+    """Print the table (or the JSON object) and the one verdict line; return the exit code."""
+    ok = bool(result["ok"])
+    if as_json:
+        print(json.dumps(result))
+    else:
+        width = max(len(r[0]) for r in table) if table else 0
+        for name, status, detail in table:
+            print(f"  {name:<{width}}  {status:<6}  {detail}")
+        if out_dir is not None:
+            print(f"  results in {out_dir}/")
+        print(f"distshare {command}: {'OK' if ok else 'FAILED'} {verdict}")
+    sys.stdout.flush()
+    return 0 if ok else 1

@@ -1,0 +1,81 @@
+"""`distshare train`: the one step, on one process, spawned CPU ranks, or torchrun's ranks.
+
+    distshare train --config configs/train/transformer.yaml                 # one process
+    distshare train --config configs/train/transformer.yaml --nproc 2       # 2 gloo ranks
+    torchrun --standalone --nproc_per_node 2 -m distshare train --config configs/train/cnn.yaml
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from distshare.commands.common import (
+    add_run_arguments,
+    config_from_args,
+    finish,
+    is_main_process,
+    preflight,
+    training_summary,
+    versions,
+    world_size_for,
+)
+from distshare.config import to_dict
+from distshare.engines.torch import run_training
+from distshare.report import markdown_table, plot_losses, run_dir, write_atomic, write_result
+
+
+def train_command_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser("train", help="train with data parallelism and check replicas",
+                                   description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_run_arguments(parser, nproc_default=1)
+    parser.set_defaults(func=train_command)
+    return parser
+
+
+def train_command(args: argparse.Namespace) -> int:
+    cfg = config_from_args(args)
+    world_size = world_size_for(args)
+    plan = preflight(cfg, world_size)
+    main = is_main_process()
+    out = run_dir(args.out, "train") if main else None
+    results = run_training(cfg, args.nproc, out, progress=not args.no_progress)
+    if results is None:  # a non-zero rank under torchrun: rank 0 reports
+        return 0
+    summary = training_summary(cfg, results, plan)
+    ok = summary["replicas_in_sync"] and summary["accounting"]["ok"]
+    result = {"ok": ok, "command": "train", **summary,
+              "max_abs_diff_vs_single_process": None, "bitwise_equal_to_single_process": None,
+              "config": to_dict(cfg, world_size), "versions": versions(), "run_dir": str(out)}
+    table = [
+        ("replicas", "ok" if summary["replicas_in_sync"] else "FAIL",
+         f"{summary['replica_checks']} checks, final {summary['final_fingerprint']}"),
+        ("accounting", "ok" if summary["accounting"]["ok"] else "FAIL", summary["accounting"]["summary"]),
+        ("loss", "", f"{summary['losses'][0]:.4f} -> {summary['final_loss']:.4f}"),
+    ]
+    assert out is not None
+    plot_losses(out / "loss.png", {f"W={summary['world_size']}": summary["losses"]}, "distshare train")
+    write_atomic(out / "report.md", _report(result, table))
+    write_result(out, result)
+    p = summary["plan"]
+    verdict = (f"{summary['steps']} steps on {summary['world_size']} rank(s), G={p['global_batch']} "
+               f"(W={p['world_size']} x k={p['accum_steps']} x b={p['micro_batch']}), "
+               f"replicas {'in sync' if summary['replicas_in_sync'] else 'DIVERGED'}")
+    return finish("train", result, table, args.json, verdict, out)
+
+
+def _report(result: dict, table: list[tuple[str, str, str]]) -> str:
+    p = result["plan"]
+    return "\n".join([
+        "# distshare train",
+        "",
+        f"{result['steps']} steps, {result['world_size']} rank(s) ({result['engine']}), sync {result['sync']}, "
+        f"{result['dtype']}; global batch G={p['global_batch']} = W {p['world_size']} x k {p['accum_steps']} "
+        f"x b {p['micro_batch']}.",
+        "",
+        markdown_table(table, ("check", "status", "detail")),
+        "",
+        "![loss](loss.png)",
+        "",
+        f"Verdict: **{'OK' if result['ok'] else 'FAILED'}**",
+        "",
+    ])

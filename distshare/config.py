@@ -1,0 +1,314 @@
+"""The schema of a run: dataclasses, loaded from YAML, overridden with dotted `--set a.b=v`.
+
+Dataclasses are the schema so that a typo in a YAML file or an override is caught by name
+(`unknown key 'plan.wold_size'`) instead of being silently ignored. Every problem becomes a
+`ConfigError` that names the field and what was expected; the CLI turns it into one line
+and exit code 2.
+
+The global batch plan `G = W x k x b` is stated by any two of (G, k, b) plus the world
+size W; the third is derived by `PlanConfig.resolve`. Keeping the two *given* numbers (and
+not the derived one) lets `--nproc` change W and re-derive, e.g. G=32, k=2 gives b=16 on one
+rank and b=8 on two.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union
+
+import yaml
+
+from distshare.errors import ConfigError, UsageError
+
+MODELS = ("transformer", "cnn")
+DATASETS = ("svo", "shapes", "digits", "pydoc", "file")
+ENGINES = ("local", "torch")
+SYNC_MODES = ("ddp", "allreduce")
+DTYPES = ("float32", "float64")
+NORMS = ("none", "batch", "group")
+OPTIMIZERS = ("sgd", "adam", "adamw")
+SVO_TASKS = ("subject", "roles")
+
+
+@dataclass
+class ModelConfig:
+    """Which network, and its sizes. Transformer fields are ignored by the CNN and vice versa."""
+
+    name: str = "transformer"  # transformer | cnn
+    dtype: str = "float32"  # float32 | float64: parameters, activations and gradients
+    d_model: int = 32  # transformer: width of every token representation
+    n_heads: int = 4  # transformer: heads per attention layer; d_model must divide by it
+    n_layers: int = 2  # transformer: attention + feed-forward blocks
+    d_ff: int = 64  # transformer: hidden width of the feed-forward block
+    positional: bool = True  # transformer: add sinusoidal positions; off = a bag of tokens
+    conv_channels: int = 8  # cnn: filters in the first conv; the second has twice as many
+    kernel_size: int = 3  # cnn: side of every (square) kernel, odd
+    norm: str = "none"  # cnn: none | batch | group (normalization after each conv)
+
+
+@dataclass
+class DataConfig:
+    """Which data set, generated offline from `seed` or read from a local file."""
+
+    name: str = "svo"  # svo | shapes | digits | pydoc | file
+    num_samples: int = 512  # generated sets: how many samples (digits/pydoc: at most this many)
+    seed: int = 0  # generated sets: the generator's seed, independent of the run seed
+    task: str = "subject"  # svo: subject (who acts, one label) | roles (a label per token)
+    variable_length: bool = False  # svo: optional adjectives make sentences of 3 to 5 words
+    image_size: int = 12  # shapes: side of the square image in pixels
+    path: str | None = None  # file: a local .csv / .json / .jsonl / .parquet file
+    text_field: str = "text"  # file: column with whitespace-separated text
+    label_field: str = "label"  # file: column with the class label (int or string)
+
+
+@dataclass
+class PlanConfig:
+    """The global batch plan: G = world_size x accum_steps x micro_batch. Give two of G, k, b."""
+
+    world_size: int = 1  # W: ranks taking part; --nproc and launchers set it
+    global_batch: int | None = 32  # G: samples consumed by one optimizer step, all ranks together
+    accum_steps: int | None = 1  # k: micro-batches each rank runs before gradients are synced
+    micro_batch: int | None = None  # b: samples in one forward/backward on one rank
+    seed: int = 0  # shuffles the sample order of every epoch; same order for every W and k
+    drop_last: bool = True  # drop the last incomplete global batch of an epoch (logged)
+
+    def resolve(self, world_size: int | None = None) -> ResolvedPlan:
+        """Derive the missing one of (G, k, b) for `world_size` (default: the configured W)."""
+        w = self.world_size if world_size is None else world_size
+        _positive("plan.world_size", w)
+        g, k, b = self.global_batch, self.accum_steps, self.micro_batch
+        for name, value in (("global_batch", g), ("accum_steps", k), ("micro_batch", b)):
+            if value is not None:
+                _positive(f"plan.{name}", value)
+        given = sum(v is not None for v in (g, k, b))
+        if given < 2:
+            raise ConfigError(
+                "plan", "give two of global_batch, accum_steps, micro_batch (G = W x k x b)"
+            )
+        if g is None:
+            g = w * k * b
+        elif b is None:
+            if g % (w * k):
+                raise ConfigError(
+                    "plan.global_batch",
+                    f"{g} is not divisible by world_size x accum_steps = {w} x {k} = {w * k}",
+                )
+            b = g // (w * k)
+        elif k is None:
+            if g % (w * b):
+                raise ConfigError(
+                    "plan.global_batch",
+                    f"{g} is not divisible by world_size x micro_batch = {w} x {b} = {w * b}",
+                )
+            k = g // (w * b)
+        elif g != w * k * b:
+            raise ConfigError(
+                "plan",
+                f"inconsistent: global_batch {g} != world_size {w} x accum_steps {k} "
+                f"x micro_batch {b} = {w * k * b}",
+            )
+        return ResolvedPlan(global_batch=g, world_size=w, accum_steps=k, micro_batch=b)
+
+
+@dataclass(frozen=True)
+class ResolvedPlan:
+    """All four numbers of a plan, consistent by construction."""
+
+    global_batch: int
+    world_size: int
+    accum_steps: int
+    micro_batch: int
+
+
+@dataclass
+class OptimConfig:
+    """The optimizer. Its state (momenta, Adam moments) is part of the replicated state too."""
+
+    name: str = "adamw"  # sgd | adam | adamw
+    lr: float = 1e-3  # learning rate
+    momentum: float = 0.0  # sgd only
+    weight_decay: float = 0.0  # decoupled for adamw, L2 for sgd/adam
+
+
+@dataclass
+class RunConfig:
+    """One run: model, data, plan, optimizer and how the step is synchronized."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    plan: PlanConfig = field(default_factory=PlanConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    steps: int = 30  # optimizer steps (global batches) to run
+    seed: int = 0  # parameter initialization; identical on every rank
+    sync: str = "ddp"  # ddp (DistributedDataParallel + no_sync) | allreduce (explicit all_reduce)
+    engine: str = "local"  # local (one process, or spawned gloo ranks with --nproc) | torch
+    check_every: int = 1  # compare replica fingerprints every N steps; 0 = only at the end
+    timeout_s: float = 120.0  # bound on every collective and on waiting for ranks, seconds
+
+    def validate(self) -> RunConfig:
+        """Check every field that a type alone cannot; raise `ConfigError` naming the first bad one."""
+        _choice("model.name", self.model.name, MODELS)
+        _choice("model.dtype", self.model.dtype, DTYPES)
+        _choice("model.norm", self.model.norm, NORMS)
+        _choice("data.name", self.data.name, DATASETS)
+        _choice("data.task", self.data.task, SVO_TASKS)
+        _choice("optim.name", self.optim.name, OPTIMIZERS)
+        _choice("sync", self.sync, SYNC_MODES)
+        _choice("engine", self.engine, ENGINES)
+        for name in ("d_model", "n_heads", "n_layers", "d_ff", "conv_channels", "kernel_size"):
+            _positive(f"model.{name}", getattr(self.model, name))
+        if self.model.d_model % self.model.n_heads:
+            raise ConfigError(
+                "model.d_model",
+                f"{self.model.d_model} must be divisible by model.n_heads={self.model.n_heads}",
+            )
+        if self.model.kernel_size % 2 == 0:
+            raise ConfigError("model.kernel_size", f"expected an odd size, got {self.model.kernel_size}")
+        if self.model.norm == "group" and self.model.conv_channels % 2:
+            raise ConfigError("model.conv_channels", "group norm uses 2 groups: expected an even number")
+        _positive("data.num_samples", self.data.num_samples)
+        _positive("data.image_size", self.data.image_size)
+        if self.data.image_size < 4:
+            raise ConfigError("data.image_size", f"expected at least 4 pixels, got {self.data.image_size}")
+        if self.data.name == "file":
+            if not self.data.path:
+                raise ConfigError("data.path", "data.name is 'file': give the path of a csv/json/parquet file")
+            if not Path(self.data.path).is_file():
+                raise ConfigError("data.path", f"no such file: {self.data.path}")
+        if self.optim.lr <= 0:
+            raise ConfigError("optim.lr", f"expected a positive number, got {self.optim.lr}")
+        _positive("steps", self.steps)
+        if self.check_every < 0:
+            raise ConfigError("check_every", f"expected 0 or a positive integer, got {self.check_every}")
+        if self.timeout_s <= 0:
+            raise ConfigError("timeout_s", f"expected a positive number of seconds, got {self.timeout_s}")
+        self.plan.resolve()
+        return self
+
+
+def _positive(name: str, value: int) -> None:
+    if value <= 0:
+        raise ConfigError(name, f"expected a positive integer, got {value}")
+
+
+def _choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(name, f"unknown value {value!r}; expected one of {', '.join(allowed)}")
+
+
+# ---------------------------------------------------------------------------------------
+# Loading: YAML -> dict -> dataclasses, with every key and type checked by name.
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Read a YAML config (or the defaults), apply `key=value` overrides, validate."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise UsageError(f"config file not found: {p}")
+        try:
+            loaded = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+            raise UsageError(f"config file {p} is not valid YAML{where}") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise UsageError(f"config file {p}: expected a mapping of fields at the top level")
+        raw = loaded
+    for item in overrides or []:
+        apply_override(raw, item)
+    return from_dict(RunConfig, raw).validate()
+
+
+def apply_override(raw: dict[str, Any], item: str) -> None:
+    """Set a dotted key in the raw mapping; the value is read as YAML (`4`, `true`, `null`)."""
+    key, sep, text = item.partition("=")
+    if not sep or not key.strip():
+        raise UsageError(f"--set expects key=value (for example plan.world_size=4), got {item!r}")
+    try:
+        value = yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError:
+        value = text
+    parts = key.strip().split(".")
+    node = raw
+    for i, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(".".join(parts[: i + 1]), "is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def from_dict(cls: type, raw: Any, prefix: str = "") -> Any:
+    """Build dataclass `cls` from a mapping, refusing unknown keys and wrong types by name."""
+    where = prefix.rstrip(".") or "config"
+    if not isinstance(raw, dict):
+        raise ConfigError(where, f"expected a mapping of fields, got {_kind(raw)}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    for key in raw:
+        if key not in known:
+            raise ConfigError(f"{prefix}{key}", f"unknown key; known keys: {', '.join(sorted(known))}")
+    values = {}
+    for key, value in raw.items():
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint):
+            values[key] = from_dict(hint, value, f"{prefix}{key}.")
+        else:
+            values[key] = _coerce(f"{prefix}{key}", value, hint)
+    return cls(**values)
+
+
+def _coerce(name: str, value: Any, hint: Any) -> Any:
+    options = typing.get_args(hint) if _is_union(hint) else (hint,)
+    if value is None:
+        if type(None) in options:
+            return None
+        raise ConfigError(name, f"expected {_type_name(hint)}, got null")
+    for t in options:
+        if t is bool and isinstance(value, bool):
+            return value
+        if t is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if t is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if t is str and isinstance(value, str):
+            return value
+    raise ConfigError(name, f"expected {_type_name(hint)}, got {_kind(value)} {value!r}")
+
+
+def _is_union(hint: Any) -> bool:
+    return typing.get_origin(hint) in (Union, types.UnionType)
+
+
+def _type_name(hint: Any) -> str:
+    if _is_union(hint):
+        return " or ".join(_type_name(t) for t in typing.get_args(hint))
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(
+        hint, "null" if hint is type(None) else str(hint)
+    )
+
+
+def _kind(value: Any) -> str:
+    return {dict: "a mapping", list: "a list", bool: "a boolean", int: "an integer",
+            float: "a number", str: "a string"}.get(type(value), type(value).__name__)
+
+
+def to_dict(cfg: RunConfig, world_size: int | None = None) -> dict[str, Any]:
+    """The resolved config as plain data: what every run directory records as `config.yaml`."""
+    data = dataclasses.asdict(cfg)
+    plan = cfg.plan.resolve(world_size)
+    data["plan"].update(dataclasses.asdict(plan))
+    return data
+
+
+def dump_config(cfg: RunConfig, path: Path, world_size: int | None = None) -> None:
+    """Write the resolved config so that `load_config(path)` reproduces the run."""
+    path.write_text(yaml.safe_dump(to_dict(cfg, world_size), sort_keys=False))

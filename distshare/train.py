@@ -1,0 +1,243 @@
+"""The one training step and the loop around it, the same for every engine.
+
+Engines differ only in how processes start (a single process, spawned gloo ranks,
+torchrun) and which `GradSync` they use; the step below is all there is to training:
+
+    for each of this rank's k micro-batches:
+        loss = (sum of per-item losses) / (items in the WHOLE global batch)
+        loss.backward()                      # accumulates into .grad
+    synchronize gradients (sum over ranks)   # -> the large-batch gradient, on every rank
+    optimizer.step()                         # the same update of the same parameters everywhere
+
+Dividing by the global item count (torchtitan does the same) is what makes "W ranks x k
+micro-batches" the same computation as "one process, one big batch", even when
+micro-batches hold different numbers of tokens.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from distshare.checksum import combined_fingerprint, fingerprint_state
+from distshare.config import RunConfig, dump_config
+from distshare.data import build_dataset
+from distshare.data.plan import GlobalBatchPlan
+from distshare.data.tensors import TensorTable
+from distshare.data.types import IGNORE_INDEX, Batch, DataInfo
+from distshare.dist.sync import GradSync, make_sync
+from distshare.dist.world import World
+from distshare.models import build_model
+from distshare.replicas import ReplicaReport, compare_replicas
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+@dataclass
+class Run:
+    """Everything the step needs, built identically on every rank from the same config."""
+
+    cfg: RunConfig
+    world: World
+    info: DataInfo
+    table: TensorTable
+    plan: GlobalBatchPlan
+    model: nn.Module  # the bare model: fingerprints and names come from here
+    wrapped: nn.Module  # what forward is called on (DDP wrapper or the model itself)
+    optimizer: torch.optim.Optimizer
+    sync: GradSync
+
+
+def build_run(cfg: RunConfig, world: World) -> Run:
+    """Data, plan, model, optimizer and sync for this rank; the same on every rank."""
+    dtype = DTYPES[cfg.model.dtype]
+    dataset, info = build_dataset(cfg.data)
+    table = TensorTable.from_dataset(dataset, info, dtype)
+    plan = GlobalBatchPlan(
+        num_samples=len(table),
+        plan=cfg.plan.resolve(world.world_size),
+        seed=cfg.plan.seed,
+        drop_last=cfg.plan.drop_last,
+    )
+    model = build_model(cfg.model, info, seed=cfg.seed).to(world.device)
+    sync = make_sync(cfg.sync, world.world_size)
+    wrapped = sync.wrap(model)
+    return Run(cfg, world, info, table, plan, model, wrapped, build_optimizer(cfg, model), sync)
+
+
+def build_optimizer(cfg: RunConfig, model: nn.Module) -> torch.optim.Optimizer:
+    o = cfg.optim
+    params = model.parameters()
+    if o.name == "sgd":
+        return torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
+    if o.name == "adam":
+        return torch.optim.Adam(params, lr=o.lr, weight_decay=o.weight_decay)
+    return torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay)
+
+
+def loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Summed (not averaged) cross-entropy over the non-ignored items of a micro-batch."""
+    return F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), reduction="sum", ignore_index=IGNORE_INDEX
+    )
+
+
+@dataclass
+class StepStats:
+    """What one rank saw in one step."""
+
+    loss_sum: float  # this rank's summed loss (before dividing by the global count)
+    global_items: int  # loss items in the whole global batch: the normalizer
+    indices: list[list[int]]  # global sample indices of each of this rank's micro-batches
+    local_grads: dict[str, str] | None = None  # grad fingerprints before the sync, if probed
+
+
+def train_step(run: Run, step: int, probe_local_grads: bool = False) -> StepStats:
+    """One optimizer step over this rank's k micro-batches of global batch `step`."""
+    micro = run.plan.rank_micro_batches(step, run.world.rank)
+    # Every rank knows the whole plan, so it counts the global batch's items locally:
+    # no collective needed to learn the normalizer.
+    global_items = run.table.count_items(run.plan.global_batch(step))
+    run.optimizer.zero_grad(set_to_none=True)
+    total = torch.zeros((), dtype=torch.float64)
+    local_grads = None
+    # What a rank computed alone is visible just before the sync. Under DDP the last
+    # backward already all-reduced, so only the no_sync micro-batches show it (k >= 2).
+    probe_at = len(micro) - 2 if run.sync.name == "ddp" else len(micro) - 1
+    for i, indices in enumerate(micro):
+        last = i == len(micro) - 1
+        batch = run.table.select(indices).to(run.world.device)
+        with run.sync.micro_step(run.wrapped, last):
+            loss = _micro_loss(run, batch)
+            (loss / global_items).backward()
+        total += loss.detach().to(torch.float64).cpu()
+        if probe_local_grads and i == probe_at:
+            local_grads = {k: v for k, v in fingerprint_state(run.model, grads=True).items() if k.startswith("grad/")}
+    run.sync.finish(run.model)
+    run.optimizer.step()
+    return StepStats(float(total), global_items, [m.tolist() for m in micro], local_grads)
+
+
+def _micro_loss(run: Run, batch: Batch) -> torch.Tensor:
+    if len(batch) == 0:
+        # An empty slot (last incomplete global batch) still joins DDP's gradient
+        # all-reduce: a zero loss that touches every parameter.
+        return sum((p.sum() * 0.0 for p in run.model.parameters()), torch.zeros(()))
+    logits = run.wrapped(**batch.inputs)
+    return loss_sum(logits, batch.labels)
+
+
+@dataclass
+class TrainResult:
+    """One rank's account of a run; rank 0's is what reports are made of."""
+
+    rank: int
+    world_size: int
+    steps: int
+    losses: list[float] = field(default_factory=list)  # global mean loss per step
+    checks: int = 0
+    first_divergence: dict[str, Any] | None = None  # the first failing ReplicaReport, as a dict
+    final_report: dict[str, Any] | None = None
+    final_fingerprint: str = ""
+    samples_by_step: list[list[list[int]]] = field(default_factory=list)  # step -> micro -> indices
+    local_grads: dict[str, str] | None = None  # step 0, before sync
+    synced_grads: dict[str, str] | None = None  # step 0, after sync
+    state: dict[str, torch.Tensor] | None = None  # parameters at the end, if asked for
+    first_grads: dict[str, torch.Tensor] | None = None  # synced gradients of step 0, if asked for
+    seconds: float = 0.0
+    dropped_per_epoch: int = 0
+
+    @property
+    def replicas_in_sync(self) -> bool:
+        return self.first_divergence is None and bool(self.final_report and self.final_report["in_sync"])
+
+
+def train(
+    cfg: RunConfig,
+    world: World,
+    out_dir: Path | None = None,
+    progress: bool = True,
+    keep_state: bool = False,
+    on_step: Callable[[Run, int], None] | None = None,
+) -> TrainResult:
+    """The loop: `cfg.steps` steps, replica checks every `cfg.check_every`, metrics on rank 0."""
+    run = build_run(cfg, world)
+    main = world.is_main
+    result = TrainResult(rank=world.rank, world_size=world.world_size, steps=cfg.steps)
+    result.dropped_per_epoch = run.plan.dropped_per_epoch
+    metrics = None
+    if main and out_dir is not None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        dump_config(cfg, out_dir / "config.yaml", world.world_size)
+        metrics = (out_dir / "metrics.jsonl").open("w")
+    start = time.perf_counter()
+    try:
+        bar = tqdm(range(cfg.steps), desc="train", unit="step", disable=not (main and progress), leave=False)
+        for step in bar:
+            probe = step == 0
+            stats = train_step(run, step, probe_local_grads=probe)
+            if probe:
+                result.local_grads = stats.local_grads
+                result.synced_grads = {
+                    k: v for k, v in fingerprint_state(run.model, grads=True).items() if k.startswith("grad/")
+                }
+                if keep_state:
+                    result.first_grads = {
+                        n: p.grad.detach().clone() for n, p in run.model.named_parameters() if p.grad is not None
+                    }
+            loss = _global_loss(stats, world)
+            result.losses.append(loss)
+            result.samples_by_step.append(stats.indices)
+            row: dict[str, Any] = {"step": step, "loss": loss, "global_items": stats.global_items}
+            if cfg.check_every and (step + 1) % cfg.check_every == 0:
+                report = compare_replicas(run.model, run.optimizer, step=step)
+                result.checks += 1
+                row["replicas_in_sync"] = report.in_sync
+                if not report.in_sync and result.first_divergence is None:
+                    result.first_divergence = report.to_dict()
+            row["seconds"] = round(time.perf_counter() - start, 6)
+            if metrics is not None:
+                metrics.write(json.dumps(row) + "\n")
+                metrics.flush()
+            if on_step is not None:
+                on_step(run, step)
+            bar.set_postfix(loss=f"{loss:.4f}")
+        final = compare_replicas(run.model, run.optimizer, step=cfg.steps - 1)
+        result.checks += 1
+        result.final_report = final.to_dict()
+        if not final.in_sync and result.first_divergence is None:
+            result.first_divergence = final.to_dict()
+        result.final_fingerprint = combined_fingerprint(fingerprint_state(run.model, run.optimizer))
+        if keep_state:
+            result.state = {n: t.detach().cpu().clone() for n, t in run.model.state_dict().items()}
+    finally:
+        if metrics is not None:
+            metrics.close()
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+def _global_loss(stats: StepStats, world: World) -> float:
+    """Mean loss of the whole global batch (sum over ranks / global count)."""
+    total = torch.tensor([stats.loss_sum], dtype=torch.float64)
+    if world.distributed:
+        dist.all_reduce(total, op=dist.ReduceOp.SUM)
+    return float(total.item()) / stats.global_items
+
+
+def replica_report(result: TrainResult) -> ReplicaReport | None:
+    """The first divergence as a report object, or None if replicas stayed in sync."""
+    d = result.first_divergence
+    if d is None:
+        return None
+    return ReplicaReport(world_size=d["world_size"], combined=d["combined"], differing=d["differing"], step=d["step"])
