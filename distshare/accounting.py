@@ -33,8 +33,11 @@ class Accounting:
         if self.ok:
             return f"{self.samples} samples over {self.steps} steps, each counted exactly once"
         parts = []
-        for what, d in (("missing", self.missing), ("counted twice", self.duplicated),
-                        ("shared between ranks", self.shared_between_ranks)):
+        for what, d in (
+            ("missing", self.missing),
+            ("counted twice", self.duplicated),
+            ("shared between ranks", self.shared_between_ranks),
+        ):
             if d:
                 step = min(d)
                 parts.append(f"{what} at {len(d)} step(s), first step {step}: {d[step][:5]}")

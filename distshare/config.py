@@ -86,9 +86,7 @@ class PlanConfig:
                 _positive(f"plan.{name}", value)
         given = sum(v is not None for v in (g, k, b))
         if given < 2:
-            raise ConfigError(
-                "plan", "give two of global_batch, accum_steps, micro_batch (G = W x k x b)"
-            )
+            raise ConfigError("plan", "give two of global_batch, accum_steps, micro_batch (G = W x k x b)")
         if g is None:
             g = w * k * b
         elif b is None:
@@ -108,8 +106,7 @@ class PlanConfig:
         elif g != w * k * b:
             raise ConfigError(
                 "plan",
-                f"inconsistent: global_batch {g} != world_size {w} x accum_steps {k} "
-                f"x micro_batch {b} = {w * k * b}",
+                f"inconsistent: global_batch {g} != world_size {w} x accum_steps {k} x micro_batch {b} = {w * k * b}",
             )
         return ResolvedPlan(global_batch=g, world_size=w, accum_steps=k, micro_batch=b)
 
@@ -297,8 +294,14 @@ def _type_name(hint: Any) -> str:
 
 
 def _kind(value: Any) -> str:
-    return {dict: "a mapping", list: "a list", bool: "a boolean", int: "an integer",
-            float: "a number", str: "a string"}.get(type(value), type(value).__name__)
+    return {
+        dict: "a mapping",
+        list: "a list",
+        bool: "a boolean",
+        int: "an integer",
+        float: "a number",
+        str: "a string",
+    }.get(type(value), type(value).__name__)
 
 
 def to_dict(cfg: RunConfig, world_size: int | None = None) -> dict[str, Any]:

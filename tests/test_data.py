@@ -215,9 +215,7 @@ def test_local_file_round_trip(tmp_path, suffix):
 
 def test_local_file_integer_labels_are_kept(tmp_path):
     rows = [{"body": "x y", "y": 2}, {"body": "z", "y": 0}]
-    ds, info = build(
-        name="file", path=str(write(tmp_path / "d.jsonl", rows)), text_field="body", label_field="y"
-    )
+    ds, info = build(name="file", path=str(write(tmp_path / "d.jsonl", rows)), text_field="body", label_field="y")
     assert ds["label"] == [2, 0] and info.num_classes == 3 and info.max_len == 2
 
 
@@ -269,10 +267,7 @@ def test_sequence_and_image_tables():
     assert table.labels.shape == (32,) and torch.equal(table.items, torch.ones(32, dtype=torch.long))
     ds, info = build(name="shapes", num_samples=32)
     table = TensorTable.from_dataset(ds, info, torch.float64)
-    assert (
-        table.inputs["image"].shape == (32, *info.image_shape)
-        and table.inputs["image"].dtype == torch.float64
-    )
+    assert table.inputs["image"].shape == (32, *info.image_shape) and table.inputs["image"].dtype == torch.float64
     assert table.labels.tolist() == ds["label"]
 
 

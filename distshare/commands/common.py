@@ -43,16 +43,28 @@ def add_run_arguments(parser: argparse.ArgumentParser, nproc_default: int) -> No
     """Flags of every command that trains: config, overrides, ranks, output."""
     parser.add_argument("--config", metavar="PATH", help="YAML run config (configs/train/*.yaml)")
     parser.add_argument(
-        "--set", metavar="KEY=VALUE", action="append", default=[], dest="overrides",
+        "--set",
+        metavar="KEY=VALUE",
+        action="append",
+        default=[],
+        dest="overrides",
         help="override a config field, dotted (repeatable): --set plan.accum_steps=4",
     )
-    parser.add_argument("--nproc", type=positive_int, default=nproc_default,
-                        help=f"simulated CPU ranks (gloo); ignored under torchrun (default {nproc_default})")
+    parser.add_argument(
+        "--nproc",
+        type=positive_int,
+        default=nproc_default,
+        help=f"simulated CPU ranks (gloo); ignored under torchrun (default {nproc_default})",
+    )
     parser.add_argument("--steps", type=positive_int, help="optimizer steps (overrides config 'steps')")
     parser.add_argument("--seed", type=int, help="parameter init seed (overrides config 'seed')")
     parser.add_argument("--sync", choices=("ddp", "allreduce"), help="gradient sync mode")
-    parser.add_argument("--timeout", type=positive_float, metavar="SECONDS",
-                        help="bound on every collective (overrides config 'timeout_s')")
+    parser.add_argument(
+        "--timeout",
+        type=positive_float,
+        metavar="SECONDS",
+        help="bound on every collective (overrides config 'timeout_s')",
+    )
     parser.add_argument("--out", metavar="DIR", help="run directory (default runs/<command>-<time>)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -131,8 +143,14 @@ def versions() -> dict[str, str]:
     return out
 
 
-def finish(command: str, result: dict[str, Any], table: list[tuple[str, str, str]], as_json: bool,
-           verdict: str, out_dir: Path | None) -> int:
+def finish(
+    command: str,
+    result: dict[str, Any],
+    table: list[tuple[str, str, str]],
+    as_json: bool,
+    verdict: str,
+    out_dir: Path | None,
+) -> int:
     """Print the table (or the JSON object) and the one verdict line; return the exit code."""
     ok = bool(result["ok"])
     if as_json:

@@ -11,8 +11,7 @@ from distshare.commands.common import versions
 
 
 def env_command_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    parser = subparsers.add_parser("env", help="versions, devices and backends, for bug reports",
-                                   description=__doc__)
+    parser = subparsers.add_parser("env", help="versions, devices and backends, for bug reports", description=__doc__)
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.set_defaults(func=env_command)
     return parser
@@ -31,8 +30,9 @@ def environment() -> dict:
         "nccl": dist.is_available() and dist.is_nccl_available(),
         "mpi": dist.is_available() and dist.is_mpi_available(),
     }
-    info["launcher_env"] = {k: os.environ[k] for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
-                                                       "MASTER_PORT") if k in os.environ}
+    info["launcher_env"] = {
+        k: os.environ[k] for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT") if k in os.environ
+    }
     return info
 
 

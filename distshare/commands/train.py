@@ -1,8 +1,8 @@
 """`distshare train`: the one step, on one process, spawned CPU ranks, or torchrun's ranks.
 
-    distshare train --config configs/train/transformer.yaml                 # one process
-    distshare train --config configs/train/transformer.yaml --nproc 2       # 2 gloo ranks
-    torchrun --standalone --nproc_per_node 2 -m distshare train --config configs/train/cnn.yaml
+distshare train --config configs/train/transformer.yaml                 # one process
+distshare train --config configs/train/transformer.yaml --nproc 2       # 2 gloo ranks
+torchrun --standalone --nproc_per_node 2 -m distshare train --config configs/train/cnn.yaml
 """
 
 from __future__ import annotations
@@ -25,8 +25,12 @@ from distshare.report import markdown_table, plot_losses, run_dir, write_atomic,
 
 
 def train_command_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    parser = subparsers.add_parser("train", help="train with data parallelism and check replicas",
-                                   description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = subparsers.add_parser(
+        "train",
+        help="train with data parallelism and check replicas",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     add_run_arguments(parser, nproc_default=1)
     parser.set_defaults(func=train_command)
     return parser
@@ -43,12 +47,22 @@ def train_command(args: argparse.Namespace) -> int:
         return 0
     summary = training_summary(cfg, results, plan)
     ok = summary["replicas_in_sync"] and summary["accounting"]["ok"]
-    result = {"ok": ok, "command": "train", **summary,
-              "max_abs_diff_vs_single_process": None, "bitwise_equal_to_single_process": None,
-              "config": to_dict(cfg, world_size), "versions": versions(), "run_dir": str(out)}
+    result = {
+        "ok": ok,
+        "command": "train",
+        **summary,
+        "max_abs_diff_vs_single_process": None,
+        "bitwise_equal_to_single_process": None,
+        "config": to_dict(cfg, world_size),
+        "versions": versions(),
+        "run_dir": str(out),
+    }
     table = [
-        ("replicas", "ok" if summary["replicas_in_sync"] else "FAIL",
-         f"{summary['replica_checks']} checks, final {summary['final_fingerprint']}"),
+        (
+            "replicas",
+            "ok" if summary["replicas_in_sync"] else "FAIL",
+            f"{summary['replica_checks']} checks, final {summary['final_fingerprint']}",
+        ),
         ("accounting", "ok" if summary["accounting"]["ok"] else "FAIL", summary["accounting"]["summary"]),
         ("loss", "", f"{summary['losses'][0]:.4f} -> {summary['final_loss']:.4f}"),
     ]
@@ -57,25 +71,29 @@ def train_command(args: argparse.Namespace) -> int:
     write_atomic(out / "report.md", _report(result, table))
     write_result(out, result)
     p = summary["plan"]
-    verdict = (f"{summary['steps']} steps on {summary['world_size']} rank(s), G={p['global_batch']} "
-               f"(W={p['world_size']} x k={p['accum_steps']} x b={p['micro_batch']}), "
-               f"replicas {'in sync' if summary['replicas_in_sync'] else 'DIVERGED'}")
+    verdict = (
+        f"{summary['steps']} steps on {summary['world_size']} rank(s), G={p['global_batch']} "
+        f"(W={p['world_size']} x k={p['accum_steps']} x b={p['micro_batch']}), "
+        f"replicas {'in sync' if summary['replicas_in_sync'] else 'DIVERGED'}"
+    )
     return finish("train", result, table, args.json, verdict, out)
 
 
 def _report(result: dict, table: list[tuple[str, str, str]]) -> str:
     p = result["plan"]
-    return "\n".join([
-        "# distshare train",
-        "",
-        f"{result['steps']} steps, {result['world_size']} rank(s) ({result['engine']}), sync {result['sync']}, "
-        f"{result['dtype']}; global batch G={p['global_batch']} = W {p['world_size']} x k {p['accum_steps']} "
-        f"x b {p['micro_batch']}.",
-        "",
-        markdown_table(table, ("check", "status", "detail")),
-        "",
-        "![loss](loss.png)",
-        "",
-        f"Verdict: **{'OK' if result['ok'] else 'FAILED'}**",
-        "",
-    ])
+    return "\n".join(
+        [
+            "# distshare train",
+            "",
+            f"{result['steps']} steps, {result['world_size']} rank(s) ({result['engine']}), sync {result['sync']}, "
+            f"{result['dtype']}; global batch G={p['global_batch']} = W {p['world_size']} x k {p['accum_steps']} "
+            f"x b {p['micro_batch']}.",
+            "",
+            markdown_table(table, ("check", "status", "detail")),
+            "",
+            "![loss](loss.png)",
+            "",
+            f"Verdict: **{'OK' if result['ok'] else 'FAILED'}**",
+            "",
+        ]
+    )

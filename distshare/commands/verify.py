@@ -43,13 +43,23 @@ from distshare.report import markdown_table, plot_losses, run_dir, write_atomic,
 from distshare.train import TrainResult, train
 
 # The embedded default: small enough to finish in well under a minute on 2 cores, large
-# enough that W ranks x k micro-batches is a real split (G = 32 = 2 x 2 x 8).
-DEFAULTS = ["plan.global_batch=32", "plan.accum_steps=2", "plan.micro_batch=null", "steps=30", "check_every=1"]
+# enough that W ranks x k micro-batches is a real split (G = 48 = 2 x 2 x 12; W = 3, 4 divide too).
+DEFAULTS = [
+    "plan.global_batch=48",
+    "plan.accum_steps=2",
+    "plan.micro_batch=null",
+    "steps=30",
+    "check_every=1",
+]
 
 
 def verify_command_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    parser = subparsers.add_parser("verify", help="the main job: replicas, accounting, large-batch equivalence",
-                                   description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = subparsers.add_parser(
+        "verify",
+        help="the main job: replicas, accounting, large-batch equivalence",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     add_run_arguments(parser, nproc_default=2)
     parser.set_defaults(func=verify_command)
     return parser
@@ -102,15 +112,20 @@ def verify_command(args: argparse.Namespace) -> int:
         "run_dir": str(out),
     }
     table = [(c["name"], "ok" if c["ok"] else "FAIL", c["detail"]) for c in checks]
-    plot_losses(out / "loss.png", {f"{summary['world_size']} ranks": summary["losses"],
-                                   "1 process, one big batch": reference.losses}, "distshare verify")
+    plot_losses(
+        out / "loss.png",
+        {f"{summary['world_size']} ranks": summary["losses"], "1 process, one big batch": reference.losses},
+        "distshare verify",
+    )
     write_atomic(out / "report.md", _report(result, table))
     write_result(out, result)
     p = summary["plan"]
     failed = [c["name"] for c in checks if not c["ok"]]
-    verdict = (f"{len(checks)} checks, {summary['steps']} steps on {summary['world_size']} ranks "
-               f"(G={p['global_batch']} = {p['world_size']} x {p['accum_steps']} x {p['micro_batch']}), "
-               + ("replicas bit-identical at every step" if ok else f"failed: {', '.join(failed)}"))
+    verdict = (
+        f"{len(checks)} checks, {summary['steps']} steps on {summary['world_size']} ranks "
+        f"(G={p['global_batch']} = {p['world_size']} x {p['accum_steps']} x {p['micro_batch']}), "
+        + ("replicas bit-identical at every step" if ok else f"failed: {', '.join(failed)}")
+    )
     return finish("verify", result, table, args.json, verdict, out)
 
 
@@ -129,12 +144,17 @@ def _checks(cfg: RunConfig, results: list[TrainResult], ref: TrainResult, summar
     main = results[0]
     checks: list[dict[str, Any]] = []
     fd = main.first_divergence
-    checks.append({
-        "name": "replicas identical",
-        "ok": summary["replicas_in_sync"],
-        "detail": (f"{main.checks} checks over {main.world_size} ranks, all bit-identical"
-                   if summary["replicas_in_sync"] else f"first divergence at step {fd and fd['step']}"),
-    })
+    checks.append(
+        {
+            "name": "replicas identical",
+            "ok": summary["replicas_in_sync"],
+            "detail": (
+                f"{main.checks} checks over {main.world_size} ranks, all bit-identical"
+                if summary["replicas_in_sync"]
+                else f"first divergence at step {fd and fd['step']}"
+            ),
+        }
+    )
     acc = summary["accounting"]
     checks.append({"name": "each sample once", "ok": acc["ok"], "detail": acc["summary"]})
 
@@ -144,12 +164,19 @@ def _checks(cfg: RunConfig, results: list[TrainResult], ref: TrainResult, summar
     differed = observable and len({tuple(sorted(g.items())) for g in local}) == len(local)  # type: ignore[union-attr]
     agreed = len({tuple(sorted((s or {}).items())) for s in synced}) == 1
     if observable:
-        detail = (f"local gradients {'differ on all' if differed else 'DO NOT differ on all'} {len(local)} ranks; "
-                  f"after sync {'identical' if agreed else 'NOT identical'}")
+        detail = (
+            f"local gradients {'differ on all' if differed else 'DO NOT differ on all'} {len(local)} ranks; "
+            f"after sync {'identical' if agreed else 'NOT identical'}"
+        )
     else:
         detail = f"after sync {'identical' if agreed else 'NOT identical'} (local gradients not observable: ddp, k=1)"
-    checks.append({"name": "different data, one gradient", "ok": (differed or not observable) and agreed,
-                   "detail": detail})
+    checks.append(
+        {
+            "name": "different data, one gradient",
+            "ok": (differed or not observable) and agreed,
+            "detail": detail,
+        }
+    )
 
     assert main.state is not None and ref.state is not None
     assert main.first_grads is not None and ref.first_grads is not None
@@ -160,10 +187,19 @@ def _checks(cfg: RunConfig, results: list[TrainResult], ref: TrainResult, summar
     terms = summary["plan"]["global_batch"] * max(1, _positions(cfg))
     bound = rounding_bound(cfg, terms)
     ok = grads.bitwise_equal or grads.norm_rel_diff <= bound
-    detail = (f"step-0 gradient {_describe(grads)} (bound {bound:.1e}); "
-              f"after {main.steps} steps params {_describe(final)}")
-    checks.append({"name": "equals one big batch", "ok": ok, "detail": detail, "grads": grads, "final": final,
-                   "bound": bound})
+    detail = (
+        f"step-0 gradient {_describe(grads)} (bound {bound:.1e}); after {main.steps} steps params {_describe(final)}"
+    )
+    checks.append(
+        {
+            "name": "equals one big batch",
+            "ok": ok,
+            "detail": detail,
+            "grads": grads,
+            "final": final,
+            "bound": bound,
+        }
+    )
     return checks
 
 
@@ -186,36 +222,49 @@ def _describe(d: Diff) -> str:
 def _report(result: dict, table: list[tuple[str, str, str]]) -> str:
     p = result["plan"]
     sp = result["single_process"]
-    return "\n".join([
-        "# distshare verify",
-        "",
-        f"{result['world_size']} ranks ({result['engine']}, sync {result['sync']}, {result['dtype']}) trained "
-        f"{result['steps']} steps on global batches of G={p['global_batch']} = W {p['world_size']} x "
-        f"k {p['accum_steps']} x b {p['micro_batch']}; a single process trained the same global batches whole.",
-        "",
-        markdown_table(table, ("check", "status", "detail")),
-        "",
-        "## Against one process on one big batch",
-        "",
-        markdown_table(
-            [(name, d["bitwise_equal"], f"{d['max_abs_diff']:.3e}", f"{d['max_rel_diff']:.3e}",
-              f"{d['norm_rel_diff']:.3e}", d["max_ulp"]) for name, d in
-             (("step-0 gradient", sp["step0_grads"]), ("final parameters", sp["final_params"]))],
-            ("what", "bitwise", "max abs", "max rel", "norm rel", "max ULP"),
-        ),
-        "",
-        f"Rounding bound for the step-0 gradient (normwise, reordered summation): {sp['rounding_bound']:.3e}. "
-        "Where the two differ at all, the cause is the order of summation: each rank sums its own "
-        "micro-batches, then the all-reduce sums the ranks, while one process sums the whole batch in "
-        "one matrix product. Later steps carry the difference forward through the optimizer.",
-        "",
-        "![loss](loss.png)",
-        "",
-        f"Final fingerprint (every rank): `{result['final_fingerprint']}`",
-        "",
-        f"Verdict: **{'OK' if result['ok'] else 'FAILED'}**",
-        "",
-    ])
+    return "\n".join(
+        [
+            "# distshare verify",
+            "",
+            f"{result['world_size']} ranks ({result['engine']}, sync {result['sync']}, {result['dtype']}) trained "
+            f"{result['steps']} steps on global batches of G={p['global_batch']} = W {p['world_size']} x "
+            f"k {p['accum_steps']} x b {p['micro_batch']}; a single process trained the same global batches whole.",
+            "",
+            markdown_table(table, ("check", "status", "detail")),
+            "",
+            "## Against one process on one big batch",
+            "",
+            markdown_table(
+                [
+                    (
+                        name,
+                        d["bitwise_equal"],
+                        f"{d['max_abs_diff']:.3e}",
+                        f"{d['max_rel_diff']:.3e}",
+                        f"{d['norm_rel_diff']:.3e}",
+                        d["max_ulp"],
+                    )
+                    for name, d in (
+                        ("step-0 gradient", sp["step0_grads"]),
+                        ("final parameters", sp["final_params"]),
+                    )
+                ],
+                ("what", "bitwise", "max abs", "max rel", "norm rel", "max ULP"),
+            ),
+            "",
+            f"Rounding bound for the step-0 gradient (normwise, reordered summation): {sp['rounding_bound']:.3e}. "
+            "Where the two differ at all, the cause is the order of summation: each rank sums its own "
+            "micro-batches, then the all-reduce sums the ranks, while one process sums the whole batch in "
+            "one matrix product. Later steps carry the difference forward through the optimizer.",
+            "",
+            "![loss](loss.png)",
+            "",
+            f"Final fingerprint (every rank): `{result['final_fingerprint']}`",
+            "",
+            f"Verdict: **{'OK' if result['ok'] else 'FAILED'}**",
+            "",
+        ]
+    )
 
 
 def _unused(_: Path) -> None:  # pragma: no cover

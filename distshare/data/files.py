@@ -57,9 +57,7 @@ def _load(path: str | None) -> datasets.Dataset:
     p = Path(path)
     builder = BUILDERS.get(p.suffix.lower())
     if builder is None:
-        raise ConfigError(
-            "data.path", f"unsupported extension {p.suffix!r}; expected one of {', '.join(BUILDERS)}"
-        )
+        raise ConfigError("data.path", f"unsupported extension {p.suffix!r}; expected one of {', '.join(BUILDERS)}")
     if not p.is_file():
         raise ConfigError("data.path", f"no such file: {path}")
     if p.stat().st_size == 0:
@@ -67,9 +65,7 @@ def _load(path: str | None) -> datasets.Dataset:
     datasets.disable_progress_bars()
     with tempfile.TemporaryDirectory(prefix="distshare-") as cache:
         try:
-            ds = datasets.load_dataset(
-                builder, data_files=str(p), split="train", keep_in_memory=True, cache_dir=cache
-            )
+            ds = datasets.load_dataset(builder, data_files=str(p), split="train", keep_in_memory=True, cache_dir=cache)
         except Exception as exc:  # pyarrow, pandas and datasets each raise their own kinds
             if "corresponds to no data" in str(exc):  # e.g. a csv with a header and no rows
                 raise UsageError(f"data file {path} has no rows") from None
@@ -91,8 +87,7 @@ def _labels(values: list, data: DataConfig) -> tuple[list[int], tuple[str, ...]]
         return [index[v] for v in values], names
     kinds = sorted({type(v).__name__ for v in values})
     raise UsageError(
-        f"{data.path}: column {data.label_field!r} must hold all integers or all strings, "
-        f"found {', '.join(kinds)}"
+        f"{data.path}: column {data.label_field!r} must hold all integers or all strings, found {', '.join(kinds)}"
     )
 
 

@@ -39,9 +39,7 @@ def render(pattern: int, row: int, col: int, size: int) -> np.ndarray:
         raise ValueError(f"pattern must be in 0..{len(PATTERN_NAMES) - 1} ({', '.join(PATTERN_NAMES)})")
     last = size - PATTERN_SIZE
     if not (0 <= row <= last and 0 <= col <= last):
-        raise ValueError(
-            f"a {PATTERN_SIZE}x{PATTERN_SIZE} pattern at ({row}, {col}) does not fit a {size}px image"
-        )
+        raise ValueError(f"a {PATTERN_SIZE}x{PATTERN_SIZE} pattern at ({row}, {col}) does not fit a {size}px image")
     image = np.zeros((1, size, size), dtype=np.float32)
     image[0, row : row + PATTERN_SIZE, col : col + PATTERN_SIZE] = _STAMPS[pattern]
     return image

@@ -33,9 +33,7 @@ def build_model(cfg: ModelConfig, info: DataInfo, seed: int) -> nn.Module:
     if cfg.name not in _NEEDS:
         raise ConfigError("model.name", f"unknown value {cfg.name!r}; expected one of {', '.join(_NEEDS)}")
     if info.kind != _NEEDS[cfg.name]:
-        raise ConfigError(
-            "model.name", f"the {cfg.name} needs {_NEEDS[cfg.name]} data; the data set is {info.kind}"
-        )
+        raise ConfigError("model.name", f"the {cfg.name} needs {_NEEDS[cfg.name]} data; the data set is {info.kind}")
     dtype = {"float32": torch.float32, "float64": torch.float64}.get(cfg.dtype)
     if dtype is None:
         raise ConfigError("model.dtype", f"unknown value {cfg.dtype!r}; expected float32 or float64")

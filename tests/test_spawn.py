@@ -1,0 +1,75 @@
+"""Claim: simulated ranks never hang the caller: a failing rank is re-raised with its rank,
+a rank that dies is noticed, and a rank that stops taking part makes its peers time out."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from distshare.dist.spawn import run_distributed
+from distshare.dist.world import World
+from distshare.errors import DistshareError, RankError
+
+
+def _sum_of_ranks(world: World) -> float:
+    t = torch.tensor([float(world.rank)])
+    dist.all_reduce(t)
+    return float(t)
+
+
+def _fail_on_rank_one(world: World) -> None:
+    if world.rank == 1:
+        raise ValueError("boom on purpose")
+    dist.barrier()
+
+
+def _die_on_rank_one(world: World) -> None:
+    if world.rank == 1:
+        os._exit(3)
+    dist.barrier()
+
+
+def _rank_one_goes_silent(world: World) -> None:
+    if world.rank == 1:
+        time.sleep(60)  # never joins the collective below
+    dist.all_reduce(torch.ones(1))
+
+
+def _hang_forever(world: World) -> None:
+    time.sleep(600)
+
+
+def test_results_come_back_by_rank():
+    assert run_distributed(_sum_of_ranks, 3, timeout_s=30) == [3.0, 3.0, 3.0]
+
+
+def test_an_exception_is_reraised_with_its_rank():
+    with pytest.raises(RankError) as info:
+        run_distributed(_fail_on_rank_one, 2, timeout_s=10)
+    assert info.value.rank == 1 and "boom on purpose" in str(info.value)
+    assert "ValueError" in info.value.traceback_text
+
+
+def test_a_dead_rank_is_noticed():
+    with pytest.raises(RankError) as info:
+        run_distributed(_die_on_rank_one, 2, timeout_s=10)
+    assert "exited with code 3" in str(info.value) or info.value.rank == 0
+
+
+def test_a_silent_rank_makes_the_others_time_out():
+    start = time.monotonic()
+    with pytest.raises(RankError) as info:
+        run_distributed(_rank_one_goes_silent, 2, timeout_s=3)
+    assert info.value.rank == 0  # rank 0 waited in the all-reduce, and gave up
+    assert time.monotonic() - start < 45
+
+
+def test_the_deadline_bounds_a_hang_outside_collectives():
+    start = time.monotonic()
+    with pytest.raises(DistshareError, match="no result within"):
+        run_distributed(_hang_forever, 2, timeout_s=5, deadline_s=8)
+    assert time.monotonic() - start < 30
