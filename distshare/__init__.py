@@ -1,0 +1,30 @@
+"""distshare: make data-parallel weight sharing visible and verifiable.
+
+The Python surface (the CLI is `distshare`):
+
+- `fingerprint(tensor)`, `fingerprint_state(model, optimizer)`: 128-bit digests of tensors
+  and of a whole training state;
+- `compare_replicas(model, optimizer)`, `assert_replicas_in_sync(model, optimizer)`:
+  collectives that say whether every rank holds the same state, and where not;
+- `distshare.testing.run_distributed(fn, world_size)`: run a function on simulated ranks.
+"""
+
+from distshare.checksum import combined_fingerprint, fingerprint, fingerprint_state
+from distshare.replicas import (
+    ReplicaDivergenceError,
+    ReplicaReport,
+    assert_replicas_in_sync,
+    compare_replicas,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ReplicaDivergenceError",
+    "ReplicaReport",
+    "assert_replicas_in_sync",
+    "combined_fingerprint",
+    "compare_replicas",
+    "fingerprint",
+    "fingerprint_state",
+]

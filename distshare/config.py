@@ -14,6 +14,7 @@ rank and b=8 on two.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -176,12 +177,18 @@ class RunConfig:
                 raise ConfigError("data.path", "data.name is 'file': give the path of a csv/json/parquet file")
             if not Path(self.data.path).is_file():
                 raise ConfigError("data.path", f"no such file: {self.data.path}")
-        if self.optim.lr <= 0:
+        # `not x > 0` (rather than `x <= 0`) also refuses NaN; infinities are refused too:
+        # torch's optimizers and timeouts would otherwise fail later, inside the ranks.
+        if not 0 < self.optim.lr < math.inf:
             raise ConfigError("optim.lr", f"expected a positive number, got {self.optim.lr}")
+        for name in ("momentum", "weight_decay"):
+            value = getattr(self.optim, name)
+            if not 0 <= value < math.inf:
+                raise ConfigError(f"optim.{name}", f"expected 0 or a positive number, got {value}")
         _positive("steps", self.steps)
         if self.check_every < 0:
             raise ConfigError("check_every", f"expected 0 or a positive integer, got {self.check_every}")
-        if self.timeout_s <= 0:
+        if not 0 < self.timeout_s < math.inf:
             raise ConfigError("timeout_s", f"expected a positive number of seconds, got {self.timeout_s}")
         self.plan.resolve()
         return self
@@ -209,7 +216,12 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not p.is_file():
             raise UsageError(f"config file not found: {p}")
         try:
-            loaded = yaml.safe_load(p.read_text())
+            text = p.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+            raise UsageError(f"config file {p} cannot be read ({reason})") from None
+        try:
+            loaded = yaml.safe_load(text)
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
             where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""

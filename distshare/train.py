@@ -17,6 +17,7 @@ micro-batches hold different numbers of tokens.
 from __future__ import annotations
 
 import json
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -130,9 +131,11 @@ def train_step(run: Run, step: int, probe_local_grads: bool = False) -> StepStat
 
 def _micro_loss(run: Run, batch: Batch) -> torch.Tensor:
     if len(batch) == 0:
-        # An empty slot (last incomplete global batch) still joins DDP's gradient
-        # all-reduce: a zero loss that touches every parameter.
-        return sum((p.sum() * 0.0 for p in run.model.parameters()), torch.zeros(()))
+        # An empty slot (last incomplete global batch) must still join the gradient
+        # all-reduce, and DDP only reduces after a forward through its wrapper: run one
+        # sample and scale its loss by exactly zero, which contributes exactly zero.
+        stand_in = run.table.select([0]).to(run.world.device)
+        return loss_sum(run.wrapped(**stand_in.inputs), stand_in.labels) * 0.0
     logits = run.wrapped(**batch.inputs)
     return loss_sum(logits, batch.labels)
 
@@ -175,6 +178,12 @@ def train(
     main = world.is_main
     result = TrainResult(rank=world.rank, world_size=world.world_size, steps=cfg.steps)
     result.dropped_per_epoch = run.plan.dropped_per_epoch
+    if main and run.plan.dropped_per_epoch and cfg.steps > run.plan.steps_per_epoch:
+        print(
+            f"distshare: each epoch drops its last {run.plan.dropped_per_epoch} sample(s), an incomplete global "
+            "batch (plan.drop_last=true); set plan.drop_last=false to split it over the ranks instead",
+            file=sys.stderr,
+        )
     metrics = None
     if main and out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)

@@ -119,3 +119,31 @@ def test_gradients_differ_before_the_sync_and_agree_after(sync):
 def test_single_process_plan_is_the_reference():
     cfg = _config("float64", world_size=1, k=1)
     assert dataclasses.asdict(cfg.plan.resolve())["micro_batch"] == G
+
+
+def _train_with_tail(world: World) -> tuple:
+    # 50 samples, G = 12: the epoch's last global batch holds 2 samples, split over 4 slots,
+    # so rank 1 runs two empty micro-batches and must still join the all-reduce.
+    cfg = _config("float64", "ddp", world.world_size)
+    cfg = dataclasses.replace(
+        cfg,
+        steps=5,
+        data=dataclasses.replace(cfg.data, num_samples=50),
+        plan=dataclasses.replace(cfg.plan, drop_last=False),
+    )
+    r = train(cfg, world, progress=False, keep_state=True)
+    return r.state, r.samples_by_step, r.replicas_in_sync
+
+
+def test_an_incomplete_last_batch_is_split_not_padded():
+    ranks = run_distributed(_train_with_tail, 2, timeout_s=60, deadline_s=120)
+    state, samples, in_sync = ranks[0]
+    assert in_sync
+    assert [len(m) for m in samples[4]] == [1, 1]
+    assert [len(m) for m in ranks[1][1][4]] == [0, 0]  # rank 1's slots are empty: nothing padded or repeated
+    ref = dataclasses.replace(_config("float64", "ddp", 1, k=1), steps=5)
+    ref = dataclasses.replace(
+        ref, data=dataclasses.replace(ref.data, num_samples=50), plan=dataclasses.replace(ref.plan, drop_last=False)
+    )
+    expected = train(ref, World(), progress=False, keep_state=True).state
+    assert diff(state, expected).max_abs_diff <= 1e-12

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import platform
 import sys
 from importlib import metadata
@@ -34,7 +35,7 @@ def positive_float(text: str) -> float:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if value <= 0:
+    if not 0 < value < math.inf:  # also refuses nan and inf
         raise argparse.ArgumentTypeError(f"expected a positive number, got {value}")
     return value
 

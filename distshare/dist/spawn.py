@@ -1,0 +1,160 @@
+"""Simulated ranks on one CPU: run a function on N processes joined by a gloo process group.
+
+This is how a laptop stands in for a cluster: every rank is a real process with a real
+`torch.distributed` gloo group over loopback, meeting at a file rendezvous (no port to pick,
+so tests can run in parallel). The caller gets each rank's return value; a rank's
+exception is re-raised with its rank; and nothing waits forever: the collectives carry
+the timeout, and the caller gives up on ranks that neither answer nor exit.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import pickle
+import queue
+import tempfile
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from distshare.errors import DistshareError, RankError
+
+
+def run_distributed(
+    fn: Callable[..., Any],
+    world_size: int,
+    *args: Any,
+    timeout_s: float = 120.0,
+    deadline_s: float | None = None,
+    **kwargs: Any,
+) -> list[Any]:
+    """Run `fn(world, *args, **kwargs)` on `world_size` gloo ranks; return results by rank.
+
+    `fn` must be importable by name (a module-level function): ranks are fresh processes.
+    `timeout_s` bounds every collective inside the ranks, so a rank that stops taking part
+    makes its peers fail; `deadline_s` (optional) bounds the whole run from outside, for
+    code that might hang outside a collective.
+    """
+    if world_size < 1:
+        raise ValueError(f"world_size must be >= 1, got {world_size}")
+    ctx = mp.get_context("spawn")
+    results: queue.Queue = ctx.Queue()
+    with tempfile.TemporaryDirectory(prefix="distshare-rdzv-") as tmp:
+        init_method = Path(tmp, "rendezvous").as_uri()
+        procs = [
+            ctx.Process(
+                target=_rank_main,
+                args=(fn, rank, world_size, init_method, timeout_s, results, args, kwargs),
+                name=f"distshare-rank{rank}",
+            )
+            for rank in range(world_size)
+        ]
+        for p in procs:
+            p.start()
+        try:
+            out = _collect(procs, results, world_size, deadline_s)
+        except BaseException:
+            _stop(procs, grace_s=0.5)  # the run failed: peers may be stuck waiting for the dead
+            raise
+        _stop(procs, grace_s=10)
+        return out
+
+
+def _collect(procs: list, results: queue.Queue, world_size: int, deadline_s: float | None) -> list[Any]:
+    # Waits while ranks are alive; a rank that died without a word fails the run at once,
+    # and the optional deadline catches a rank that hangs outside any collective.
+    out: dict[int, Any] = {}
+    deadline = None if deadline_s is None else time.monotonic() + deadline_s
+    while len(out) < world_size:
+        try:
+            rank, ok, payload = results.get(timeout=0.2)
+        except queue.Empty:
+            gone = [r for r, p in enumerate(procs) if r not in out and p.exitcode is not None]
+            if gone:
+                _drain(results, out)  # its result or error may still be in the pipe
+                gone = [r for r in gone if r not in out]
+                if gone:
+                    r = gone[0]
+                    raise RankError(r, f"exited with code {procs[r].exitcode} before returning a result")
+            if deadline is not None and time.monotonic() > deadline:
+                waiting = [r for r in range(world_size) if r not in out]
+                raise DistshareError(f"ranks {waiting} gave no result within {deadline_s:.0f}s")
+            continue
+        if not ok:
+            raise RankError(rank, *payload)
+        out[rank] = pickle.loads(payload)
+    return [out[r] for r in range(world_size)]
+
+
+def _drain(results: queue.Queue, out: dict[int, Any]) -> None:
+    while True:
+        try:
+            rank, ok, payload = results.get(timeout=0.5)
+        except queue.Empty:
+            return
+        if not ok:
+            raise RankError(rank, *payload)
+        out[rank] = pickle.loads(payload)
+
+
+def _stop(procs: list, grace_s: float) -> None:
+    deadline = time.monotonic() + grace_s
+    for p in procs:
+        p.join(timeout=max(0.0, deadline - time.monotonic()))
+    for p in procs:
+        if p.is_alive():
+            p.terminate()
+            p.join(timeout=5)
+        if p.is_alive():
+            p.kill()
+            p.join(timeout=5)
+
+
+def _rank_main(
+    fn: Callable[..., Any],
+    rank: int,
+    world_size: int,
+    init_method: str,
+    timeout_s: float,
+    results: queue.Queue,
+    args: tuple,
+    kwargs: dict,
+) -> None:
+    # Simulated ranks share the machine's cores; without this each would start one
+    # intra-op thread per core and they would fight over them.
+    import torch
+
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", _loopback_interface())
+    from distshare.dist.world import close_world, init_world
+
+    world = None
+    try:
+        world = init_world(rank, world_size, init_method, timeout_s)
+        value = fn(world, *args, **kwargs)
+        # Pickled here with the plain pickler: tensors travel as bytes, not as shared-memory
+        # handles that die with this process before the parent reads them.
+        results.put((rank, True, pickle.dumps(value)))
+    except BaseException as exc:  # noqa: BLE001 - every failure must reach the parent
+        known = isinstance(exc, DistshareError)
+        message = str(exc) if known else f"{type(exc).__name__}: {exc}"
+        code = exc.exit_code if known else 1
+        results.put((rank, False, (message, traceback.format_exc(), code)))
+    finally:
+        if world is not None:
+            try:
+                close_world(world)
+            except Exception:  # noqa: BLE001 - peers may be gone already
+                pass
+
+
+def _loopback_interface() -> str:
+    """Name of the loopback interface, so gloo never tries a route off this machine."""
+    try:
+        names = os.listdir("/sys/class/net")
+    except OSError:
+        return "lo"
+    return "lo" if "lo" in names else next((n for n in names if n.startswith("lo")), "lo")

@@ -1,0 +1,84 @@
+"""Who am I in the run: rank, world size, device; and how the process group was made.
+
+One training code path serves every launcher. The world is found from the environment the
+way nanoGPT does it: `RANK` and `WORLD_SIZE` set means a launcher (torchrun, accelerate
+launch) started us and `MASTER_ADDR`/`MASTER_PORT` say where to meet; otherwise we are a
+single process, unless a spawner hands us a rendezvous explicitly.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class World:
+    """This process's place in the run."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+    backend: str | None = None  # None: no process group (single process)
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0 speaks: progress bar, logs, files."""
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.backend is not None
+
+
+def launched() -> bool:
+    """True inside torchrun / accelerate launch (they set RANK and WORLD_SIZE)."""
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def default_backend(device: torch.device) -> str:
+    return "nccl" if device.type == "cuda" else "gloo"
+
+
+def init_world(
+    rank: int | None = None,
+    world_size: int | None = None,
+    init_method: str | None = None,
+    timeout_s: float = 120.0,
+    device: torch.device | None = None,
+) -> World:
+    """Join (or create) the default process group, or return the single-process world.
+
+    With no arguments, reads the launcher's environment; a spawner passes rank, size and an
+    `init_method` (a file:// rendezvous). The timeout bounds every later collective too,
+    so a silent rank makes the others fail instead of waiting forever.
+    """
+    if rank is None and launched():
+        rank = int(os.environ["RANK"])
+        world_size = int(os.environ["WORLD_SIZE"])
+        init_method = init_method or "env://"
+    if rank is None or world_size is None:
+        return World(device=device or torch.device("cpu"))
+    local_rank = int(os.environ.get("LOCAL_RANK", rank))
+    if device is None:
+        device = torch.device("cpu")
+    backend = default_backend(device)
+    if not dist.is_initialized():
+        dist.init_process_group(
+            backend,
+            init_method=init_method,
+            rank=rank,
+            world_size=world_size,
+            timeout=timedelta(seconds=timeout_s),
+        )
+    return World(rank=rank, world_size=world_size, local_rank=local_rank, device=device, backend=backend)
+
+
+def close_world(world: World) -> None:
+    if world.distributed and dist.is_initialized():
+        dist.destroy_process_group()
