@@ -16,6 +16,7 @@ import yaml
 from distshare.cli import main
 from distshare.commands.verify import _checks
 from distshare.config import load_config
+from distshare.data import build_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -114,5 +115,6 @@ def test_the_equivalence_check_can_fail(verified):
         "accounting": {"ok": True, "summary": ""},
         "plan": {"global_batch": 12},
     }
-    assert _checks(cfg, [good], good, summary)[3]["ok"]
-    assert not _checks(cfg, [bad], good, summary)[3]["ok"]
+    _, info = build_dataset(cfg.data)
+    assert _checks(cfg, [good], good, summary, info)[3]["ok"]
+    assert not _checks(cfg, [bad], good, summary, info)[3]["ok"]

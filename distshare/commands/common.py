@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import platform
 import sys
 from importlib import metadata
@@ -16,6 +17,7 @@ from distshare.accounting import Accounting, account
 from distshare.config import RunConfig, load_config, to_dict
 from distshare.data import build_dataset
 from distshare.data.plan import GlobalBatchPlan
+from distshare.data.types import DataInfo
 from distshare.dist.world import launched
 from distshare.train import TrainResult
 
@@ -40,7 +42,7 @@ def positive_float(text: str) -> float:
     return value
 
 
-def add_run_arguments(parser: argparse.ArgumentParser, nproc_default: int) -> None:
+def add_run_arguments(parser: argparse.ArgumentParser, default_world: str) -> None:
     """Flags of every command that trains: config, overrides, ranks, output."""
     parser.add_argument("--config", metavar="PATH", help="YAML run config (configs/train/*.yaml)")
     parser.add_argument(
@@ -54,8 +56,7 @@ def add_run_arguments(parser: argparse.ArgumentParser, nproc_default: int) -> No
     parser.add_argument(
         "--nproc",
         type=positive_int,
-        default=nproc_default,
-        help=f"simulated CPU ranks (gloo); ignored under torchrun (default {nproc_default})",
+        help=f"simulated CPU ranks (gloo); ignored under torchrun (default: {default_world})",
     )
     parser.add_argument("--steps", type=positive_int, help="optimizer steps (overrides config 'steps')")
     parser.add_argument("--seed", type=int, help="parameter init seed (overrides config 'seed')")
@@ -72,7 +73,12 @@ def add_run_arguments(parser: argparse.ArgumentParser, nproc_default: int) -> No
 
 
 def config_from_args(args: argparse.Namespace, base: list[str] | None = None) -> RunConfig:
+    """The run's config: defaults or --config, then `base`, --set, the flags, and the world
+    size (--nproc or the launcher's), so validation speaks of the W that will really run."""
     overrides = list(base or []) + list(args.overrides)
+    world_size = world_size_for(args)
+    if world_size is not None:
+        overrides.append(f"plan.world_size={world_size}")
     for flag, key in (("steps", "steps"), ("seed", "seed"), ("sync", "sync"), ("timeout", "timeout_s")):
         value = getattr(args, flag, None)
         if value is not None:
@@ -80,27 +86,22 @@ def config_from_args(args: argparse.Namespace, base: list[str] | None = None) ->
     return load_config(args.config, overrides)
 
 
-def world_size_for(args: argparse.Namespace) -> int:
-    """The launcher's world size when launched, else --nproc."""
+def world_size_for(args: argparse.Namespace) -> int | None:
+    """The launcher's world size when launched, else --nproc if given, else None (the config's)."""
     if launched():
-        import os
-
         return int(os.environ["WORLD_SIZE"])
     return args.nproc
 
 
-def preflight(cfg: RunConfig, world_size: int) -> GlobalBatchPlan:
+def preflight(cfg: RunConfig) -> tuple[GlobalBatchPlan, DataInfo]:
     """Build the data set and plan once here, so bad input fails in one line before any
     rank starts (a data error inside N ranks would otherwise arrive N times)."""
-    cfg.plan.resolve(world_size)
-    dataset, _ = build_dataset(cfg.data)
-    resolved = cfg.plan.resolve(world_size)
-    return GlobalBatchPlan(len(dataset), resolved, cfg.plan.seed, cfg.plan.drop_last)
+    dataset, info = build_dataset(cfg.data)
+    plan = GlobalBatchPlan(len(dataset), cfg.plan.resolve(), cfg.plan.seed, cfg.plan.drop_last)
+    return plan, info
 
 
 def is_main_process() -> bool:
-    import os
-
     return not launched() or os.environ.get("RANK", "0") == "0"
 
 

@@ -17,7 +17,6 @@ from distshare.commands.common import (
     preflight,
     training_summary,
     versions,
-    world_size_for,
 )
 from distshare.config import to_dict
 from distshare.engines.torch import run_training
@@ -31,18 +30,18 @@ def train_command_parser(subparsers: argparse._SubParsersAction) -> argparse.Arg
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    add_run_arguments(parser, nproc_default=1)
+    add_run_arguments(parser, default_world="the config's plan.world_size, 1 in the shipped configs")
     parser.set_defaults(func=train_command)
     return parser
 
 
 def train_command(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
-    world_size = world_size_for(args)
-    plan = preflight(cfg, world_size)
+    plan, info = preflight(cfg)
+    world_size = cfg.plan.world_size
     main = is_main_process()
     out = run_dir(args.out, "train") if main else None
-    results = run_training(cfg, args.nproc, out, progress=not args.no_progress)
+    results = run_training(cfg, out, progress=not args.no_progress)
     if results is None:  # a non-zero rank under torchrun: rank 0 reports
         return 0
     summary = training_summary(cfg, results, plan)

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -33,9 +32,9 @@ from distshare.commands.common import (
     preflight,
     training_summary,
     versions,
-    world_size_for,
 )
 from distshare.config import RunConfig, to_dict
+from distshare.data.types import DataInfo
 from distshare.diff import Diff, diff
 from distshare.dist.world import World
 from distshare.engines.torch import run_training
@@ -45,6 +44,7 @@ from distshare.train import TrainResult, train
 # The embedded default: small enough to finish in well under a minute on 2 cores, large
 # enough that W ranks x k micro-batches is a real split (G = 48 = 2 x 2 x 12; W = 3, 4 divide too).
 DEFAULTS = [
+    "plan.world_size=2",
     "plan.global_batch=48",
     "plan.accum_steps=2",
     "plan.micro_batch=null",
@@ -60,7 +60,7 @@ def verify_command_parser(subparsers: argparse._SubParsersAction) -> argparse.Ar
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    add_run_arguments(parser, nproc_default=2)
+    add_run_arguments(parser, default_world="2")
     parser.set_defaults(func=verify_command)
     return parser
 
@@ -79,18 +79,18 @@ def rounding_bound(cfg: RunConfig, diff_terms: int) -> float:
 
 def verify_command(args: argparse.Namespace) -> int:
     cfg = config_from_args(args, DEFAULTS)
-    world_size = world_size_for(args)
-    plan = preflight(cfg, world_size)
+    plan, info = preflight(cfg)
+    world_size = cfg.plan.world_size
     main = is_main_process()
     out = run_dir(args.out, "verify") if main else None
     progress = not args.no_progress
-    results = run_training(cfg, args.nproc, out, progress=progress, keep_state=True)
+    results = run_training(cfg, out, progress=progress, keep_state=True)
     if results is None:
         return 0
     assert out is not None
     reference = _single_process(cfg, progress)
     summary = training_summary(cfg, results, plan)
-    checks = _checks(cfg, results, reference, summary)
+    checks = _checks(cfg, results, reference, summary, info)
     ok = all(c["ok"] for c in checks)
     final_diff: Diff = checks[3]["final"]
     result: dict[str, Any] = {
@@ -140,7 +140,7 @@ def _single_process(cfg: RunConfig, progress: bool) -> TrainResult:
         torch.set_num_threads(torch_threads)
 
 
-def _checks(cfg: RunConfig, results: list[TrainResult], ref: TrainResult, summary: dict) -> list[dict]:
+def _checks(cfg: RunConfig, results: list[TrainResult], ref: TrainResult, summary: dict, info: DataInfo) -> list[dict]:
     main = results[0]
     checks: list[dict[str, Any]] = []
     fd = main.first_divergence
@@ -184,7 +184,7 @@ def _checks(cfg: RunConfig, results: list[TrainResult], ref: TrainResult, summar
     final = diff(main.state, ref.state)
     # The number of terms summed into one gradient element is at most the global batch's
     # loss items times the sequence length (a weight is reused at every position).
-    terms = summary["plan"]["global_batch"] * max(1, _positions(cfg))
+    terms = summary["plan"]["global_batch"] * max(1, _positions(info))
     bound = rounding_bound(cfg, terms)
     ok = grads.bitwise_equal or grads.norm_rel_diff <= bound
     detail = (
@@ -203,13 +203,11 @@ def _checks(cfg: RunConfig, results: list[TrainResult], ref: TrainResult, summar
     return checks
 
 
-def _positions(cfg: RunConfig) -> int:
-    from distshare.data import build_dataset
-
-    _, info = build_dataset(cfg.data)
+def _positions(info: DataInfo) -> int:
+    """How many times one weight is reused per sample: once per token, or per pixel."""
     if info.kind == "text":
         return info.max_len
-    c, h, w = info.image_shape
+    _, h, w = info.image_shape
     return h * w
 
 
@@ -265,7 +263,3 @@ def _report(result: dict, table: list[tuple[str, str, str]]) -> str:
             "",
         ]
     )
-
-
-def _unused(_: Path) -> None:  # pragma: no cover
-    pass

@@ -63,6 +63,9 @@ def _load(path: str | None) -> datasets.Dataset:
     if p.stat().st_size == 0:
         raise UsageError(f"data file {path} is empty")
     datasets.disable_progress_bars()
+    # datasets logs a parse failure itself before raising; we report it in one line below.
+    verbosity = datasets.logging.get_verbosity()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)
     with tempfile.TemporaryDirectory(prefix="distshare-") as cache:
         try:
             ds = datasets.load_dataset(builder, data_files=str(p), split="train", keep_in_memory=True, cache_dir=cache)
@@ -70,6 +73,8 @@ def _load(path: str | None) -> datasets.Dataset:
             if "corresponds to no data" in str(exc):  # e.g. a csv with a header and no rows
                 raise UsageError(f"data file {path} has no rows") from None
             raise UsageError(f"cannot read {path} as {builder}: {_reason(exc)}") from None
+        finally:
+            datasets.logging.set_verbosity(verbosity)
     if len(ds) == 0:
         raise UsageError(f"data file {path} has no rows")
     return ds

@@ -23,14 +23,13 @@ from distshare.train import TrainResult, train
 
 def run_training(
     cfg: RunConfig,
-    nproc: int,
     out_dir: Path | None = None,
     progress: bool = True,
     keep_state: bool = False,
 ) -> list[TrainResult] | None:
-    """Train on `nproc` ranks; every rank's result on the caller's side, or None off rank 0.
+    """Train on `cfg.plan.world_size` ranks; every rank's result, or None off rank 0.
 
-    Inside torchrun the launcher's world wins and `nproc` is ignored.
+    Inside torchrun the launcher's world wins over the configured world size.
     """
     if launched():
         world = init_world(timeout_s=cfg.timeout_s)
@@ -41,9 +40,9 @@ def run_training(
         finally:
             close_world(world)
         return results
+    nproc = cfg.plan.world_size
     if nproc == 1:
-        return [train(_with_world_size(cfg, 1), World(), out_dir, progress, keep_state)]
-    cfg = _with_world_size(cfg, nproc)
+        return [train(cfg, World(), out_dir, progress, keep_state)]
     return run_distributed(_rank_worker, nproc, cfg, out_dir, progress, keep_state, timeout_s=cfg.timeout_s)
 
 
