@@ -91,19 +91,9 @@ class PlanConfig:
         if g is None:
             g = w * k * b
         elif b is None:
-            if g % (w * k):
-                raise ConfigError(
-                    "plan.global_batch",
-                    f"{g} is not divisible by world_size x accum_steps = {w} x {k} = {w * k}",
-                )
-            b = g // (w * k)
+            b = _quotient(g, w, k, "accum_steps")
         elif k is None:
-            if g % (w * b):
-                raise ConfigError(
-                    "plan.global_batch",
-                    f"{g} is not divisible by world_size x micro_batch = {w} x {b} = {w * b}",
-                )
-            k = g // (w * b)
+            k = _quotient(g, w, b, "micro_batch")
         elif g != w * k * b:
             raise ConfigError(
                 "plan",
@@ -192,6 +182,16 @@ class RunConfig:
             raise ConfigError("timeout_s", f"expected a positive number of seconds, got {self.timeout_s}")
         self.plan.resolve()
         return self
+
+
+def _quotient(g: int, w: int, other: int, other_name: str) -> int:
+    """G / (W x other), refusing a remainder: no rank may get a different share."""
+    if g % (w * other):
+        raise ConfigError(
+            "plan.global_batch",
+            f"{g} is not divisible by world_size x {other_name} = {w} x {other} = {w * other}",
+        )
+    return g // (w * other)
 
 
 def _positive(name: str, value: int) -> None:

@@ -9,6 +9,7 @@ import math
 import os
 import platform
 import sys
+from collections.abc import Callable
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ from distshare.data import build_dataset
 from distshare.data.plan import GlobalBatchPlan
 from distshare.data.types import DataInfo
 from distshare.dist.world import launched
+from distshare.report import write_atomic, write_result
 from distshare.train import TrainResult
 
 
@@ -145,15 +147,38 @@ def versions() -> dict[str, str]:
     return out
 
 
+def register(
+    subparsers: argparse._SubParsersAction,
+    name: str,
+    summary: str,
+    doc: str | None,
+    func: Callable[[argparse.Namespace], int],
+    default_world: str,
+) -> argparse.ArgumentParser:
+    """Add a training subcommand: its help, the shared run flags, and its handler."""
+    parser = subparsers.add_parser(
+        name, help=summary, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    add_run_arguments(parser, default_world)
+    parser.set_defaults(func=func)
+    return parser
+
+
 def finish(
     command: str,
+    cfg: RunConfig,
     result: dict[str, Any],
     table: list[tuple[str, str, str]],
-    as_json: bool,
     verdict: str,
-    out_dir: Path | None,
+    as_json: bool,
+    out_dir: Path,
+    report: Callable[[dict[str, Any], list[tuple[str, str, str]]], str],
 ) -> int:
-    """Print the table (or the JSON object) and the one verdict line; return the exit code."""
+    """Write report.md, then result.json (last: its presence means complete), then print the
+    table (or the JSON object) and the one verdict line; return the exit code."""
+    result = {**result, "config": to_dict(cfg), "versions": versions(), "run_dir": str(out_dir)}
+    write_atomic(out_dir / "report.md", report(result, table))
+    write_result(out_dir, result)
     ok = bool(result["ok"])
     if as_json:
         print(json.dumps(result))
@@ -161,8 +186,7 @@ def finish(
         width = max(len(r[0]) for r in table) if table else 0
         for name, status, detail in table:
             print(f"  {name:<{width}}  {status:<6}  {detail}")
-        if out_dir is not None:
-            print(f"  results in {out_dir}/")
+        print(f"  results in {out_dir}/")
         print(f"distshare {command}: {'OK' if ok else 'FAILED'} {verdict}")
     sys.stdout.flush()
     return 0 if ok else 1

@@ -10,35 +10,31 @@ from __future__ import annotations
 import argparse
 
 from distshare.commands.common import (
-    add_run_arguments,
     config_from_args,
     finish,
     is_main_process,
     preflight,
+    register,
     training_summary,
-    versions,
 )
-from distshare.config import to_dict
 from distshare.engines.torch import run_training
-from distshare.report import markdown_table, plot_losses, run_dir, write_atomic, write_result
+from distshare.report import markdown_table, plot_losses, run_dir
 
 
 def train_command_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    parser = subparsers.add_parser(
+    return register(
+        subparsers,
         "train",
-        help="train with data parallelism and check replicas",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        "train with data parallelism and check replicas",
+        __doc__,
+        train_command,
+        default_world="the config's plan.world_size, 1 in the shipped configs",
     )
-    add_run_arguments(parser, default_world="the config's plan.world_size, 1 in the shipped configs")
-    parser.set_defaults(func=train_command)
-    return parser
 
 
 def train_command(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     plan, info = preflight(cfg)
-    world_size = cfg.plan.world_size
     main = is_main_process()
     out = run_dir(args.out, "train") if main else None
     results = run_training(cfg, out, progress=not args.no_progress)
@@ -52,9 +48,6 @@ def train_command(args: argparse.Namespace) -> int:
         **summary,
         "max_abs_diff_vs_single_process": None,
         "bitwise_equal_to_single_process": None,
-        "config": to_dict(cfg, world_size),
-        "versions": versions(),
-        "run_dir": str(out),
     }
     table = [
         (
@@ -67,15 +60,13 @@ def train_command(args: argparse.Namespace) -> int:
     ]
     assert out is not None
     plot_losses(out / "loss.png", {f"W={summary['world_size']}": summary["losses"]}, "distshare train")
-    write_atomic(out / "report.md", _report(result, table))
-    write_result(out, result)
     p = summary["plan"]
     verdict = (
         f"{summary['steps']} steps on {summary['world_size']} rank(s), G={p['global_batch']} "
         f"(W={p['world_size']} x k={p['accum_steps']} x b={p['micro_batch']}), "
         f"replicas {'in sync' if summary['replicas_in_sync'] else 'DIVERGED'}"
     )
-    return finish("train", result, table, args.json, verdict, out)
+    return finish("train", cfg, result, table, verdict, args.json, out, _report)
 
 
 def _report(result: dict, table: list[tuple[str, str, str]]) -> str:

@@ -25,20 +25,19 @@ from typing import Any
 import torch
 
 from distshare.commands.common import (
-    add_run_arguments,
     config_from_args,
     finish,
     is_main_process,
     preflight,
+    register,
     training_summary,
-    versions,
 )
-from distshare.config import RunConfig, to_dict
+from distshare.config import RunConfig
 from distshare.data.types import DataInfo
 from distshare.diff import Diff, diff
 from distshare.dist.world import World
 from distshare.engines.torch import run_training
-from distshare.report import markdown_table, plot_losses, run_dir, write_atomic, write_result
+from distshare.report import markdown_table, plot_losses, run_dir
 from distshare.train import TrainResult, train
 
 # The embedded default: small enough to finish in well under a minute on 2 cores, large
@@ -54,15 +53,14 @@ DEFAULTS = [
 
 
 def verify_command_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    parser = subparsers.add_parser(
+    return register(
+        subparsers,
         "verify",
-        help="the main job: replicas, accounting, large-batch equivalence",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        "the main job: replicas, accounting, large-batch equivalence",
+        __doc__,
+        verify_command,
+        default_world="2",
     )
-    add_run_arguments(parser, default_world="2")
-    parser.set_defaults(func=verify_command)
-    return parser
 
 
 def rounding_bound(cfg: RunConfig, diff_terms: int) -> float:
@@ -80,7 +78,6 @@ def rounding_bound(cfg: RunConfig, diff_terms: int) -> float:
 def verify_command(args: argparse.Namespace) -> int:
     cfg = config_from_args(args, DEFAULTS)
     plan, info = preflight(cfg)
-    world_size = cfg.plan.world_size
     main = is_main_process()
     out = run_dir(args.out, "verify") if main else None
     progress = not args.no_progress
@@ -107,9 +104,6 @@ def verify_command(args: argparse.Namespace) -> int:
             "rounding_bound": checks[3]["bound"],
         },
         "checks": [{k: v for k, v in c.items() if k not in ("final", "grads")} for c in checks],
-        "config": to_dict(cfg, world_size),
-        "versions": versions(),
-        "run_dir": str(out),
     }
     table = [(c["name"], "ok" if c["ok"] else "FAIL", c["detail"]) for c in checks]
     plot_losses(
@@ -117,8 +111,6 @@ def verify_command(args: argparse.Namespace) -> int:
         {f"{summary['world_size']} ranks": summary["losses"], "1 process, one big batch": reference.losses},
         "distshare verify",
     )
-    write_atomic(out / "report.md", _report(result, table))
-    write_result(out, result)
     p = summary["plan"]
     failed = [c["name"] for c in checks if not c["ok"]]
     verdict = (
@@ -126,7 +118,7 @@ def verify_command(args: argparse.Namespace) -> int:
         f"(G={p['global_batch']} = {p['world_size']} x {p['accum_steps']} x {p['micro_batch']}), "
         + ("replicas bit-identical at every step" if ok else f"failed: {', '.join(failed)}")
     )
-    return finish("verify", result, table, args.json, verdict, out)
+    return finish("verify", cfg, result, table, verdict, args.json, out, _report)
 
 
 def _single_process(cfg: RunConfig, progress: bool) -> TrainResult:
