@@ -134,7 +134,7 @@ class RunConfig:
     seed: int = 0  # parameter initialization; identical on every rank
     sync: str = "ddp"  # ddp (DistributedDataParallel + no_sync) | allreduce (explicit all_reduce)
     engine: str = "local"  # local (one process, or spawned gloo ranks with --nproc) | torch
-    check_every: int = 1  # compare replica fingerprints every N steps; 0 = only at the end
+    check_every: int = 10  # compare replica fingerprints every N steps (verify: 1); 0 = only at the end
     timeout_s: float = 120.0  # bound on every collective and on waiting for ranks, seconds
 
     def validate(self) -> RunConfig:

@@ -34,6 +34,16 @@ def positive_int(text: str) -> int:
     return value
 
 
+def non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected 0 or a positive integer, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected 0 or a positive integer, got {value}")
+    return value
+
+
 def positive_float(text: str) -> float:
     try:
         value = float(text)
@@ -62,6 +72,12 @@ def add_run_arguments(parser: argparse.ArgumentParser, default_world: str) -> No
     )
     parser.add_argument("--steps", type=positive_int, help="optimizer steps (overrides config 'steps')")
     parser.add_argument("--seed", type=int, help="parameter init seed (overrides config 'seed')")
+    parser.add_argument(
+        "--check-every",
+        type=non_negative_int,
+        metavar="N",
+        help="compare replica fingerprints every N steps, 0 = only at the end (overrides config 'check_every')",
+    )
     parser.add_argument("--sync", choices=("ddp", "allreduce"), help="gradient sync mode")
     parser.add_argument(
         "--timeout",
@@ -81,7 +97,13 @@ def config_from_args(args: argparse.Namespace, base: list[str] | None = None) ->
     world_size = world_size_for(args)
     if world_size is not None:
         overrides.append(f"plan.world_size={world_size}")
-    for flag, key in (("steps", "steps"), ("seed", "seed"), ("sync", "sync"), ("timeout", "timeout_s")):
+    for flag, key in (
+        ("steps", "steps"),
+        ("seed", "seed"),
+        ("sync", "sync"),
+        ("timeout", "timeout_s"),
+        ("check_every", "check_every"),
+    ):
         value = getattr(args, flag, None)
         if value is not None:
             overrides.append(f"{key}={value}")
@@ -100,6 +122,12 @@ def preflight(cfg: RunConfig) -> tuple[GlobalBatchPlan, DataInfo]:
     rank starts (a data error inside N ranks would otherwise arrive N times)."""
     dataset, info = build_dataset(cfg.data)
     plan = GlobalBatchPlan(len(dataset), cfg.plan.resolve(), cfg.plan.seed, cfg.plan.drop_last)
+    if plan.dropped_per_epoch and cfg.steps > plan.steps_per_epoch and is_main_process():
+        print(
+            f"distshare: each epoch drops its last {plan.dropped_per_epoch} sample(s), an incomplete global "
+            "batch (plan.drop_last=true); set plan.drop_last=false to split it over the ranks instead",
+            file=sys.stderr,
+        )
     return plan, info
 
 

@@ -45,6 +45,7 @@ from distshare.train import TrainResult, train
 DEFAULTS = [
     "plan.world_size=2",
     "plan.global_batch=48",
+    "data.num_samples=480",  # 10 whole global batches per epoch: nothing dropped
     "plan.accum_steps=2",
     "plan.micro_batch=null",
     "steps=30",

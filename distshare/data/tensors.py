@@ -56,12 +56,13 @@ class TensorTable:
             inputs={name: t[idx] for name, t in self.inputs.items()},
             labels=self.labels[idx],
             indices=idx,
-            num_items=int(self.items[idx].sum()),
         )
 
     def count_items(self, indices: Sequence[int] | torch.Tensor) -> int:
         """Loss items at `indices`, without gathering inputs: what the global normalizer sums."""
-        return int(self.items[_as_index(indices)].sum())
+        # numpy, not torch: this runs every step on the whole global batch, and for a few
+        # dozen indices torch's per-call overhead dominates.
+        return int(self.items.cpu().numpy()[np.asarray(indices, dtype=np.int64)].sum())
 
     def to(self, device: torch.device | str) -> TensorTable:
         """The same table on `device` (the whole data set is small: one copy per rank)."""
@@ -72,7 +73,8 @@ class TensorTable:
 def _as_index(indices: Sequence[int] | torch.Tensor) -> torch.Tensor:
     if isinstance(indices, torch.Tensor):
         return indices.to(torch.long).reshape(-1)
-    return torch.as_tensor(np.asarray(list(indices), dtype=np.int64))
+    # A copy: plan indices are views of a read-only permutation, which torch will not wrap.
+    return torch.tensor(np.asarray(indices, dtype=np.int64).reshape(-1))
 
 
 def _lengths(rows: Sequence[Sequence[int]], max_len: int) -> np.ndarray:

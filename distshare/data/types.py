@@ -8,7 +8,7 @@ so the step can normalize by the count of the *whole global batch*.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -39,7 +39,11 @@ class Batch:
     inputs: dict[str, torch.Tensor]
     labels: torch.Tensor  # [B] or [B, T] with IGNORE_INDEX at padding
     indices: torch.Tensor  # global sample indices this batch holds, for accounting
-    num_items: int = field(default=0)  # loss items (non-ignored labels) in this batch
+
+    @property
+    def num_items(self) -> int:
+        """Loss items (non-ignored labels) in this batch; counted only when asked for."""
+        return int((self.labels != IGNORE_INDEX).sum())
 
     def __len__(self) -> int:
         return int(self.indices.numel())
@@ -49,4 +53,4 @@ class Batch:
         if device.type == "cpu":
             return self
         inputs = {k: v.to(device, non_blocking=True) for k, v in self.inputs.items()}
-        return Batch(inputs, self.labels.to(device, non_blocking=True), self.indices, self.num_items)
+        return Batch(inputs, self.labels.to(device, non_blocking=True), self.indices)
