@@ -57,7 +57,7 @@ def named_state_tensors(
     if grads:
         for name, p in model.named_parameters():
             if p.grad is not None:
-                yield f"grad/{name}", p.grad
+                yield f"grad/{name}", p.grad  # the same names as fingerprint_grads
     if optimizer is not None:
         names = {id(p): name for name, p in model.named_parameters()}
         for p, state in optimizer.state.items():
@@ -73,6 +73,11 @@ def fingerprint_state(
 ) -> dict[str, str]:
     """Per-tensor fingerprints of the whole training state (see `named_state_tensors`)."""
     return {name: fingerprint(t) for name, t in named_state_tensors(model, optimizer, grads)}
+
+
+def fingerprint_grads(model: nn.Module) -> dict[str, str]:
+    """Fingerprints of the gradients alone (`grad/<name>`), e.g. before and after a sync."""
+    return {f"grad/{n}": fingerprint(p.grad) for n, p in unwrap(model).named_parameters() if p.grad is not None}
 
 
 def combined_fingerprint(digests: Mapping[str, str]) -> str:

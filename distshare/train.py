@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from distshare.checksum import combined_fingerprint, fingerprint_state
+from distshare.checksum import fingerprint_grads
 from distshare.config import RunConfig, dump_config
 from distshare.data import build_dataset
 from distshare.data.plan import GlobalBatchPlan
@@ -38,7 +38,7 @@ from distshare.data.types import IGNORE_INDEX, Batch, DataInfo
 from distshare.dist.sync import GradSync, make_sync
 from distshare.dist.world import World
 from distshare.models import build_model
-from distshare.replicas import ReplicaReport, compare_replicas
+from distshare.replicas import compare_replicas
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -122,7 +122,7 @@ def train_step(run: Run, step: int, probe_local_grads: bool = False) -> StepStat
             (loss / global_items).backward()
         total += loss.detach().to(torch.float64).cpu()
         if probe_local_grads and i == probe_at:
-            local_grads = {k: v for k, v in fingerprint_state(run.model, grads=True).items() if k.startswith("grad/")}
+            local_grads = fingerprint_grads(run.model)
     run.sync.finish(run.model)
     run.optimizer.step()
     return StepStats(float(total), global_items, [m.tolist() for m in micro], local_grads)
@@ -191,32 +191,28 @@ def train(
             stats = train_step(run, step, probe_local_grads=probe)
             if probe:
                 result.local_grads = stats.local_grads
-                result.synced_grads = {
-                    k: v for k, v in fingerprint_state(run.model, grads=True).items() if k.startswith("grad/")
-                }
+                result.synced_grads = fingerprint_grads(run.model)
                 if keep_state:
                     result.first_grads = {
                         n: p.grad.detach().clone() for n, p in run.model.named_parameters() if p.grad is not None
                     }
             result.samples_by_step.append(stats.indices)
             row: dict[str, Any] = {"step": step, "global_items": stats.global_items}
-            if cfg.check_every and (step + 1) % cfg.check_every == 0:
+            last = step == cfg.steps - 1
+            if last or (cfg.check_every and (step + 1) % cfg.check_every == 0):
                 report = compare_replicas(run.model, run.optimizer, step=step)
                 result.checks += 1
                 row["replicas_in_sync"] = report.in_sync
                 if not report.in_sync and result.first_divergence is None:
                     result.first_divergence = report.to_dict()
+                if last:  # the state every rank ends with; its digest is the run's fingerprint
+                    result.final_report = report.to_dict()
+                    result.final_fingerprint = report.combined[world.rank]
             row["seconds"] = round(time.perf_counter() - start, 6)
             log.add(row, stats.loss_sum)
             if on_step is not None:
                 on_step(run, step)
         log.flush()
-        final = compare_replicas(run.model, run.optimizer, step=cfg.steps - 1)
-        result.checks += 1
-        result.final_report = final.to_dict()
-        if not final.in_sync and result.first_divergence is None:
-            result.first_divergence = final.to_dict()
-        result.final_fingerprint = combined_fingerprint(fingerprint_state(run.model, run.optimizer))
         if keep_state:
             result.state = {n: t.detach().cpu().clone() for n, t in run.model.state_dict().items()}
     finally:
@@ -261,11 +257,3 @@ class _LossLog:
             self.metrics.flush()
         self.bar.set_postfix(loss=f"{self.losses[-1]:.4f}", refresh=False)
         self.rows, self.sums = [], []
-
-
-def replica_report(result: TrainResult) -> ReplicaReport | None:
-    """The first divergence as a report object, or None if replicas stayed in sync."""
-    d = result.first_divergence
-    if d is None:
-        return None
-    return ReplicaReport(world_size=d["world_size"], combined=d["combined"], differing=d["differing"], step=d["step"])
