@@ -41,6 +41,11 @@ class ReplicaReport:
         more = f"; and {len(items) - limit} more" if len(items) > limit else ""
         return f"replicas differ{at} in {len(items)} tensor(s): {shown}{more}"
 
+    @classmethod
+    def from_dict(cls, d: dict) -> ReplicaReport:
+        """Inverse of `to_dict` (JSON turns nothing here into something else)."""
+        return cls(world_size=d["world_size"], combined=d["combined"], differing=d["differing"], step=d["step"])
+
     def to_dict(self) -> dict:
         return {
             "world_size": self.world_size,

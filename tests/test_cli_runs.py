@@ -112,9 +112,37 @@ def test_the_equivalence_check_can_fail(verified):
     bad = dataclasses.replace(good, first_grads={k: 2 * v for k, v in good.first_grads.items()})
     summary = {
         "replicas_in_sync": True,
+        "replicas_summary": "",
         "accounting": {"ok": True, "summary": ""},
         "plan": {"global_batch": 12},
     }
     _, info = build_dataset(cfg.data)
     assert _checks(cfg, [good], good, summary, info)[3]["ok"]
     assert not _checks(cfg, [bad], good, summary, info)[3]["ok"]
+
+
+def test_batchnorm_running_stats_are_reported_as_diverged(tmp_path, capsys):
+    """BatchNorm's running statistics are state too, and under DDP each rank updates them
+    from its own micro-batches: the check must say so, naming the buffers, with exit 1."""
+    code = main(
+        [
+            "train",
+            "--config",
+            "configs/train/cnn.yaml",
+            "--set",
+            "model.norm=batch",
+            "--nproc",
+            "2",
+            "--steps",
+            "2",
+            "--json",
+            "--no-progress",
+            "--out",
+            str(tmp_path),
+        ]
+    )
+    result = json.loads(capsys.readouterr().out)
+    assert code == 1 and not result["ok"] and not result["replicas_in_sync"]
+    differing = result["first_divergence"]["differing"]
+    assert differing and all(name.startswith("buffer/") and "running_" in name for name in differing)
+    assert "running_mean" in result["replicas_summary"]

@@ -20,6 +20,7 @@ from distshare.data import build_dataset
 from distshare.data.plan import GlobalBatchPlan
 from distshare.data.types import DataInfo
 from distshare.dist.world import launched
+from distshare.replicas import ReplicaReport
 from distshare.report import write_atomic, write_result
 from distshare.train import TrainResult
 
@@ -154,6 +155,11 @@ def training_summary(cfg: RunConfig, results: list[TrainResult], plan: GlobalBat
         "dtype": cfg.model.dtype,
         "replicas_in_sync": in_sync,
         "replica_checks": main.checks,
+        "replicas_summary": (
+            f"{main.checks} checks over {main.world_size} rank(s), all bit-identical"
+            if in_sync
+            else ReplicaReport.from_dict(main.first_divergence or main.final_report).summary()
+        ),
         "first_divergence": main.first_divergence,
         "final_fingerprint": main.final_fingerprint,
         "final_fingerprints_by_rank": fingerprints,

@@ -53,7 +53,7 @@ def train_command(args: argparse.Namespace) -> int:
         (
             "replicas",
             "ok" if summary["replicas_in_sync"] else "FAIL",
-            f"{summary['replica_checks']} checks, final {summary['final_fingerprint']}",
+            summary["replicas_summary"],
         ),
         ("accounting", "ok" if summary["accounting"]["ok"] else "FAIL", summary["accounting"]["summary"]),
         ("loss", "", f"{summary['losses'][0]:.4f} -> {summary['final_loss']:.4f}"),

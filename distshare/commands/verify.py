@@ -136,16 +136,11 @@ def _single_process(cfg: RunConfig, progress: bool) -> TrainResult:
 def _checks(cfg: RunConfig, results: list[TrainResult], ref: TrainResult, summary: dict, info: DataInfo) -> list[dict]:
     main = results[0]
     checks: list[dict[str, Any]] = []
-    fd = main.first_divergence
     checks.append(
         {
             "name": "replicas identical",
             "ok": summary["replicas_in_sync"],
-            "detail": (
-                f"{main.checks} checks over {main.world_size} ranks, all bit-identical"
-                if summary["replicas_in_sync"]
-                else f"first divergence at step {fd and fd['step']}"
-            ),
+            "detail": summary["replicas_summary"],
         }
     )
     acc = summary["accounting"]
