@@ -48,10 +48,6 @@ def write_result(path: Path, result: dict[str, Any]) -> None:
     write_atomic(path / "result.json", json.dumps(result, indent=2, sort_keys=False) + "\n")
 
 
-def read_result(path: Path) -> dict[str, Any]:
-    return json.loads((path / "result.json").read_text())
-
-
 def markdown_table(rows: list[tuple[str, ...]], header: tuple[str, ...]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]

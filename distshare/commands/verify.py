@@ -126,11 +126,7 @@ def _single_process(cfg: RunConfig, progress: bool) -> TrainResult:
     """The same training as one process taking each global batch whole (W = 1, k = 1)."""
     plan = dataclasses.replace(cfg.plan, world_size=1, accum_steps=1, micro_batch=None)
     ref_cfg = dataclasses.replace(cfg, plan=plan, check_every=0)
-    torch_threads = torch.get_num_threads()
-    try:
-        return train(ref_cfg, World(), out_dir=None, progress=progress, keep_state=True)
-    finally:
-        torch.set_num_threads(torch_threads)
+    return train(ref_cfg, World(), out_dir=None, progress=progress, keep_state=True)
 
 
 def _checks(cfg: RunConfig, results: list[TrainResult], ref: TrainResult, summary: dict, info: DataInfo) -> list[dict]:

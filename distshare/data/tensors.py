@@ -64,11 +64,6 @@ class TensorTable:
         # dozen indices torch's per-call overhead dominates.
         return int(self.items.cpu().numpy()[np.asarray(indices, dtype=np.int64)].sum())
 
-    def to(self, device: torch.device | str) -> TensorTable:
-        """The same table on `device` (the whole data set is small: one copy per rank)."""
-        inputs = {name: t.to(device) for name, t in self.inputs.items()}
-        return TensorTable(self.info, inputs, self.labels.to(device), self.items.to(device))
-
 
 def _as_index(indices: Sequence[int] | torch.Tensor) -> torch.Tensor:
     if isinstance(indices, torch.Tensor):

@@ -69,35 +69,31 @@ def _collect(procs: list, results: queue.Queue, world_size: int, deadline_s: flo
     out: dict[int, Any] = {}
     deadline = None if deadline_s is None else time.monotonic() + deadline_s
     while len(out) < world_size:
-        try:
-            rank, ok, payload = results.get(timeout=0.2)
-        except queue.Empty:
-            gone = [r for r, p in enumerate(procs) if r not in out and p.exitcode is not None]
-            if gone:
-                _drain(results, out)  # its result or error may still be in the pipe
-                gone = [r for r in gone if r not in out]
-                if gone:
-                    r = gone[0]
-                    raise RankError(r, f"exited with code {procs[r].exitcode} before returning a result")
-            if deadline is not None and time.monotonic() > deadline:
-                waiting = [r for r in range(world_size) if r not in out]
-                raise DistshareError(f"ranks {waiting} gave no result within {deadline_s:.0f}s")
+        if _receive(results, out, wait_s=0.2):
             continue
-        if not ok:
-            raise RankError(rank, *payload)
-        out[rank] = pickle.loads(payload)
+        gone = [r for r, p in enumerate(procs) if r not in out and p.exitcode is not None]
+        if gone:
+            while _receive(results, out, wait_s=0.5):  # its result or error may still be in the pipe
+                pass
+            gone = [r for r in gone if r not in out]
+            if gone:
+                raise RankError(gone[0], f"exited with code {procs[gone[0]].exitcode} before returning a result")
+        if deadline is not None and time.monotonic() > deadline:
+            waiting = [r for r in range(world_size) if r not in out]
+            raise DistshareError(f"ranks {waiting} gave no result within {deadline_s:.0f}s")
     return [out[r] for r in range(world_size)]
 
 
-def _drain(results: queue.Queue, out: dict[int, Any]) -> None:
-    while True:
-        try:
-            rank, ok, payload = results.get(timeout=0.5)
-        except queue.Empty:
-            return
-        if not ok:
-            raise RankError(rank, *payload)
-        out[rank] = pickle.loads(payload)
+def _receive(results: queue.Queue, out: dict[int, Any], wait_s: float) -> bool:
+    """Take one rank's message into `out` (re-raising its error); False if none came."""
+    try:
+        rank, ok, payload = results.get(timeout=wait_s)
+    except queue.Empty:
+        return False
+    if not ok:
+        raise RankError(rank, *payload)
+    out[rank] = pickle.loads(payload)
+    return True
 
 
 def _stop(procs: list, grace_s: float) -> None:
