@@ -10,6 +10,7 @@ registers them and turns deliberate errors into exit codes:
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import sys
 from collections.abc import Sequence
@@ -24,17 +25,17 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{self.prog}: {message} (see {self.prog} --help)")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from distshare.commands.env import env_command_parser
-    from distshare.commands.train import train_command_parser
-    from distshare.commands.verify import verify_command_parser
+# Order is the order of `distshare --help`. Each name is a module distshare/commands/<name>.py.
+COMMANDS = ("verify", "train", "equivalence", "demo", "checksum", "compare", "env")
 
+
+def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="distshare", description="Make data-parallel weight sharing visible and verifiable.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
-    verify_command_parser(sub)
-    train_command_parser(sub)
-    env_command_parser(sub)
+    for name in COMMANDS:
+        module = importlib.import_module(f"distshare.commands.{name}")
+        getattr(module, f"{name}_command_parser")(sub)
     return parser
 
 
