@@ -27,7 +27,8 @@ from distshare.errors import ConfigError, UsageError
 
 MODELS = ("transformer", "cnn")
 DATASETS = ("svo", "shapes", "digits", "pydoc", "file")
-ENGINES = ("local", "torch")
+ENGINES = ("auto", "local", "torch", "accelerate", "ray")
+DEVICES = ("cpu", "cuda")
 SYNC_MODES = ("ddp", "allreduce")
 DTYPES = ("float32", "float64")
 NORMS = ("none", "batch", "group")
@@ -133,7 +134,10 @@ class RunConfig:
     steps: int = 30  # optimizer steps (global batches) to run
     seed: int = 0  # parameter initialization; identical on every rank
     sync: str = "ddp"  # ddp (DistributedDataParallel + no_sync) | allreduce (explicit all_reduce)
-    engine: str = "local"  # local (one process, or spawned gloo ranks with --nproc) | torch
+    # auto: the launcher's (torchrun, accelerate launch) when launched, else torch for W > 1, else local.
+    # local: one process | torch: spawned gloo ranks or torchrun's | accelerate | ray (Ray Train)
+    engine: str = "auto"
+    device: str = "cpu"  # cpu (gloo) | cuda (nccl, one GPU per rank), under every engine and launcher
     check_every: int = 10  # compare replica fingerprints every N steps (verify: 1); 0 = only at the end
     timeout_s: float = 120.0  # bound on every collective and on waiting for ranks, seconds
 
@@ -147,6 +151,7 @@ class RunConfig:
         _choice("optim.name", self.optim.name, OPTIMIZERS)
         _choice("sync", self.sync, SYNC_MODES)
         _choice("engine", self.engine, ENGINES)
+        _choice("device", self.device, DEVICES)
         for name in ("d_model", "n_heads", "n_layers", "d_ff", "conv_channels", "kernel_size"):
             _positive(f"model.{name}", getattr(self.model, name))
         if self.model.d_model % self.model.n_heads:

@@ -58,8 +58,11 @@ class Run:
     sync: GradSync
 
 
-def build_run(cfg: RunConfig, world: World) -> Run:
-    """Data, plan, model, optimizer and sync for this rank; the same on every rank."""
+def build_run(cfg: RunConfig, world: World, sync: GradSync | None = None) -> Run:
+    """Data, plan, model, optimizer and sync for this rank; the same on every rank.
+
+    `sync` is the engine's, when the engine brings its own (accelerate); else from `cfg.sync`.
+    """
     dtype = DTYPES[cfg.model.dtype]
     dataset, info = build_dataset(cfg.data)
     table = TensorTable.from_dataset(dataset, info, dtype)
@@ -70,9 +73,9 @@ def build_run(cfg: RunConfig, world: World) -> Run:
         drop_last=cfg.plan.drop_last,
     )
     model = build_model(cfg.model, info, seed=cfg.seed).to(world.device)
-    sync = make_sync(cfg.sync, world.world_size)
-    wrapped = sync.wrap(model)
-    return Run(cfg, world, info, table, plan, model, wrapped, build_optimizer(cfg, model), sync)
+    sync = sync or make_sync(cfg.sync, world.world_size)
+    wrapped, optimizer = sync.prepare(model, build_optimizer(cfg, model))
+    return Run(cfg, world, info, table, plan, model, wrapped, optimizer, sync)
 
 
 def build_optimizer(cfg: RunConfig, model: nn.Module) -> torch.optim.Optimizer:
@@ -113,13 +116,13 @@ def train_step(run: Run, step: int, probe_local_grads: bool = False) -> StepStat
     local_grads = None
     # What a rank computed alone is visible just before the sync. Under DDP the last
     # backward already all-reduced, so only the no_sync micro-batches show it (k >= 2).
-    probe_at = len(micro) - 2 if run.sync.name == "ddp" else len(micro) - 1
+    probe_at = len(micro) - 2 if run.sync.reduces_in_backward else len(micro) - 1
     for i, indices in enumerate(micro):
         last = i == len(micro) - 1
         batch = run.table.select(indices).to(run.world.device)
         with run.sync.micro_step(run.wrapped, last):
             loss = _micro_loss(run, batch)
-            (loss / global_items).backward()
+            run.sync.backward(loss / global_items)
         total += loss.detach().to(torch.float64).cpu()
         if probe_local_grads and i == probe_at:
             local_grads = fingerprint_grads(run.model)
@@ -158,6 +161,9 @@ class TrainResult:
     first_grads: dict[str, torch.Tensor] | None = None  # synced gradients of step 0, if asked for
     seconds: float = 0.0
     dropped_per_epoch: int = 0
+    engine: str = "local"  # who started the processes: local, spawn, torchrun, accelerate, ray
+    sync: str = "local"  # how gradients were synchronized (GradSync.name)
+    device: str = "cpu"
 
     @property
     def replicas_in_sync(self) -> bool:
@@ -171,12 +177,14 @@ def train(
     progress: bool = True,
     keep_state: bool = False,
     on_step: Callable[[Run, int], None] | None = None,
+    sync: GradSync | None = None,
 ) -> TrainResult:
     """The loop: `cfg.steps` steps, replica checks every `cfg.check_every`, metrics on rank 0."""
-    run = build_run(cfg, world)
+    run = build_run(cfg, world, sync)
     main = world.is_main
     result = TrainResult(rank=world.rank, world_size=world.world_size, steps=cfg.steps)
     result.dropped_per_epoch = run.plan.dropped_per_epoch
+    result.sync, result.device = run.sync.name, str(world.device)
     metrics = None
     if main and out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)

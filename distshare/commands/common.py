@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from distshare.accounting import Accounting, account
-from distshare.config import RunConfig, load_config, to_dict
+from distshare.config import ENGINES, RunConfig, load_config, to_dict
 from distshare.data import build_dataset
 from distshare.data.plan import GlobalBatchPlan
 from distshare.data.types import DataInfo
@@ -55,7 +55,7 @@ def positive_float(text: str) -> float:
     return value
 
 
-def add_run_arguments(parser: argparse.ArgumentParser, default_world: str) -> None:
+def add_run_arguments(parser: argparse.ArgumentParser, default_world: str, parity: bool = False) -> None:
     """Flags of every command that trains: config, overrides, ranks, output."""
     parser.add_argument("--config", metavar="PATH", help="YAML run config (configs/train/*.yaml)")
     parser.add_argument(
@@ -78,6 +78,17 @@ def add_run_arguments(parser: argparse.ArgumentParser, default_world: str) -> No
         type=non_negative_int,
         metavar="N",
         help="compare replica fingerprints every N steps, 0 = only at the end (overrides config 'check_every')",
+    )
+    parser.add_argument(
+        "--engine",
+        choices=ENGINES + (("all",) if parity else ()),
+        help="who starts the ranks (default auto: the launcher's, else torch for N > 1, else local)"
+        + ("; all: every engine, fingerprints side by side" if parity else ""),
+    )
+    parser.add_argument(
+        "--ray-address",
+        metavar="ADDRESS",
+        help="--engine ray: join this Ray cluster (default $RAY_ADDRESS, else start a local Ray)",
     )
     parser.add_argument("--sync", choices=("ddp", "allreduce"), help="gradient sync mode")
     parser.add_argument(
@@ -104,7 +115,10 @@ def config_from_args(args: argparse.Namespace, base: list[str] | None = None) ->
         ("sync", "sync"),
         ("timeout", "timeout_s"),
         ("check_every", "check_every"),
+        ("engine", "engine"),
     ):
+        if flag == "engine" and getattr(args, flag, None) == "all":
+            continue  # verify's parity run: each engine is set per run
         value = getattr(args, flag, None)
         if value is not None:
             overrides.append(f"{key}={value}")
@@ -136,10 +150,6 @@ def is_main_process() -> bool:
     return not launched() or os.environ.get("RANK", "0") == "0"
 
 
-def engine_name() -> str:
-    return "torchrun" if launched() else "spawn"
-
-
 def training_summary(cfg: RunConfig, results: list[TrainResult], plan: GlobalBatchPlan) -> dict[str, Any]:
     """The facts every training command reports, from every rank's account."""
     main = results[0]
@@ -149,9 +159,10 @@ def training_summary(cfg: RunConfig, results: list[TrainResult], plan: GlobalBat
     return {
         "world_size": main.world_size,
         "steps": main.steps,
-        "engine": engine_name() if main.world_size > 1 else "local",
+        "engine": main.engine,
+        "device": main.device,
         "plan": to_dict(cfg, main.world_size)["plan"],
-        "sync": cfg.sync if main.world_size > 1 else "none (single process)",
+        "sync": main.sync if main.world_size > 1 else "none (single process)",
         "dtype": cfg.model.dtype,
         "replicas_in_sync": in_sync,
         "replica_checks": main.checks,
@@ -188,12 +199,13 @@ def register(
     doc: str | None,
     func: Callable[[argparse.Namespace], int],
     default_world: str,
+    parity: bool = False,
 ) -> argparse.ArgumentParser:
     """Add a training subcommand: its help, the shared run flags, and its handler."""
     parser = subparsers.add_parser(
         name, help=summary, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    add_run_arguments(parser, default_world)
+    add_run_arguments(parser, default_world, parity)
     parser.set_defaults(func=func)
     return parser
 

@@ -3,6 +3,8 @@
 distshare train --config configs/train/transformer.yaml                 # one process
 distshare train --config configs/train/transformer.yaml --nproc 2       # 2 gloo ranks
 torchrun --standalone --nproc_per_node 2 -m distshare train --config configs/train/cnn.yaml
+accelerate launch --config_file configs/accelerate/cpu.yaml -m distshare train --engine accelerate
+distshare train --engine ray --nproc 2                                   # Ray Train, local Ray
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from distshare.commands.common import (
     register,
     training_summary,
 )
-from distshare.engines.torch import run_training
+from distshare.engines import resolve_engine, run_engine
 from distshare.report import markdown_table, plot_losses, run_dir
 
 
@@ -34,11 +36,12 @@ def train_command_parser(subparsers: argparse._SubParsersAction) -> argparse.Arg
 
 def train_command(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
+    engine = resolve_engine(cfg, "train")
     plan, info = preflight(cfg)
     main = is_main_process()
     out = run_dir(args.out, "train") if main else None
-    results = run_training(cfg, out, progress=not args.no_progress)
-    if results is None:  # a non-zero rank under torchrun: rank 0 reports
+    results = run_engine(engine, cfg, out, progress=not args.no_progress, ray_address=args.ray_address)
+    if results is None:  # a non-zero rank under a launcher: rank 0 reports
         return 0
     summary = training_summary(cfg, results, plan)
     ok = summary["replicas_in_sync"] and summary["accounting"]["ok"]

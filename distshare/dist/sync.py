@@ -27,10 +27,21 @@ class GradSync:
     """Single process: gradients are already the global ones."""
 
     name = "local"
+    # True when the last micro-batch's backward already all-reduces (DDP): a rank's own
+    # gradient is then visible only before that backward.
+    reduces_in_backward = False
 
     def wrap(self, model: nn.Module) -> nn.Module:
         """The module the step calls forward on."""
         return model
+
+    def prepare(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[nn.Module, torch.optim.Optimizer]:
+        """The module forward is called on, and the optimizer the step calls (an engine may wrap both)."""
+        return self.wrap(model), optimizer
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """Backward of one micro-batch's loss, already divided by the global batch's item count."""
+        loss.backward()
 
     @contextlib.contextmanager
     def micro_step(self, wrapped: nn.Module, last: bool) -> Iterator[None]:
@@ -45,6 +56,7 @@ class DDPSync(GradSync):
     """DistributedDataParallel; gradients reduce during the last micro-batch's backward."""
 
     name = "ddp"
+    reduces_in_backward = True
 
     def wrap(self, model: nn.Module) -> nn.Module:
         ddp = DistributedDataParallel(model)

@@ -67,6 +67,10 @@ def init_world(
     local_rank = int(os.environ.get("LOCAL_RANK", rank))
     if device is None:
         device = torch.device("cpu")
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", local_rank)  # one GPU per rank, as nccl requires
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
     backend = default_backend(device)
     if not dist.is_initialized():
         dist.init_process_group(

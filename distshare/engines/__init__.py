@@ -1,0 +1,92 @@
+"""Engines start processes and hand each one the one step; this module picks the engine.
+
+    local        one process, no process group
+    torch        spawned gloo ranks (--nproc N), or the ranks torchrun started
+    accelerate   the ranks `accelerate launch` started (or one process without it)
+    ray          Ray Train workers, on a local Ray or a cluster (--ray-address)
+    auto         the launcher's engine when launched, else torch for N > 1, else local
+
+A launcher that does not fit the engine asked for is refused in one line that says what
+to run instead: starting processes is the launcher's job, and a mismatch would otherwise
+surface as a hang or a world of the wrong size.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+from distshare.config import RunConfig
+from distshare.dist.world import launched
+from distshare.errors import UsageError
+from distshare.train import TrainResult
+
+ACCELERATE_CPU = "accelerate launch --config_file configs/accelerate/cpu.yaml --num_processes {n} -m distshare {cmd}"
+
+
+def launched_by_accelerate() -> bool:
+    from distshare.engines.accelerate import launched_by_accelerate as inside
+
+    return inside()
+
+
+def resolve_engine(cfg: RunConfig, command: str = "train") -> str:
+    """The engine that will run `cfg`, or a UsageError saying what to run instead."""
+    requested, n = cfg.engine, cfg.plan.world_size
+    inside_accelerate = launched_by_accelerate()
+    inside_torchrun = launched() and not inside_accelerate
+    if requested == "auto":
+        if inside_accelerate:
+            return "accelerate"
+        return "torch" if inside_torchrun or n > 1 else "local"
+    if requested == "local":
+        if launched() or n > 1:
+            raise UsageError(f"--engine local is one process; for {n} ranks use --engine torch --nproc {n}")
+        return "local"
+    if requested == "accelerate":
+        _need("accelerate", "accelerate")
+        if inside_torchrun:
+            raise UsageError(f"--engine accelerate runs under accelerate launch, not torchrun: {_acc(n, command)}")
+        if not inside_accelerate and n > 1:
+            raise UsageError(f"--engine accelerate with {n} processes needs its launcher: {_acc(n, command)}")
+        return "accelerate"
+    if requested == "ray":
+        _need("ray", "ray[train]")
+        if launched():
+            raise UsageError(
+                "--engine ray starts its own workers: run it as a plain command, "
+                f"not under a launcher (distshare {command} --engine ray --nproc {n})"
+            )
+        return "ray"
+    return "torch"
+
+
+def run_engine(
+    engine: str,
+    cfg: RunConfig,
+    out_dir: Path | None,
+    progress: bool = True,
+    keep_state: bool = False,
+    ray_address: str | None = None,
+) -> list[TrainResult] | None:
+    """Train with `engine` (from `resolve_engine`); every rank's result on the main process."""
+    if engine == "accelerate":
+        from distshare.engines.accelerate import run_training as accelerate_training
+
+        return accelerate_training(cfg, out_dir, progress, keep_state)
+    if engine == "ray":
+        from distshare.engines.ray import run_training as ray_training
+
+        return ray_training(cfg, out_dir, progress, keep_state, address=ray_address)
+    from distshare.engines.torch import run_training as torch_training
+
+    return torch_training(cfg, out_dir, progress, keep_state)
+
+
+def _acc(n: int, command: str) -> str:
+    return ACCELERATE_CPU.format(n=n, cmd=f"{command} --engine accelerate ...")
+
+
+def _need(module: str, package: str) -> None:
+    if importlib.util.find_spec(module) is None:
+        raise UsageError(f"--engine {module} needs the {module} package: pip install '{package}'")

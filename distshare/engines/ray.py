@@ -1,0 +1,180 @@
+"""The Ray Train engine: the one step inside `ray.train.torch.TorchTrainer`.
+
+    distshare train --engine ray --nproc 2                       # a local Ray, this machine's CPUs
+    distshare train --engine ray --nproc 4 --ray-address auto    # join a running cluster
+
+Ray Train starts the workers and makes their torch.distributed group (gloo on CPU, nccl on
+GPU); each worker then runs `distshare.train.train`, unchanged, with the run's own sync
+(DDP with a SUM hook, or an explicit all-reduce). So the arithmetic is the torch engine's,
+and so is the final fingerprint.
+
+The ranks' accounts travel to the driver the way every engine brings them to rank 0 (one
+`all_gather_object` of digests, indices and losses); rank 0 hands the list to a small
+collector actor the driver owns, so nothing depends on a file system shared between nodes.
+The driver writes the run directory, as the other engines' rank 0 does.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from distshare.config import RunConfig, dump_config
+from distshare.errors import DistshareError, UsageError
+from distshare.train import TrainResult
+
+
+def ray_address(cli_address: str | None) -> str | None:
+    """The cluster to join: --ray-address, else RAY_ADDRESS, else None (start a local Ray)."""
+    return cli_address or os.environ.get("RAY_ADDRESS") or None
+
+
+def run_training(
+    cfg: RunConfig,
+    out_dir: Path | None = None,
+    progress: bool = True,
+    keep_state: bool = False,
+    address: str | None = None,
+) -> list[TrainResult]:
+    """Train on `cfg.plan.world_size` Ray Train workers; every worker's result, rank order."""
+    import ray
+    from ray.train import RunConfig as RayRunConfig
+    from ray.train import ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    world_size = cfg.plan.world_size
+    started_here = _connect(ray, address)
+    try:
+        collector = _Collector.options(num_cpus=0).remote()  # type: ignore[attr-defined]
+        cpus = ray.cluster_resources().get("CPU", 1.0)
+        # On a local Ray the machine's CPUs are shared out, so W workers fit on fewer cores
+        # (a laptop, CI's 2 cores); on a real cluster each worker asks for a whole CPU.
+        per_worker = min(1.0, cpus / world_size) if started_here else 1.0
+        use_gpu = cfg.device == "cuda"
+        resources = {"CPU": per_worker} if not use_gpu else {"CPU": per_worker, "GPU": 1.0}
+        if progress:
+            print(f"ray: {world_size} Ray Train worker(s) on {_where(ray, started_here)}", file=sys.stderr)
+        with tempfile.TemporaryDirectory(prefix="distshare-ray-") as storage:
+            trainer = TorchTrainer(
+                _worker,
+                train_loop_config={"cfg": cfg, "keep_state": keep_state, "collector": collector},
+                scaling_config=ScalingConfig(num_workers=world_size, use_gpu=use_gpu, resources_per_worker=resources),
+                torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo", timeout_s=int(cfg.timeout_s)),
+                run_config=RayRunConfig(name="distshare", storage_path=storage),
+            )
+            try:
+                trainer.fit()
+            except Exception as exc:  # Ray wraps a worker's error; say it in one line
+                raise DistshareError(f"Ray Train run failed: {_first_line(exc)}") from exc
+        results: list[TrainResult] = ray.get(collector.get.remote(), timeout=cfg.timeout_s)
+    finally:
+        if started_here:
+            ray.shutdown()
+    for r in results:
+        r.engine = "ray"
+    if out_dir is not None:
+        _write_run_files(cfg, results[0], out_dir)
+    return results
+
+
+def _connect(ray: Any, address: str | None) -> bool:
+    """Join the given cluster, or an already started Ray, or start a local one; True if started here."""
+    if ray.is_initialized():
+        return False
+    kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False, "logging_level": "ERROR"}
+    if address is not None:
+        try:
+            ray.init(address=address, **kwargs)
+        except ConnectionError as exc:
+            raise UsageError(
+                f"no Ray cluster at {address}: {_first_line(exc)} (start one with `ray start --head`)"
+            ) from None
+        return False
+    ray.init(num_cpus=os.cpu_count() or 1, **kwargs)
+    return True
+
+
+def _where(ray: Any, started_here: bool) -> str:
+    cpus = int(ray.cluster_resources().get("CPU", 0))
+    return f"a local Ray ({cpus} CPUs)" if started_here else f"the cluster at {ray.get_runtime_context().gcs_address}"
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    lines = [line for line in text.splitlines() if line.strip()]
+    # Ray's message ends with the worker's own exception: that line is the informative one.
+    return lines[-1].strip() if lines else type(exc).__name__
+
+
+def _worker(config: dict[str, Any]) -> None:
+    """One Ray Train worker: the torch engine's rank, in a process Ray started."""
+    import ray.train
+    import torch
+
+    from distshare.dist.world import World
+    from distshare.engines.gather import gather_to_main
+    from distshare.train import train
+
+    cfg: RunConfig = config["cfg"]
+    ctx = ray.train.get_context()
+    device = ray.train.torch.get_device() if cfg.device == "cuda" else torch.device("cpu")
+    world = World(
+        rank=ctx.get_world_rank(),
+        world_size=ctx.get_world_size(),
+        local_rank=ctx.get_local_rank(),
+        device=device,
+        backend=torch.distributed.get_backend() if ctx.get_world_size() > 1 else None,
+    )
+    if world.world_size == 1:
+        world = World(device=device)
+    result = train(cfg, world, None, progress=False, keep_state=config["keep_state"] and world.is_main)
+    results = gather_to_main(result, world) if world.distributed else [result]
+    if world.is_main:
+        ray.get(config["collector"].put.remote(results))
+
+
+def _write_run_files(cfg: RunConfig, main: TrainResult, out_dir: Path) -> None:
+    """config.yaml and metrics.jsonl, as rank 0 writes them under the other engines."""
+    import json
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    dump_config(cfg, out_dir / "config.yaml", main.world_size)
+    with (out_dir / "metrics.jsonl").open("w") as f:
+        for step, loss in enumerate(main.losses):
+            f.write(json.dumps({"step": step, "loss": loss}) + "\n")
+
+
+def _collector_class() -> Any:
+    import ray
+
+    @ray.remote
+    class Collector:
+        """Holds rank 0's list of results until the driver takes it."""
+
+        def __init__(self) -> None:
+            self.results: list[TrainResult] | None = None
+
+        def put(self, results: list[TrainResult]) -> None:
+            self.results = results
+
+        def get(self) -> list[TrainResult] | None:
+            return self.results
+
+    return Collector
+
+
+class _LazyCollector:
+    """`ray.remote` classes can only be made once Ray is imported; make it on first use."""
+
+    _cls: Any = None
+
+    def options(self, **kwargs: Any) -> Any:
+        if self._cls is None:
+            type(self)._cls = _collector_class()
+        return self._cls.options(**kwargs)
+
+
+_Collector = _LazyCollector()
