@@ -184,7 +184,7 @@ def train(
     main = world.is_main
     result = TrainResult(rank=world.rank, world_size=world.world_size, steps=cfg.steps)
     result.dropped_per_epoch = run.plan.dropped_per_epoch
-    result.sync, result.device = run.sync.name, str(world.device)
+    result.sync, result.device = run.sync.name, world.device.type if world.device.type == "cpu" else str(world.device)
     metrics = None
     if main and out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -253,7 +253,7 @@ class _LossLog:
     def flush(self) -> None:
         if not self.rows:
             return
-        totals = torch.tensor(self.sums, dtype=torch.float64)
+        totals = torch.tensor(self.sums, dtype=torch.float64, device=self.world.collective_device)
         if self.world.distributed:
             dist.all_reduce(totals, op=dist.ReduceOp.SUM)
         for row, total in zip(self.rows, totals.tolist(), strict=True):

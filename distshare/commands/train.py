@@ -10,6 +10,9 @@ distshare train --engine ray --nproc 2                                   # Ray T
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
+
+from safetensors.torch import save_file
 
 from distshare.commands.common import (
     config_from_args,
@@ -24,7 +27,7 @@ from distshare.report import markdown_table, plot_losses, run_dir
 
 
 def train_command_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    return register(
+    parser = register(
         subparsers,
         "train",
         "train with data parallelism and check replicas",
@@ -32,6 +35,12 @@ def train_command_parser(subparsers: argparse._SubParsersAction) -> argparse.Arg
         train_command,
         default_world="the config's plan.world_size, 1 in the shipped configs",
     )
+    parser.add_argument(
+        "--save-params",
+        metavar="FILE",
+        help="write the final parameters and buffers (safetensors), e.g. to compare runs or engines",
+    )
+    return parser
 
 
 def train_command(args: argparse.Namespace) -> int:
@@ -40,9 +49,14 @@ def train_command(args: argparse.Namespace) -> int:
     plan, info = preflight(cfg)
     main = is_main_process()
     out = run_dir(args.out, "train") if main else None
-    results = run_engine(engine, cfg, out, progress=not args.no_progress, ray_address=args.ray_address)
+    keep = bool(args.save_params)
+    results = run_engine(engine, cfg, out, not args.no_progress, keep_state=keep, ray_address=args.ray_address)
     if results is None:  # a non-zero rank under a launcher: rank 0 reports
         return 0
+    if keep and results[0].state is not None:
+        path = Path(args.save_params)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.contiguous() for k, v in results[0].state.items()}, str(path))
     summary = training_summary(cfg, results, plan)
     ok = summary["replicas_in_sync"] and summary["accounting"]["ok"]
     result = {

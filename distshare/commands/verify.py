@@ -35,8 +35,10 @@ from distshare.commands.common import (
 from distshare.config import RunConfig
 from distshare.data.types import DataInfo
 from distshare.diff import Diff, diff
-from distshare.dist.world import World
-from distshare.engines.torch import run_training
+from distshare.dist.world import World, launched
+from distshare.engines import resolve_engine, run_engine
+from distshare.errors import UsageError
+from distshare.parity import PARITY_HEADER, render_rows, require_all_ran, run_parity
 from distshare.report import markdown_table, plot_losses, run_dir
 from distshare.train import TrainResult, train
 
@@ -61,6 +63,7 @@ def verify_command_parser(subparsers: argparse._SubParsersAction) -> argparse.Ar
         __doc__,
         verify_command,
         default_world="2",
+        parity=True,
     )
 
 
@@ -78,11 +81,14 @@ def rounding_bound(cfg: RunConfig, diff_terms: int) -> float:
 
 def verify_command(args: argparse.Namespace) -> int:
     cfg = config_from_args(args, DEFAULTS)
+    if args.engine == "all":
+        return _parity_command(args, cfg)
+    engine = resolve_engine(cfg, "verify")
     plan, info = preflight(cfg)
     main = is_main_process()
     out = run_dir(args.out, "verify") if main else None
     progress = not args.no_progress
-    results = run_training(cfg, out, progress=progress, keep_state=True)
+    results = run_engine(engine, cfg, out, progress, keep_state=True, ray_address=args.ray_address)
     if results is None:
         return 0
     assert out is not None
@@ -247,3 +253,64 @@ def _report(result: dict, table: list[tuple[str, str, str]]) -> str:
             "",
         ]
     )
+
+
+def _parity_command(args: argparse.Namespace, cfg: RunConfig) -> int:
+    """`verify --engine all`: the same run under every engine, final fingerprints side by side.
+
+    ok when every engine ran with its replicas in sync and agrees with the spawned torch
+    ranks bitwise (or, for an engine whose arithmetic differs by design, within the rounding
+    bound), and the single process is within the rounding bound of them.
+    """
+    if launched() or cfg.plan.world_size < 2:
+        raise UsageError(
+            "verify --engine all starts every launcher itself: run it as a plain command with --nproc >= 2"
+        )
+    plan, info = preflight(cfg)
+    out = run_dir(args.out, "verify")
+    table = run_parity(cfg, out, ray_address=args.ray_address, progress=not args.no_progress)
+    require_all_ran(table)
+    bound = rounding_bound(cfg, plan.plan.global_batch * max(1, _positions(info)))
+    ok = table["all_ran"]
+    for row in table["rows"]:
+        if row["skipped"]:
+            continue
+        for key in ("vs_torch", "vs_reference"):
+            d = row.get(key)
+            if d is not None and not d["bitwise_equal"] and d["norm_rel_diff"] > bound:
+                ok = False
+    rows = render_rows(table)
+    result: dict[str, Any] = {
+        "ok": ok,
+        "command": "verify",
+        "engine": "all",
+        **table,
+        "rounding_bound": bound,
+        "final_fingerprint": next((r["final_fingerprint"] for r in table["rows"] if r["final_fingerprint"]), ""),
+    }
+    checks = [(r[0], r[2], f"{r[3]}  {r[4]}  {r[5]}  {r[6]}".rstrip()) for r in rows]
+    n = len([r for r in table["rows"] if not r["skipped"]])
+    verdict = (
+        f"{n} engines, W={cfg.plan.world_size}, {cfg.model.dtype}: "
+        + ("every engine bitwise identical" if table["engines_bitwise_equal"] else "engines NOT all bitwise identical")
+        + f", max abs diff vs one process {table['max_abs_diff_vs_reference']:.1e} (bound: norm rel {bound:.1e})"
+    )
+
+    def report(res: dict[str, Any], _: list[tuple[str, str, str]]) -> str:
+        return "\n".join(
+            [
+                "# distshare verify --engine all: parity across engines",
+                "",
+                f"The same config, seed and global batch plan under every engine: W={res['world_size']} ranks, "
+                f"{res['dtype']}. Each engine ran as a real `distshare train` under its own launcher.",
+                "",
+                markdown_table(rows, PARITY_HEADER),
+                "",
+                f"Rounding bound (normwise relative, reordered summation): {bound:.2e}.",
+                "",
+                f"Verdict: **{'OK' if res['ok'] else 'FAILED'}**",
+                "",
+            ]
+        )
+
+    return finish("verify", cfg, result, checks, verdict, args.json, out, report)

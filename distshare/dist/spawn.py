@@ -9,6 +9,7 @@ the timeout, and the caller gives up on ranks that neither answer nor exit.
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing as mp
 import os
 import pickle
@@ -141,10 +142,8 @@ def _rank_main(
         results.put((rank, False, (message, traceback.format_exc(), code)))
     finally:
         if world is not None:
-            try:
+            with contextlib.suppress(Exception):  # peers may be gone already
                 close_world(world)
-            except Exception:  # noqa: BLE001 - peers may be gone already
-                pass
 
 
 def _loopback_interface() -> str:

@@ -60,7 +60,7 @@ class DDPSync(GradSync):
 
     def wrap(self, model: nn.Module) -> nn.Module:
         ddp = DistributedDataParallel(model)
-        ddp.register_comm_hook(state=None, hook=_sum_hook)
+        ddp.register_comm_hook(state=None, hook=sum_hook)
         return ddp
 
     @contextlib.contextmanager
@@ -94,7 +94,7 @@ class AllReduceSync(GradSync):
             g.copy_(synced)
 
 
-def _sum_hook(state: object, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
+def sum_hook(state: object, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
     fut = dist.all_reduce(bucket.buffer(), op=dist.ReduceOp.SUM, async_op=True).get_future()
     return fut.then(lambda f: f.value()[0])
 

@@ -35,6 +35,11 @@ class World:
     def distributed(self) -> bool:
         return self.backend is not None
 
+    @property
+    def collective_device(self) -> torch.device:
+        """Where a collective's tensors must live: nccl moves only GPU tensors, gloo CPU ones."""
+        return self.device if self.backend == "nccl" else torch.device("cpu")
+
 
 def launched() -> bool:
     """True inside torchrun / accelerate launch (they set RANK and WORLD_SIZE)."""

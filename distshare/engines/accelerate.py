@@ -9,14 +9,19 @@ accelerate changes two things about the arithmetic, and both are undone exactly:
 - the DDP wrapper that `accelerator.prepare` builds *averages* gradients over the W ranks.
 
 The step's loss is already divided by the item count of the whole global batch (the only
-normalization that is right when micro-batches hold different numbers of tokens), so the
-loss handed to accelerate is multiplied by k x W first, as accelerate's own guide to
-gradient accumulation with variable-size batches does. When k and W are powers of two these
-scalings only shift exponents, every rounding commutes with them, and the gradient is
-bitwise the one the torch engine computes; otherwise they can change the last bit (the
-parity table says by how much).
+normalization that is right when micro-batches hold different numbers of tokens). accelerate's
+guide for variable-size batches multiplies that loss by k x W to cancel both divisions; that
+is exact only when k and W are powers of two (measured: W = 3 moved the final float64
+parameters by 2.8e-16). Here the two are cancelled separately, each exactly:
 
-Everything else — the plan, the micro-batches, the optimizer step, the checks — is
+- the prepared DDP model gets the torch engine's SUM comm hook, so ranks are added, not
+  averaged: no division by W at all;
+- the loss is multiplied by `s`, the float next to k for which fl(fl(1/k) x s) == 1: the
+  backward pass then multiplies the gradient by (1/k) x s = exactly 1. For most k, s == k;
+  for some (k = 41 in float32, 49 in float64) k itself leaves the last bit off.
+
+So the gradient is bitwise the one the torch engine computes, for every W and k, and
+everything else — the plan, the micro-batches, the optimizer step, the checks — is
 `distshare.train`, unchanged.
 """
 
@@ -32,12 +37,13 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from distshare.config import RunConfig
-from distshare.dist.sync import GradSync
+from distshare.dist.sync import GradSync, sum_hook
 from distshare.dist.world import World
 from distshare.engines.gather import gather_to_main, with_world_size
-from distshare.train import TrainResult, train
+from distshare.train import DTYPES, TrainResult, train
 
 
 def launched_by_accelerate() -> bool:
@@ -48,16 +54,18 @@ def launched_by_accelerate() -> bool:
 class AccelerateSync(GradSync):
     """Gradient sync by accelerate: `accumulate()` decides when DDP all-reduces."""
 
-    name = "accelerate (DDP mean, loss x k*W)"
+    name = "accelerate (DDP, SUM hook)"
     reduces_in_backward = True
 
-    def __init__(self, accelerator: Any, accum_steps: int, world_size: int):
+    def __init__(self, accelerator: Any, accum_steps: int, dtype: torch.dtype):
         self.accelerator = accelerator
-        # Undo accelerate's division by k and DDP's average over W (see the module docstring).
-        self.scale = float(accum_steps * world_size)
+        self.scale = exact_unscale(accum_steps, dtype)  # cancels accelerate's loss / k
 
     def prepare(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[nn.Module, torch.optim.Optimizer]:
-        return self.accelerator.prepare(model, optimizer)
+        wrapped, optimizer = self.accelerator.prepare(model, optimizer)
+        if isinstance(wrapped, DistributedDataParallel):
+            wrapped.register_comm_hook(state=None, hook=sum_hook)  # add the ranks, don't average them
+        return wrapped, optimizer
 
     @contextlib.contextmanager
     def micro_step(self, wrapped: nn.Module, last: bool) -> Iterator[None]:
@@ -73,6 +81,28 @@ class AccelerateSync(GradSync):
 
     def backward(self, loss: torch.Tensor) -> None:
         self.accelerator.backward(loss * self.scale)
+
+
+def exact_unscale(k: int, dtype: torch.dtype) -> float:
+    """The float s nearest k with fl(fl(1/k) * s) == 1 in `dtype`, if one exists (else k):
+    multiplying a loss by s before accelerate divides it by k leaves every gradient exactly
+    as it was."""
+    if k == 1:
+        return 1.0  # accelerate divides only when accumulating
+    inv = torch.ones((), dtype=dtype) / k
+    candidates = [torch.tensor(float(k), dtype=dtype)]
+    up = down = candidates[0]
+    for _ in range(16):
+        up = torch.nextafter(up, torch.tensor(float("inf"), dtype=dtype))
+        down = torch.nextafter(down, torch.tensor(0.0, dtype=dtype))
+        candidates += [up, down]
+    for s in candidates:
+        if (inv * s).item() == 1.0:
+            return float(s.item())
+    # Near 1 the floats are spaced finer than the steps of fl(1/k) x s: for a few k (141 in
+    # float32, the first) no s lands on 1 exactly. k it is; the gradient may then carry a
+    # last-bit difference, which the parity table measures.
+    return float(k)
 
 
 def run_training(
@@ -107,7 +137,7 @@ def run_training(
         device=accelerator.device,
         backend=dist.get_backend() if distributed else None,
     )
-    sync = AccelerateSync(accelerator, k, world.world_size)
+    sync = AccelerateSync(accelerator, k, DTYPES[cfg.model.dtype])
     try:
         result = train(cfg, world, out_dir, progress and world.is_main, keep_state, sync=sync)
         result.engine = "accelerate"

@@ -1,0 +1,191 @@
+"""Claim: the one step runs under every engine — spawned torch ranks, torchrun, a real
+`accelerate launch` on 2 CPU processes, Ray Train with 2 workers — and every engine ends
+with the same final fingerprint; a launcher that does not fit the engine is refused in one
+line that says what to run instead."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from distshare.config import load_config
+from distshare.engines import resolve_engine
+from distshare.engines.accelerate import exact_unscale
+from distshare.errors import UsageError
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.launcher
+
+# Small and quick, but a real split: G = 16 = W 2 x k 2 x b 4, float64.
+RUN = [
+    "--set",
+    "plan.global_batch=16",
+    "--set",
+    "plan.accum_steps=2",
+    "--set",
+    "data.num_samples=160",
+    "--set",
+    "model.dtype=float64",
+    "--steps",
+    "6",
+    "--no-progress",
+    "--json",
+]
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = dict(os.environ, GLOO_SOCKET_IFNAME="lo", HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1", **extra)
+    env.pop("RANK", None)
+    env.pop("WORLD_SIZE", None)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    return env
+
+
+def _distshare(args: list[str], timeout: float = 240, **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "distshare", *args],
+        cwd=ROOT,
+        env=_env(**env),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def _json(proc: subprocess.CompletedProcess[str]) -> dict:
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert len(lines) == 1, f"expected one JSON line (rank 0 speaks): {proc.stdout[-2000:]}\n{proc.stderr[-2000:]}"
+    return json.loads(lines[0])
+
+
+@pytest.fixture(scope="module")
+def spawned(tmp_path_factory) -> dict:
+    """The torch engine's run: the baseline every other engine must match."""
+    out = tmp_path_factory.mktemp("spawned")
+    proc = _distshare(["train", "--engine", "torch", "--nproc", "2", *RUN, "--out", str(out)])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return _json(proc)
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    """One local Ray for the whole module: Ray's start-up is the slow part of its tests."""
+    ray = pytest.importorskip("ray")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+    try:
+        yield ray.get_runtime_context().gcs_address
+    finally:
+        ray.shutdown()
+
+
+# W = 3 ranks x k = 3 micro-batches: neither a power of two, so cancelling accelerate's
+# division by k and DDP's average over W by scaling the loss by k x W would not be exact.
+ODD = ["--set", "plan.global_batch=18", "--set", "plan.accum_steps=3", "--set", "data.num_samples=180"]
+
+
+def test_accelerate_launch_cpu_processes_bitwise_equal_to_the_torch_engine(tmp_path):
+    spawned = _distshare(["train", "--engine", "torch", "--nproc", "3", *RUN, *ODD, "--out", str(tmp_path / "t")])
+    assert spawned.returncode == 0, spawned.stderr[-2000:]
+    port = str(_free_port())
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", "configs/accelerate/cpu.yaml"]
+    cmd += ["--num_processes", "3", "--main_process_port", port, "-m", "distshare", "train", "--engine", "accelerate"]
+    proc = subprocess.run(
+        cmd + RUN + ODD + ["--out", str(tmp_path / "a")],
+        cwd=ROOT,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = _json(proc)
+    assert result["engine"] == "accelerate" and result["world_size"] == 3
+    assert result["plan"]["accum_steps"] == 3 and result["plan"]["micro_batch"] == 2
+    assert result["replicas_in_sync"] and result["accounting"]["ok"]
+    assert result["final_fingerprint"] == _json(spawned)["final_fingerprint"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_the_loss_scale_cancels_accelerates_division_exactly(dtype):
+    # Every k up to 140 (float32) has a scale s with fl(fl(1/k) * s) == 1: gradients unchanged.
+    for k in range(1, 141):
+        s = exact_unscale(k, dtype)
+        assert (torch.ones((), dtype=dtype) / k * s).item() == 1.0, k
+
+
+def test_ray_train_two_workers_matches_the_torch_engine(spawned, ray_cluster, tmp_path):
+    proc = _distshare(
+        ["train", "--engine", "ray", "--nproc", "2", "--ray-address", ray_cluster, *RUN, "--out", str(tmp_path)]
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = _json(proc)
+    assert result["engine"] == "ray" and result["world_size"] == 2
+    assert result["replicas_in_sync"] and result["accounting"]["ok"]
+    assert result["final_fingerprint"] == spawned["final_fingerprint"]
+    # The driver wrote the run directory, readable again.
+    assert json.loads((tmp_path / "result.json").read_text())["final_fingerprint"] == result["final_fingerprint"]
+    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 6
+
+
+def test_parity_table_every_engine_bitwise_float64(ray_cluster, tmp_path):
+    """`verify --engine all`: torch, torchrun, accelerate launch, Ray and one process."""
+    args = ["verify", "--engine", "all", "--nproc", "2", "--ray-address", ray_cluster, *RUN, "--out", str(tmp_path)]
+    proc = _distshare(args, timeout=480)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = _json(proc)
+    rows = {r["engine"]: r for r in result["rows"]}
+    assert set(rows) == {"torch", "torchrun", "accelerate", "ray", "reference"}
+    fingerprints = {r["final_fingerprint"] for name, r in rows.items() if name != "reference"}
+    assert len(fingerprints) == 1, rows
+    assert result["engines_bitwise_equal"]
+    # One process sums each global batch in another order: not bitwise, at rounding scale.
+    assert result["max_abs_diff_vs_reference"] <= 1e-12
+    assert (tmp_path / "report.md").read_text().count("| torchrun |") == 1
+
+
+@pytest.mark.parametrize(
+    ("engine", "nproc", "env", "expect"),
+    [
+        ("accelerate", 2, {}, "accelerate launch --config_file configs/accelerate/cpu.yaml --num_processes 2"),
+        ("local", 2, {}, "--engine torch --nproc 2"),
+        ("ray", 2, {"RANK": "0", "WORLD_SIZE": "2"}, "not under a launcher"),
+        ("accelerate", 2, {"RANK": "0", "WORLD_SIZE": "2"}, "not torchrun"),
+    ],
+)
+def test_a_misused_launcher_is_refused_with_what_to_run(engine, nproc, env, expect, monkeypatch):
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    cfg = load_config(None, [f"engine={engine}", f"plan.world_size={nproc}"])
+    with pytest.raises(UsageError, match=expect.replace(".", r"\.")):
+        resolve_engine(cfg)
+
+
+def test_cli_misuse_is_one_line_and_exit_2():
+    proc = _distshare(["train", "--engine", "accelerate", "--nproc", "2", "--steps", "1"], timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.count("\n") == 1 and "accelerate launch" in proc.stderr
+
+
+def test_auto_picks_the_launcher_engine(monkeypatch):
+    cfg = load_config(None, ["plan.world_size=2"])
+    assert resolve_engine(cfg) == "torch"
+    assert resolve_engine(load_config(None, [])) == "local"
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert resolve_engine(cfg) == "torch"  # torchrun
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")
+    assert resolve_engine(cfg) == "accelerate"
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
