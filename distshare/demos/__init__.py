@@ -1,0 +1,39 @@
+"""The seed's questions, answered by experiment: one module per claim, each returning a `Finding`.
+
+    distshare demo all            # every experiment, report.md with the seed's questions
+    distshare demo context        # one of them
+
+Every experiment runs on the CPU in seconds, deterministically from its seed, and carries a
+control that breaks the mechanism it demonstrates: its verdict must flip, or the demo fails.
+Modules are imported only when their demo runs, so `distshare --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+
+from distshare.demos.finding import FAILS, HOLDS, Finding, verdict
+
+# name on the command line -> module under distshare/demos, in the order of the seed's questions
+DEMOS = {
+    "qkv-shared": "qkv_shared",
+    "conv-shared": "conv_shared",
+    "one-weight-set": "one_weight_set",
+    "accumulation": "accumulation",
+    "fixed-after-training": "fixed_after_training",
+    "context": "context",
+    "heads-kernels": "heads_kernels",
+}
+
+__all__ = ["DEMOS", "FAILS", "HOLDS", "Finding", "run_demo", "verdict"]
+
+
+def run_demo(name: str, out_dir: Path, seed: int = 0) -> Finding:
+    """Run one experiment; its figure is written into `out_dir`.
+
+    Raises:
+        KeyError: `name` is not one of `DEMOS`.
+    """
+    module = importlib.import_module(f"distshare.demos.{DEMOS[name]}")
+    return module.run(out_dir, seed)

@@ -1,0 +1,185 @@
+"""Claim: every answer of the seed Q&A holds when measured, and every control that breaks its
+mechanism flips the verdict (`distshare demo`). The numbers behind each verdict are checked
+against bounds the demos derive from eps and the sizes involved, never against a chosen figure.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from distshare.cli import main
+from distshare.demos import DEMOS, FAILS, HOLDS, Finding, run_demo
+from distshare.demos.conv_shared import LocallyConnected, equivariance
+
+ROOT = Path(__file__).resolve().parents[1]
+SEED_QA = ROOT.parent / "shared" / "seed" / "000_2515f6341b4878d6.txt"
+FIELDS = {"name", "question", "claim", "verdict", "control", "control_verdict", "numbers", "figure"}
+
+
+@pytest.fixture(scope="module")
+def demo_all(tmp_path_factory):
+    """`distshare demo all --json` in a fresh process: (exit code, printed object, run dir)."""
+    out = tmp_path_factory.mktemp("demo")
+    proc = subprocess.run(
+        [sys.executable, "-m", "distshare", "demo", "all", "--json", "--no-progress", "--out", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=dict(os.environ, HF_HUB_OFFLINE="1"),
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.returncode, json.loads(proc.stdout), out
+
+
+@pytest.fixture(scope="module")
+def findings(demo_all) -> dict[str, dict]:
+    return {f["name"]: f for f in demo_all[1]["findings"]}
+
+
+def test_all_runs_every_demo_in_the_seed_order_and_says_ok(demo_all, findings):
+    code, result, out = demo_all
+    assert code == 0 and result["ok"] is True
+    assert list(findings) == list(DEMOS)
+    for f in findings.values():
+        assert set(f) >= FIELDS, f["name"]
+        assert (out / f["figure"]).stat().st_size > 1000, f"{f['name']}: figure missing or empty"
+    assert json.loads((out / "result.json").read_text()) == result  # written, and readable again
+
+
+@pytest.mark.parametrize("name", list(DEMOS))
+def test_claim_holds_and_control_flips(findings, name):
+    f = findings[name]
+    assert f["verdict"] == HOLDS, f["numbers"]
+    assert f["control_verdict"] == FAILS, f["numbers"]
+
+
+def test_report_puts_the_seeds_questions_over_their_figures(demo_all, findings):
+    report = (demo_all[2] / "report.md").read_text()
+    for f in findings.values():
+        heading = report.index(f"## {f['question']}\n")
+        assert report.index(f"![{f['name']}]({f['figure']})") > heading
+
+
+@pytest.mark.skipif(not SEED_QA.is_file(), reason="the seed Q&A is not beside this checkout")
+def test_questions_are_quoted_verbatim_from_the_seed(findings):
+    seed = SEED_QA.read_text(encoding="utf-8")
+    for f in findings.values():
+        assert f["question"] in seed, f["name"]
+
+
+def test_qkv_one_weight_set_serves_every_sample(findings):
+    n = findings["qkv-shared"]["numbers"]
+    assert len(set(n["params_used_by_batch_size"].values())) == 1
+    assert n["control_params_used_by_batch_size"]["40"] == 40 * n["control_params_used_by_batch_size"]["1"]
+    assert n["storages_per_matrix"] == 1 and n["control_storages_per_matrix"] == n["batch_size"]
+    bound = n["rounding_bound_norm_rel"]
+    assert n["grad_vs_sum_of_per_sample"]["norm_rel_diff"] <= bound
+    assert n["control_grad_vs_sum_of_per_sample"]["norm_rel_diff"] > 1000 * bound
+
+
+def test_conv_is_equivariant_and_small_the_locally_connected_layer_is_neither(findings):
+    n = findings["conv-shared"]["numbers"]
+    assert n["conv_equivariance"]["max_error_over_bound"] <= 1.0
+    assert n["control_equivariance"]["max_error_over_bound"] > 1e3
+    p = n["params"]
+    assert p["conv"] < p["locally_connected"] < p["dense"]
+    side = int(n["image"].split(" x ")[-1])
+    assert p["locally_connected"] == side * side * p["conv"]  # one kernel + bias per position, exactly
+
+
+def test_locally_connected_becomes_equivariant_when_its_positions_share_one_kernel():
+    """The flip is caused by the sharing and nothing else: tie the per-position kernels and the
+    same layer passes the same test."""
+    import torch
+
+    torch.manual_seed(0)
+    layer = LocallyConnected(1, 4, 3, 16)
+    x = torch.randn(2, 1, 16, 16)
+    assert equivariance(layer, x)["max_error_over_bound"] > 1.0
+    with torch.no_grad():
+        layer.weight[:] = layer.weight[:1]
+        layer.bias[:] = layer.bias[:1]
+    assert equivariance(layer, x)["max_error_over_bound"] <= 1.0
+
+
+def test_forty_samples_one_weight_set_on_every_rank(findings):
+    n = findings["one-weight-set"]["numbers"]
+    assert n["updates"] == n["samples"] // n["batch_size"] == 10
+    assert n["distinct_weight_states_incl_initial"] == 11 and n["storage_sets_single_process"] == 1
+    assert n["each_sample_used_once"]
+    assert n["steps_all_ranks_agree"] == 10 and n["control_steps_all_ranks_agree"] == 0
+    assert n["copy_per_batch_final_weight_sets"] == 10
+
+
+def test_accumulated_update_equals_one_batch_of_40(findings):
+    n = findings["accumulation"]["numbers"]
+    assert len(set(n["tokens_per_micro_batch"])) > 1  # the case where normalization matters
+    for name, d in n["vs_one_batch_of_40"].items():
+        assert d["grad"]["bitwise_equal"] or d["grad"]["norm_rel_diff"] <= n["rounding_bound_norm_rel"], name
+    assert n["control_vs_one_batch_of_40"]["grad"]["norm_rel_diff"] > 100 * n["rounding_bound_norm_rel"]
+
+
+def test_inference_changes_no_state_but_train_mode_batch_norm_does(findings):
+    n = findings["fixed-after-training"]["numbers"]
+    for name in ("transformer, eval", "batch-norm CNN, eval"):
+        assert n[name]["params_changed"] == 0 and n[name]["buffers_changed"] == 0
+    control = n["control: batch-norm CNN, train mode"]
+    assert control["params_changed"] == 0 and control["buffers_changed"] > 0
+    assert all(name.startswith("buffer/") for name in control["changed"])
+
+
+def test_context_comes_from_positions(findings):
+    n = findings["context"]["numbers"]
+    pe, ctrl, bound = n["with_positions"], n["control_without_positions"], n["rounding_bound_rel_distance"]
+    assert pe["entry_bitwise_equal"] and ctrl["entry_bitwise_equal"]
+    assert pe["exit_rel_distance"] > 1e3 * bound and ctrl["exit_rel_distance"] <= bound
+    assert pe["predicted_subjects"] == ["cat", "mouse"]
+    assert ctrl["predicted_subjects"][0] == ctrl["predicted_subjects"][1]  # the same answer for both
+    assert pe["grammar_accuracy"] == 1.0 and ctrl["grammar_accuracy"] <= 0.5
+
+
+def test_heads_and_filters_are_several_views(findings):
+    n = findings["heads-kernels"]["numbers"]
+    for layer in n["heads"]["layers"]:
+        assert layer["distinct_views"] == layer["heads"] > 1 and layer["mean_pairwise_js_divergence"] > 0
+    assert n["filters"]["distinct_views"] == n["filters"]["filters"] > 1
+    assert all(layer["distinct_views"] == 1 for layer in n["control_heads"]["layers"])
+    assert n["control_filters"]["distinct_views"] == 1
+
+
+@pytest.mark.parametrize("name", ["qkv-shared", "conv-shared", "context"])
+def test_deterministic_from_the_seed(findings, name, tmp_path):
+    """The same seed in another process gives the very same numbers."""
+    again = run_demo(name, tmp_path, seed=0).to_dict()
+    assert json.loads(json.dumps(again["numbers"])) == findings[name]["numbers"]
+
+
+@pytest.mark.parametrize("name", ["qkv-shared", "conv-shared", "heads-kernels"])
+def test_another_seed_gives_the_same_verdicts(name, tmp_path):
+    f = run_demo(name, tmp_path, seed=1)
+    assert f.verdict == HOLDS and f.control_verdict == FAILS, f.numbers
+
+
+def test_unknown_demo_is_one_line_and_exit_2(capsys, tmp_path):
+    assert main(["demo", "nope", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "unknown demo 'nope'" in err and "qkv-shared" in err
+    assert not (tmp_path / "result.json").exists()
+
+
+@pytest.mark.parametrize("verdicts", [(HOLDS, HOLDS), (FAILS, FAILS)])
+def test_exit_1_when_a_claim_fails_or_a_control_does_not_flip(monkeypatch, tmp_path, capsys, verdicts):
+    def fake(name: str, out: Path, seed: int = 0) -> Finding:
+        return Finding(name, "q?", "c", verdicts[0], "k", verdicts[1], {}, None, "x")
+
+    monkeypatch.setattr("distshare.commands.demo.run_demo", fake)
+    assert main(["demo", "context", "--no-progress", "--out", str(tmp_path)]) == 1
+    assert "FAILED" in capsys.readouterr().out
+    assert json.loads((tmp_path / "result.json").read_text())["ok"] is False
