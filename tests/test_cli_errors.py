@@ -25,8 +25,8 @@ def no_ranks_start(monkeypatch, tmp_path):
     def started(*args, **kwargs):
         pytest.fail("training started: the mistake was not caught before spawning ranks")
 
-    monkeypatch.setattr("distshare.commands.train.run_training", started)
-    monkeypatch.setattr("distshare.commands.verify.run_training", started)
+    monkeypatch.setattr("distshare.commands.train.run_engine", started)
+    monkeypatch.setattr("distshare.commands.verify.run_engine", started)
     monkeypatch.chdir(tmp_path)  # nothing may land in the repository (runs/)
 
 
