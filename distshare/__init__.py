@@ -2,17 +2,20 @@
 
 The Python surface (the CLI is `distshare`):
 
-- `fingerprint(tensor)`, `fingerprint_state(model, optimizer)`: 128-bit digests of tensors
-  and of a whole training state;
+- `fingerprint(tensor)`, `fingerprint_state(model, optimizer)`, `state_digest(...)`: 128-bit
+  digests of tensors and of a whole training state (parameters, buffers, optimizer state);
 - `compare_replicas(model, optimizer)`, `assert_replicas_in_sync(model, optimizer)`:
-  collectives that say whether every rank holds the same state, and where not;
+  collectives that say whether every rank holds the same state, and where not: tensor,
+  rank, element (`TensorDiff`);
+- `distshare.checkpoint`: safetensors checkpoints with a manifest of fingerprints;
 - `distshare.testing.run_distributed(fn, world_size)`: run a function on simulated ranks.
 """
 
-from distshare.checksum import combined_fingerprint, fingerprint, fingerprint_state
+from distshare.checksum import combined_fingerprint, fingerprint, fingerprint_state, state_digest
 from distshare.replicas import (
     ReplicaDivergenceError,
     ReplicaReport,
+    TensorDiff,
     assert_replicas_in_sync,
     compare_replicas,
 )
@@ -22,9 +25,11 @@ __version__ = "0.1.0"
 __all__ = [
     "ReplicaDivergenceError",
     "ReplicaReport",
+    "TensorDiff",
     "assert_replicas_in_sync",
     "combined_fingerprint",
     "compare_replicas",
     "fingerprint",
     "fingerprint_state",
+    "state_digest",
 ]

@@ -1,38 +1,211 @@
 """Fingerprints: a 128-bit digest of a tensor's dtype, shape and raw bytes.
 
 Two replicas hold "the same parameters" only if every bit agrees, so a fingerprint hashes
-the raw bytes (not a rounded value, not a sum, which cancels). The dtype and shape go into
-the digest too: a float32 and a float64 zero, or a [2, 3] and a [3, 2] tensor with the same
-bytes, are different state. The digest names its algorithm (`xxh3_128:...`), so digests of
-different algorithms are never compared as if equal.
+the raw bytes (not a rounded value, not a float sum, which cancels). The dtype and shape go
+into the digest too: a float32 and a float64 zero, or a [2, 3] and a [3, 2] tensor with the
+same bytes, are different state. Every digest names its algorithm (`xxh3_128:...`,
+`dsh128:...`), and `check_comparable` refuses to compare digests of different algorithms:
+two algorithms' digests of the same tensor differ, which must never read as "replicas differ".
 
-xxh3-128 is a non-cryptographic hash: it detects accidents (drift, corruption, a missed
-all-reduce), not an adversary, and it runs many times faster than SHA-256.
+Two algorithms, one per place a tensor lives:
+
+- `xxh3_128` (CPU tensors): xxHash's XXH3 over `dtype|shape|` and the bytes; about 15x the
+  throughput of SHA-256 (benchmarks/bench_checksum.py).
+- `dsh128` (CUDA tensors): a position-keyed integer hash computed where the tensor is, so
+  the tensor never travels to the host; only two 64-bit sums do. The bytes are read as
+  32-bit words w_i; each word and its index go through a bijection of Z/2^64,
+
+      f_lane(i, w) = mix_lane(w + (i + 1) * K_lane)      (mix: odd multiplies, xor-shifts)
+
+  and each lane is the sum of f over all words, mod 2^64. Because `w -> f(i, w)` is
+  injective for every i, changing any one word (one flipped bit, any dtype) changes exactly
+  one term of the sum, so it changes the sum: a single-word difference can never cancel.
+  Integer addition is associative, so the sum is the same in any order: plain torch ops on
+  the CPU, the same ops on CUDA, and the fused Triton kernel (`distshare/_dsh128_triton.py`,
+  used on CUDA when triton imports and passes a self-check) give the same digest, and the
+  CPU tests are the specification of all of them. The header (dtype, shape, byte count)
+  and the two lane sums are finally hashed with xxh3-128 on the host: 16 bytes, not the tensor.
+
+Neither is cryptographic: they detect accidents (drift, corruption, a missed all-reduce),
+not an adversary.
 """
 
 from __future__ import annotations
 
+import os
+import warnings
 from collections.abc import Iterable, Mapping
 
 import torch
 import xxhash
 from torch import nn
 
-ALGORITHM = "xxh3_128"
+ALGORITHM = "xxh3_128"  # the CPU algorithm, and the one combined digests use
+DEVICE_ALGORITHM = "dsh128"
+ALGORITHMS = (ALGORITHM, DEVICE_ALGORITHM)
 
 
-def fingerprint(tensor: torch.Tensor) -> str:
-    """Digest of one tensor: algorithm-tagged hex of xxh3-128 over dtype, shape and bytes."""
-    t = tensor.detach()
+def _signed(u: int) -> int:
+    """A 64-bit unsigned constant as the int64 torch arithmetic uses (same bits)."""
+    return u - (1 << 64) if u >= 1 << 63 else u
+
+
+# Per lane: position key K (odd), multipliers M1, M2 (odd: multiplying by them is a bijection
+# mod 2^64) and xor-shift amounts. Constants from splitmix64 / Stafford's mix13 and xxHash.
+LANES = (
+    (0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB, 30, 27, 31),
+    (0xC2B2AE3D27D4EB4F, 0xFF51AFD7ED558CCD, 0xC4CEB9FE1A85EC53, 33, 33, 33),
+)
+_CHUNK_WORDS = 1 << 22  # words per torch-op pass: bounds the int64 temporaries at 32 MB each
+
+
+def _logical_shift_right(x: torch.Tensor, s: int) -> torch.Tensor:
+    # torch's >> on int64 is arithmetic (copies the sign bit); masking the copied bits makes
+    # it the logical shift that the xor-shift bijection needs.
+    return (x >> s) & ((1 << (64 - s)) - 1)
+
+
+def _mix(words: torch.Tensor, start: int, lane: tuple[int, ...]) -> torch.Tensor:
+    """f_lane(i, w) for words w (int64 in [0, 2^32)) at indices start, start + 1, ..."""
+    k, m1, m2, s1, s2, s3 = lane
+    idx = torch.arange(start + 1, start + 1 + words.numel(), dtype=torch.int64, device=words.device)
+    x = words + idx * _signed(k)
+    x = x ^ _logical_shift_right(x, s1)
+    x = x * _signed(m1)
+    x = x ^ _logical_shift_right(x, s2)
+    x = x * _signed(m2)
+    return x ^ _logical_shift_right(x, s3)
+
+
+def _words(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The bytes of a contiguous tensor as 32-bit words, plus a zero-padded tail word if the
+    byte count is not a multiple of 4 (the byte count is in the header, so padding is unambiguous)."""
+    raw = t.reshape(-1).view(torch.uint8)
+    if raw.storage_offset() % 4:
+        raw = raw.clone()  # a view starting mid-word (e.g. bf16[1:]) cannot be read as int32 in place
+    whole = raw.numel() // 4 * 4
+    body = raw[:whole].view(torch.int32)
+    if whole == raw.numel():
+        return body, None
+    tail = torch.zeros(4, dtype=torch.uint8, device=t.device)
+    tail[: raw.numel() - whole] = raw[whole:]
+    return body, tail.view(torch.int32)
+
+
+def dsh128_lanes_torch(t: torch.Tensor) -> torch.Tensor:
+    """The two lane sums of `dsh128` with plain torch ops, on the tensor's device: int64[2]."""
+    body, tail = _words(t.detach().contiguous())
+    acc = torch.zeros(2, dtype=torch.int64, device=t.device)
+    parts = [body] + ([tail] if tail is not None else [])
+    start = 0
+    for part in parts:
+        for lo in range(0, part.numel(), _CHUNK_WORDS):
+            w = part[lo : lo + _CHUNK_WORDS].to(torch.int64) & 0xFFFFFFFF  # zero-extend the word
+            for j, lane in enumerate(LANES):
+                acc[j] += _mix(w, start + lo, lane).sum()  # int64 sums wrap: arithmetic mod 2^64
+        start += part.numel()
+    return acc
+
+
+_triton_state: dict[str, object] = {}
+
+
+def _triton_lanes():
+    """The fused CUDA kernel if triton is there and agrees with the torch ops; else None.
+
+    Imported lazily, never at module import: CPU installs have no triton. The first use
+    checks the kernel against `dsh128_lanes_torch` on a few odd-sized tensors, so a kernel
+    that disagrees is never used (a warning says so) and digests stay comparable.
+    """
+    if "fn" in _triton_state:
+        return _triton_state["fn"]
+    fn = None
+    if os.environ.get("DISTSHARE_NO_TRITON") != "1":
+        try:
+            from distshare._dsh128_triton import dsh128_lanes_triton
+
+            gen = torch.Generator(device="cuda").manual_seed(0)
+            for n in (1, 3, 1025, 70001):
+                probe = torch.randn(n, device="cuda", generator=gen)
+                if not torch.equal(dsh128_lanes_triton(probe), dsh128_lanes_torch(probe)):
+                    raise RuntimeError(f"triton kernel disagrees with the torch ops on {n} floats")
+            fn = dsh128_lanes_triton
+        except ImportError:
+            fn = None
+        except Exception as exc:  # noqa: BLE001 - any failure means: use the torch ops
+            warnings.warn(f"distshare: dsh128 triton kernel not used ({exc})", stacklevel=3)
+            fn = None
+    _triton_state["fn"] = fn
+    return fn
+
+
+def dsh128_lanes(t: torch.Tensor) -> torch.Tensor:
+    """The two lane sums on the tensor's device: the fused kernel on CUDA when usable."""
+    if t.device.type == "cuda":
+        fn = _triton_lanes()
+        if fn is not None:
+            return fn(t.detach().contiguous())
+    return dsh128_lanes_torch(t)
+
+
+def _header(t: torch.Tensor) -> bytes:
+    return f"{t.dtype}|{tuple(t.shape)}|".encode()
+
+
+def _finish_dsh128(t: torch.Tensor, lanes: list[int]) -> str:
+    h = xxhash.xxh3_128()
+    h.update(_header(t))
+    h.update(f"{t.numel() * t.element_size()}|".encode())
+    for v in lanes:
+        h.update((v & ((1 << 64) - 1)).to_bytes(8, "little"))
+    return f"{DEVICE_ALGORITHM}:{h.hexdigest()}"
+
+
+def _xxh3(t: torch.Tensor) -> str:
+    t = t.detach()
     if t.device.type != "cpu":
         t = t.cpu()
     t = t.contiguous()
     h = xxhash.xxh3_128()
-    h.update(f"{t.dtype}|{tuple(t.shape)}|".encode())
+    h.update(_header(t))
     if t.numel():
         # A uint8 view reads the raw bytes of any dtype (bfloat16 included) without a copy.
         h.update(t.reshape(-1).view(torch.uint8).numpy().data)
     return f"{ALGORITHM}:{h.hexdigest()}"
+
+
+def default_algorithm(tensor: torch.Tensor) -> str:
+    """xxh3_128 for host tensors, dsh128 for device tensors (no copy to the host)."""
+    return ALGORITHM if tensor.device.type == "cpu" else DEVICE_ALGORITHM
+
+
+def fingerprint(tensor: torch.Tensor, algorithm: str | None = None) -> str:
+    """Digest of one tensor over dtype, shape and bytes: `<algorithm>:<32 hex digits>`."""
+    algorithm = algorithm or default_algorithm(tensor)
+    if algorithm == ALGORITHM:
+        return _xxh3(tensor)
+    if algorithm == DEVICE_ALGORITHM:
+        return _finish_dsh128(tensor, dsh128_lanes(tensor).tolist())
+    raise ValueError(f"unknown fingerprint algorithm {algorithm!r} (known: {', '.join(ALGORITHMS)})")
+
+
+def algorithm_of(digest: str) -> str:
+    """The algorithm a digest names (`xxh3_128:...` -> `xxh3_128`)."""
+    algorithm, sep, _ = digest.partition(":")
+    if not sep or algorithm not in ALGORITHMS:
+        raise ValueError(f"not a distshare digest: {digest!r}")
+    return algorithm
+
+
+class MixedAlgorithms(ValueError):
+    """Digests of different algorithms: comparing them would say nothing about the tensors."""
+
+
+def check_comparable(digests: Iterable[str | None]) -> None:
+    """Raise `MixedAlgorithms` unless every (non-missing) digest names the same algorithm."""
+    seen = {d.partition(":")[0] for d in digests if d is not None}
+    if len(seen) > 1:
+        raise MixedAlgorithms(f"cannot compare digests of different algorithms: {', '.join(sorted(seen))}")
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -41,13 +214,29 @@ def unwrap(model: nn.Module) -> nn.Module:
     return inner if isinstance(inner, nn.Module) else model
 
 
+def _hyperparameters(group: dict) -> Iterable[tuple[str, torch.Tensor]]:
+    # Numbers only (lr, betas, eps, weight decay, ...): a learning-rate schedule that drifts on
+    # one rank is optimizer state that differs, even though no tensor of `optimizer.state` does.
+    for key in sorted(group):
+        value = group[key]
+        if key == "params" or value is None or isinstance(value, str):
+            continue
+        if isinstance(value, torch.Tensor):
+            yield key, value
+        elif isinstance(value, bool | int | float) or (
+            isinstance(value, tuple | list) and value and all(isinstance(v, bool | int | float) for v in value)
+        ):
+            yield key, torch.tensor(value, dtype=torch.float64)
+
+
 def named_state_tensors(
     model: nn.Module, optimizer: torch.optim.Optimizer | None = None, grads: bool = False
 ) -> Iterable[tuple[str, torch.Tensor]]:
     """Every tensor of the training state, under stable names.
 
-    Names: `param/<name>`, `buffer/<name>`, `grad/<name>` (optional) and
-    `optim/<param name>/<state key>` (momenta, Adam moments, step counts).
+    Names: `param/<name>`, `buffer/<name>`, `grad/<name>` (optional),
+    `optim/<param name>/<state key>` (momenta, Adam moments, step counts) and
+    `optim/group<i>/<hyperparameter>` (learning rate, betas, ...).
     """
     model = unwrap(model)
     for name, p in model.named_parameters():
@@ -66,18 +255,52 @@ def named_state_tensors(
                 if not isinstance(value, torch.Tensor):
                     value = torch.tensor(value)
                 yield f"optim/{pname}/{key}", value
+        for i, group in enumerate(optimizer.param_groups):
+            for key, value in _hyperparameters(group):
+                yield f"optim/group{i}/{key}", value
+
+
+def fingerprint_many(tensors: Mapping[str, torch.Tensor], algorithm: str | None = None) -> dict[str, str]:
+    """Digests of many tensors; device digests are computed first and fetched in one transfer."""
+    out: dict[str, str] = {}
+    pending: list[tuple[str, torch.Tensor, torch.Tensor]] = []
+    for name, t in tensors.items():
+        algo = algorithm or default_algorithm(t)
+        if algo == DEVICE_ALGORITHM:
+            pending.append((name, t, dsh128_lanes(t)))
+        else:
+            out[name] = fingerprint(t, algo)
+    if pending:
+        by_device: dict[torch.device, list[int]] = {}
+        for i, (_, _, lanes) in enumerate(pending):
+            by_device.setdefault(lanes.device, []).append(i)
+        fetched: dict[int, list[int]] = {}
+        for idx in by_device.values():
+            values = torch.stack([pending[i][2] for i in idx]).cpu().tolist()  # one device-to-host copy
+            fetched.update(zip(idx, values, strict=True))
+        for i, (name, t, _) in enumerate(pending):
+            out[name] = _finish_dsh128(t, fetched[i])
+    return out
 
 
 def fingerprint_state(
-    model: nn.Module, optimizer: torch.optim.Optimizer | None = None, grads: bool = False
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None = None,
+    grads: bool = False,
+    algorithm: str | None = None,
 ) -> dict[str, str]:
     """Per-tensor fingerprints of the whole training state (see `named_state_tensors`)."""
-    return {name: fingerprint(t) for name, t in named_state_tensors(model, optimizer, grads)}
+    return fingerprint_many(dict(named_state_tensors(model, optimizer, grads)), algorithm)
+
+
+def state_digest(model: nn.Module, optimizer: torch.optim.Optimizer | None = None, grads: bool = False) -> str:
+    """One digest for the whole training state (parameters, buffers, optimizer state)."""
+    return combined_fingerprint(fingerprint_state(model, optimizer, grads))
 
 
 def fingerprint_grads(model: nn.Module) -> dict[str, str]:
     """Fingerprints of the gradients alone (`grad/<name>`), e.g. before and after a sync."""
-    return {f"grad/{n}": fingerprint(p.grad) for n, p in unwrap(model).named_parameters() if p.grad is not None}
+    return fingerprint_many({f"grad/{n}": p.grad for n, p in unwrap(model).named_parameters() if p.grad is not None})
 
 
 def combined_fingerprint(digests: Mapping[str, str]) -> str:

@@ -1,50 +1,114 @@
 """Cross-rank comparison of training state: are all replicas bit-identical, and if not, where not.
 
-A collective: every rank calls `compare_replicas` at the same point. Only digests travel
-(a few dozen bytes per tensor), never the tensors. When digests disagree, the ranks that
-differ are found by majority vote per tensor: with 3 or more ranks the odd one out is named;
-with 2 ranks there is no majority and both are named.
+A collective: every rank calls `compare_replicas` at the same point. In the common case
+(all in sync) one 16-byte combined digest per rank travels, never a tensor. When digests
+disagree it narrows down in two more rounds:
+
+1. the per-tensor digests (a few dozen bytes per tensor) say which tensors differ; a
+   majority vote per tensor names the odd ranks: with 3 or more ranks the odd one out, with
+   2 ranks there is no majority and both are named;
+2. for the differing tensors only, the reference values (the majority's, or rank 0's when
+   there is no majority) are broadcast, and every odd rank compares its own values against
+   them: how many elements differ, the first differing (multi-)index, the largest absolute
+   difference and the largest ULP distance.
+
+Every rank ends with the same report, so every rank takes the same decision (raise or go on).
 """
 
 from __future__ import annotations
 
+import math
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from distshare.checksum import combined_fingerprint, fingerprint_state
+from distshare.checksum import check_comparable, combined_fingerprint, fingerprint_state, named_state_tensors
+from distshare.diff import ulp_distance
 from distshare.errors import VerificationFailed
 
 
 @dataclass
+class TensorDiff:
+    """Where one rank's copy of a tensor departs from the reference rank's copy."""
+
+    rank: int
+    reference_rank: int
+    differing: int  # elements whose bits differ
+    numel: int
+    first_index: list[int] | None  # multi-index of the first differing element (row-major)
+    max_abs_diff: float | None  # None for non-numeric comparisons (shape or dtype differ)
+    max_ulp: int | None
+    mine: float | None = None  # this rank's value at first_index
+    reference: float | None = None  # the reference rank's value there
+    note: str = ""  # e.g. "shape [3] vs [4]", "missing on this rank"
+
+    def describe(self) -> str:
+        if self.note:
+            return f"rank {self.rank}: {self.note} (vs rank {self.reference_rank})"
+        where = "[" + ", ".join(str(i) for i in self.first_index or []) + "]"
+        text = (
+            f"rank {self.rank}: {self.differing} of {self.numel} element(s) differ from rank {self.reference_rank}, "
+            f"first at {where} ({_num(self.mine)} vs {_num(self.reference)})"
+        )
+        if self.max_abs_diff is not None:
+            text += f", max abs {self.max_abs_diff:.3g}"
+        if self.max_ulp is not None:
+            text += f", max {self.max_ulp} ULP"
+        return text
+
+
+@dataclass
 class ReplicaReport:
-    """What every rank's digests say: in sync, or which tensors differ on which ranks."""
+    """What every rank's digests say: in sync, or which tensors differ on which ranks, and where."""
 
     world_size: int
     combined: list[str]  # combined fingerprint of each rank, index = rank
     differing: dict[str, list[int]] = field(default_factory=dict)  # tensor -> ranks off the majority
     step: int | None = None
+    majority: dict[str, bool] = field(default_factory=dict)  # tensor -> did a strict majority agree?
+    elements: dict[str, list[TensorDiff]] = field(default_factory=dict)  # tensor -> per odd rank, vs reference
 
     @property
     def in_sync(self) -> bool:
         return not self.differing
+
+    @property
+    def odd_ranks(self) -> list[int]:
+        """Every rank named for at least one tensor."""
+        return sorted({r for ranks in self.differing.values() for r in ranks})
 
     def summary(self, limit: int = 5) -> str:
         if self.in_sync:
             return f"all {self.world_size} replicas identical ({self.combined[0]})"
         at = f" at step {self.step}" if self.step is not None else ""
         items = sorted(self.differing.items())
-        shown = "; ".join(f"{name} on rank{'s' if len(r) > 1 else ''} {_ranks(r)}" for name, r in items[:limit])
+        parts = []
+        for name, ranks in items[:limit]:
+            text = f"{name} on rank{'s' if len(ranks) > 1 else ''} {_ranks(ranks)}"
+            if ranks and not self.majority.get(name, True):
+                text += " (no majority)"
+            found = self.elements.get(name)
+            if found:
+                text += " [" + "; ".join(d.describe() for d in found) + "]"
+            parts.append(text)
         more = f"; and {len(items) - limit} more" if len(items) > limit else ""
-        return f"replicas differ{at} in {len(items)} tensor(s): {shown}{more}"
+        return f"replicas differ{at} in {len(items)} tensor(s): {'; '.join(parts)}{more}"
 
     @classmethod
     def from_dict(cls, d: dict) -> ReplicaReport:
-        """Inverse of `to_dict` (JSON turns nothing here into something else)."""
-        return cls(world_size=d["world_size"], combined=d["combined"], differing=d["differing"], step=d["step"])
+        """Inverse of `to_dict` (reads reports written before `majority`/`elements` existed too)."""
+        return cls(
+            world_size=d["world_size"],
+            combined=d["combined"],
+            differing=d["differing"],
+            step=d["step"],
+            majority=d.get("majority", {}),
+            elements={k: [TensorDiff(**e) for e in v] for k, v in d.get("elements", {}).items()},
+        )
 
     def to_dict(self) -> dict:
         return {
@@ -53,35 +117,100 @@ class ReplicaReport:
             "step": self.step,
             "combined": self.combined,
             "differing": self.differing,
+            "majority": self.majority,
+            "elements": {k: [asdict(e) for e in v] for k, v in self.elements.items()},
         }
 
 
 class ReplicaDivergenceError(VerificationFailed):
-    """Replicas that should be identical are not; the message names tensors and ranks."""
+    """Replicas that should be identical are not; the message names tensors, ranks and elements."""
 
     def __init__(self, report: ReplicaReport) -> None:
         super().__init__(report.summary())
         self.report = report
 
 
+def vote(digests: list[str | None]) -> tuple[list[int], int, bool]:
+    """Majority vote over one tensor's digests by rank: (odd ranks, reference rank, majority?).
+
+    The reference is the first rank holding the most common digest; on a tie (2 ranks, or a
+    3-way split) there is no majority: every rank is named and rank 0 (or the first rank
+    holding the tensor) is the reference the others are compared against.
+    """
+    check_comparable(digests)
+    counts = Counter(digests)
+    top, top_count = counts.most_common(1)[0]
+    tie = sum(1 for c in counts.values() if c == top_count) > 1
+    if len(counts) == 1 and top is not None:
+        return [], 0, True
+    if tie or top is None:
+        reference = next((r for r, d in enumerate(digests) if d is not None), 0)
+        return list(range(len(digests))), reference, False
+    return [r for r, d in enumerate(digests) if d != top], digests.index(top), True
+
+
 def compare_digests(per_rank: list[dict[str, str]], step: int | None = None) -> ReplicaReport:
     """Majority vote per tensor over every rank's digests (pure; no communication)."""
     names = sorted(set().union(*per_rank))
     differing: dict[str, list[int]] = {}
+    majority: dict[str, bool] = {}
     for name in names:
-        digests = [d.get(name) for d in per_rank]
-        counts = Counter(digests)
-        top, top_count = counts.most_common(1)[0]
-        tie = sum(1 for c in counts.values() if c == top_count) > 1
-        if len(counts) == 1 and top is not None:
-            continue
-        odd = list(range(len(digests))) if tie else [r for r, d in enumerate(digests) if d != top]
-        differing[name] = odd
+        odd, _, strict = vote([d.get(name) for d in per_rank])
+        if odd:
+            differing[name] = odd
+            majority[name] = strict
     return ReplicaReport(
         world_size=len(per_rank),
         combined=[combined_fingerprint(d) for d in per_rank],
         differing=differing,
         step=step,
+        majority=majority,
+    )
+
+
+def localize(mine: torch.Tensor | None, reference: torch.Tensor | None, rank: int, reference_rank: int) -> TensorDiff:
+    """Compare one rank's tensor with the reference rank's, element by element (bits, not values)."""
+    if mine is None or reference is None:
+        where = "this rank" if mine is None else f"rank {reference_rank}"
+        return TensorDiff(rank, reference_rank, 0, 0, None, None, None, note=f"missing on {where}")
+    a, b = mine.detach().cpu(), reference.detach().cpu()
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return TensorDiff(
+            rank,
+            reference_rank,
+            max(a.numel(), b.numel()),
+            max(a.numel(), b.numel()),
+            None,
+            None,
+            None,
+            note=f"{a.dtype} {list(a.shape)} vs {b.dtype} {list(b.shape)}",
+        )
+    flat_a, flat_b = a.reshape(-1), b.reshape(-1)
+    if a.is_floating_point():
+        # Differ means different bits, as for the digest: +0.0 and -0.0 are different state
+        # even though they are 0 ULP apart, and a NaN equals itself here when its bits do.
+        off = _bits(flat_a) != _bits(flat_b)
+        max_ulp: int | None = int(ulp_distance(flat_a[off], flat_b[off]).max()) if off.any() else 0
+        diffs = (flat_a.double() - flat_b.double()).abs()[off]
+        finite = diffs[torch.isfinite(diffs)]
+        max_abs: float | None = float(finite.max()) if finite.numel() else (math.inf if off.any() else 0.0)
+    else:
+        off = flat_a != flat_b
+        max_ulp = None
+        max_abs = float((flat_a.double() - flat_b.double()).abs().max()) if off.any() else 0.0
+    positions = off.nonzero().flatten()
+    first = int(positions[0]) if positions.numel() else None
+    index = list(_unravel(first, list(a.shape))) if first is not None else None
+    return TensorDiff(
+        rank=rank,
+        reference_rank=reference_rank,
+        differing=int(positions.numel()),
+        numel=a.numel(),
+        first_index=index,
+        max_abs_diff=max_abs,
+        max_ulp=max_ulp,
+        mine=float(flat_a[first]) if first is not None else None,
+        reference=float(flat_b[first]) if first is not None else None,
     )
 
 
@@ -91,12 +220,18 @@ def compare_replicas(
     grads: bool = False,
     step: int | None = None,
     group: dist.ProcessGroup | None = None,
+    locate: bool | int = 16,
 ) -> ReplicaReport:
-    """Collective: compare every rank's training state by digests.
+    """Collective: compare every rank's training state by digests, and localize differences.
 
     First one 16-byte combined digest per rank travels (a single all_gather); only when
-    those disagree do the per-tensor digests follow, to say which tensors on which ranks.
-    Every rank sees the same combined digests, so all of them take the same branch.
+    those disagree do the per-tensor digests follow, then (with `locate`) the values of the
+    differing tensors. Every rank sees the same data at each round, so all of them take the
+    same branches and end with the same report.
+
+    `locate` bounds the element-wise localization to that many differing tensors (in name
+    order; True: all, False/0: none): a rank that has drifted everywhere would otherwise
+    broadcast its whole state at every later check. The others are still named by digest.
     """
     local = fingerprint_state(model, optimizer, grads)
     combined = combined_fingerprint(local)
@@ -104,23 +239,89 @@ def compare_replicas(
         return compare_digests([local], step)
     world_size = dist.get_world_size(group)
     mine = torch.frombuffer(bytearray(bytes.fromhex(combined.split(":", 1)[1])), dtype=torch.uint8)
+    backend = dist.get_backend(group)
+    if backend == "nccl":
+        mine = mine.cuda()
     everyone = [torch.empty_like(mine) for _ in range(world_size)]
     dist.all_gather(everyone, mine, group=group)
     if all(torch.equal(t, mine) for t in everyone):
         return ReplicaReport(world_size=world_size, combined=[combined] * world_size, step=step)
     gathered: list[dict[str, str] | None] = [None] * world_size
     dist.all_gather_object(gathered, local, group=group)
-    return compare_digests([g or {} for g in gathered], step)
+    per_rank = [g or {} for g in gathered]
+    report = compare_digests(per_rank, step)
+    if locate and report.differing:
+        limit = len(report.differing) if locate is True else int(locate)
+        tensors = dict(named_state_tensors(model, optimizer, grads))
+        report.elements = _locate(sorted(report.differing)[:limit], per_rank, tensors, group)
+    return report
+
+
+def _locate(
+    names: list[str],
+    per_rank: list[dict[str, str]],
+    tensors: dict[str, torch.Tensor],
+    group: dist.ProcessGroup | None,
+) -> dict[str, list[TensorDiff]]:
+    """Broadcast each differing tensor from its reference rank; odd ranks compare; gather the findings."""
+    rank = dist.get_rank(group)
+    found: dict[str, TensorDiff] = {}
+    for name in names:
+        odd, reference, _ = vote([d.get(name) for d in per_rank])
+        payload: list[Any] = [None]
+        if rank == reference:
+            t = tensors.get(name)
+            payload = [t.detach().cpu() if t is not None else None]
+        # One object broadcast per differing tensor, from the rank whose copy is the reference.
+        dist.broadcast_object_list(payload, src=_global_rank(reference, group), group=group)
+        if rank in odd and rank != reference:
+            found[name] = localize(tensors.get(name), payload[0], rank, reference)
+    everyone: list[dict[str, TensorDiff] | None] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(everyone, found, group=group)
+    out: dict[str, list[TensorDiff]] = {}
+    for per in everyone:
+        for name, d in (per or {}).items():
+            out.setdefault(name, []).append(d)
+    return {name: sorted(ds, key=lambda d: d.rank) for name, ds in sorted(out.items())}
 
 
 def assert_replicas_in_sync(
-    model: nn.Module, optimizer: torch.optim.Optimizer | None = None, step: int | None = None
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None = None,
+    step: int | None = None,
+    grads: bool = False,
 ) -> ReplicaReport:
-    """Collective: raise `ReplicaDivergenceError` on every rank unless all replicas agree."""
-    report = compare_replicas(model, optimizer, step=step)
+    """Collective: raise `ReplicaDivergenceError` on every rank unless all replicas agree.
+
+    Every rank must call it at the same point (it gathers from all of them). The error
+    carries the full report; its message names the tensors, the ranks and the elements.
+    """
+    report = compare_replicas(model, optimizer, grads=grads, step=step)
     if not report.in_sync:
         raise ReplicaDivergenceError(report)
     return report
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    """The raw bits of a float tensor as integers of the same width."""
+    width = {8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.int8}[t.element_size()]
+    return t.contiguous().view(width)
+
+
+def _global_rank(group_rank: int, group: dist.ProcessGroup | None) -> int:
+    return group_rank if group is None else dist.get_global_rank(group, group_rank)
+
+
+def _unravel(flat: int, shape: list[int]) -> list[int]:
+    out = []
+    for size in reversed(shape):
+        out.append(flat % size)
+        flat //= size
+    return list(reversed(out))
+
+
+def _num(v: float | None) -> str:
+    return "none" if v is None else f"{v:.9g}"
 
 
 def _ranks(ranks: list[int]) -> str:

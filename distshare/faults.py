@@ -1,0 +1,218 @@
+"""Fault injection: the ways replicas silently part, each runnable, each caught by the checks.
+
+Every fault is a function `fault(world, faulty_rank, inject_at) -> FaultOutcome` meant to run
+on every rank of a spawned world (`run_distributed(run_fault, 3, "bit_flip")`). It trains
+with the real loop (`distshare.train.train`, replicas checked at every step), injects the
+fault on one rank through the loop's `on_step` hook or its `sync`, and returns what the loop
+recorded: the first check that failed, its step, and the full `ReplicaReport`.
+
+    bit_flip           one bit of one parameter element flipped on one rank
+    skipped_allreduce  one rank keeps its local gradient for one step (it still joins the
+                       collective, so no one hangs; it just does not use the sum)
+    different_seed     one rank initializes its parameters from another seed (with the
+                       explicit all-reduce sync: DDP would broadcast rank 0's parameters at
+                       wrap time and heal it)
+    unsynced_buffers   BatchNorm under DDP with broadcast_buffers=False: every rank's running
+                       statistics follow its own micro-batches
+    optimizer_drift    one element of one rank's Adam first moment scaled by 1.001 (a 1-ULP
+                       nudge is not enough: the next update's rounding can absorb it)
+
+With 3 ranks a strict majority names the faulty rank alone; the buffers fault has no single
+faulty rank (each rank drifts its own way) and is reported on every rank, without majority.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from distshare.config import RunConfig, load_config
+from distshare.dist.sync import AllReduceSync, DDPSync, sum_hook
+from distshare.dist.world import World
+from distshare.replicas import ReplicaReport
+from distshare.train import Run, train
+
+BIT_FLIP_TENSOR = "layers.0.attn.W_Q.weight"
+BIT_FLIP_ELEMENT = (3, 5)  # (row, column) of W_Q's weight
+BIT_FLIP_BIT = 20  # a float32 mantissa bit: the value moves by about 1e-1 relative, never NaN
+DRIFT_TENSOR = "layers.1.ff.0.weight"
+DRIFT_ELEMENT = 7  # flat index: row 0, column 7
+
+
+@dataclass
+class FaultOutcome:
+    """What the loop saw: where the fault went in, and the first check that failed."""
+
+    fault: str
+    faulty_rank: int | None  # None: every rank drifts its own way (unsynced buffers)
+    injected_at: int  # the fault is in place from the check after this step on
+    detected_at: int | None  # step of the first failing check (None: never detected)
+    checks: int
+    report: ReplicaReport | None  # the first failing check's report
+    expected_tensor: str  # a tensor the report must name
+    expected_index: list[int] | None = None  # the element the report must name, if one
+
+
+def base_config(world_size: int, steps: int, overrides: list[str] | None = None) -> RunConfig:
+    """A tiny transformer run, checked at every step: seconds, not minutes, on 2 cores."""
+    return load_config(
+        None,
+        [
+            f"plan.world_size={world_size}",
+            f"plan.global_batch={4 * world_size}",
+            "plan.accum_steps=2",
+            "plan.micro_batch=null",
+            "data.num_samples=96",
+            f"steps={steps}",
+            "check_every=1",
+            "optim.name=adam",
+            *(overrides or []),
+        ],
+    )
+
+
+def _outcome(
+    name: str, result: Any, faulty: int | None, at: int, tensor: str, index: list[int] | None = None
+) -> FaultOutcome:
+    first = result.first_divergence
+    report = ReplicaReport.from_dict(first) if first else None
+    return FaultOutcome(name, faulty, at, report.step if report else None, result.checks, report, tensor, index)
+
+
+def _param(run: Run, name: str) -> nn.Parameter:
+    return dict(run.model.named_parameters())[name]
+
+
+def bit_flip(world: World, faulty_rank: int = 0, inject_at: int = 2, steps: int = 5) -> FaultOutcome:
+    """Flip one bit of one element of W_Q on one rank, after step `inject_at`'s check."""
+
+    def hook(run: Run, step: int) -> None:
+        if step == inject_at and world.rank == faulty_rank:
+            with torch.no_grad():
+                words = _param(run, BIT_FLIP_TENSOR).view(torch.int32)
+                words[BIT_FLIP_ELEMENT] ^= 1 << BIT_FLIP_BIT
+
+    result = train(base_config(world.world_size, steps), world, progress=False, on_step=hook)
+    return _outcome("bit_flip", result, faulty_rank, inject_at, f"param/{BIT_FLIP_TENSOR}", list(BIT_FLIP_ELEMENT))
+
+
+class _SkipOnce(AllReduceSync):
+    """The explicit all-reduce, except that one rank throws the sum away at one step."""
+
+    def __init__(self, rank: int, faulty_rank: int, skip_step: int):
+        self.rank, self.faulty_rank, self.skip_step, self.calls = rank, faulty_rank, skip_step, 0
+
+    def finish(self, model: nn.Module) -> None:
+        step, self.calls = self.calls, self.calls + 1
+        if step != self.skip_step or self.rank != self.faulty_rank:
+            super().finish(model)
+            return
+        local = [p.grad.clone() if p.grad is not None else None for p in model.parameters()]
+        super().finish(model)  # still takes part, so the other ranks are not left waiting
+        for p, g in zip(model.parameters(), local, strict=True):
+            if g is not None:
+                p.grad.copy_(g)
+
+
+def skipped_allreduce(world: World, faulty_rank: int = 0, inject_at: int = 2, steps: int = 5) -> FaultOutcome:
+    """One rank updates with its own local gradient at step `inject_at + 1`."""
+    cfg = base_config(world.world_size, steps, ["sync=allreduce"])
+    sync = _SkipOnce(world.rank, faulty_rank, inject_at + 1)
+    result = train(cfg, world, progress=False, sync=sync)
+    return _outcome("skipped_allreduce", result, faulty_rank, inject_at, f"param/{BIT_FLIP_TENSOR}")
+
+
+def different_seed(world: World, faulty_rank: int = 0, inject_at: int = -1, steps: int = 3) -> FaultOutcome:
+    """One rank builds its model from seed 1, the others from seed 0 (explicit all-reduce sync)."""
+    cfg = base_config(world.world_size, steps, ["sync=allreduce"])
+    if world.rank == faulty_rank:
+        cfg = dataclasses.replace(cfg, seed=cfg.seed + 1)
+    result = train(cfg, world, progress=False)
+    return _outcome("different_seed", result, faulty_rank, inject_at, f"param/{BIT_FLIP_TENSOR}")
+
+
+class _NoBufferBroadcast(DDPSync):
+    """DDP as distshare uses it, but with broadcast_buffers=False."""
+
+    def wrap(self, model: nn.Module) -> nn.Module:
+        with warnings.catch_warnings():  # newer torch renames the flag; the old one still means "no sync at all"
+            warnings.simplefilter("ignore", FutureWarning)
+            ddp = DistributedDataParallel(model, broadcast_buffers=False)
+        ddp.register_comm_hook(state=None, hook=sum_hook)
+        return ddp
+
+
+def unsynced_buffers(world: World, faulty_rank: int | None = None, inject_at: int = -1, steps: int = 3) -> FaultOutcome:
+    """A BatchNorm CNN under DDP without buffer broadcast: running stats are per rank."""
+    cfg = base_config(
+        world.world_size,
+        steps,
+        ["model.name=cnn", "model.norm=batch", "data.name=shapes", "optim.name=sgd", "optim.lr=0.05"],
+    )
+    result = train(cfg, world, progress=False, sync=_NoBufferBroadcast())
+    return _outcome("unsynced_buffers", result, None, inject_at, "buffer/features.1.running_mean")
+
+
+def optimizer_drift(world: World, faulty_rank: int = 0, inject_at: int = 2, steps: int = 5) -> FaultOutcome:
+    """Scale one element of one rank's Adam first moment by 1.001.
+
+    One ULP would be the smallest drift, but it does not survive: the next step computes
+    beta1 * m + (1 - beta1) * g, and that rounding can map both ranks' m to the same value
+    (measured: a 1-ULP nudge of this element was gone by the next check).
+    """
+
+    def hook(run: Run, step: int) -> None:
+        if step == inject_at and world.rank == faulty_rank:
+            state = run.optimizer.state[_param(run, DRIFT_TENSOR)]
+            with torch.no_grad():
+                m = state["exp_avg"].view(-1)
+                m[DRIFT_ELEMENT] *= 1.001
+
+    result = train(base_config(world.world_size, steps), world, progress=False, on_step=hook)
+    return _outcome("optimizer_drift", result, faulty_rank, inject_at, f"optim/{DRIFT_TENSOR}/exp_avg", [0, 7])
+
+
+FAULTS: dict[str, Callable[..., FaultOutcome]] = {
+    "bit_flip": bit_flip,
+    "skipped_allreduce": skipped_allreduce,
+    "different_seed": different_seed,
+    "unsynced_buffers": unsynced_buffers,
+    "optimizer_drift": optimizer_drift,
+}
+
+
+def run_fault(world: World, name: str, faulty_rank: int | None = None) -> FaultOutcome:
+    """Run one named fault on this rank (every rank calls it): the entry for `run_distributed`."""
+    fn = FAULTS[name]
+    if faulty_rank is None and name != "unsynced_buffers":
+        faulty_rank = world.world_size - 1
+    return fn(world, faulty_rank) if faulty_rank is not None else fn(world)
+
+
+def run_all_faults(world: World, names: tuple[str, ...] | None = None) -> list[FaultOutcome]:
+    """Every fault in turn, on the same ranks (one process group: one start-up paid once)."""
+    return [run_fault(world, name) for name in (names or tuple(FAULTS))]
+
+
+def clean_checks(world: World, steps: int = 70) -> list[tuple[str, int, ReplicaReport | None]]:
+    """Fault-free runs checked at every step, one per sync mode and model: (what, checks, first failure)."""
+    out = []
+    for label, extra in (
+        ("transformer ddp", ["sync=ddp"]),
+        ("transformer allreduce", ["sync=allreduce"]),
+        ("cnn groupnorm ddp", ["model.name=cnn", "model.norm=group", "data.name=shapes", "optim.name=sgd"]),
+    ):
+        result = train(base_config(world.world_size, steps, extra), world, progress=False)
+        first = result.first_divergence
+        out.append((label, result.checks, ReplicaReport.from_dict(first) if first else None))
+    return out
+
+
+__all__ = ["FAULTS", "FaultOutcome", "clean_checks", "run_all_faults", "run_fault"]
