@@ -1,5 +1,5 @@
-"""What the demos share: seeded training through the one training loop, rounding bounds,
-and figures.
+"""What the demos share: seeded training through the one training loop, scalar rounding
+bounds (from `distshare.rounding`), and figures.
 
 Demos train with `distshare.train.train` (the same step every engine runs), so what a
 demo shows about weights is what training with distshare does. Trained models are cached
@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from distshare import rounding
 from distshare.config import RunConfig, load_config
 from distshare.data import build_dataset
 from distshare.data.tensors import TensorTable
@@ -82,26 +83,22 @@ def data(cfg: RunConfig) -> tuple[DataInfo, TensorTable]:
     return info, TensorTable.from_dataset(dataset, info, DTYPES[cfg.model.dtype])
 
 
-def unit_roundoff(dtype: torch.dtype) -> float:
-    """u = eps / 2: the largest relative error of one rounding."""
-    return torch.finfo(dtype).eps / 2
-
-
 def reorder_bound(dtype: torch.dtype, terms: int) -> float:
     """Normwise relative difference two summation orders of `terms` terms can cause.
 
-    Any order of a recursive sum of n terms is within (n - 1) u (sum of |terms|) of the exact
-    sum (Higham, Accuracy and Stability of Numerical Algorithms, 4.2); two orders are within
-    twice that of each other. Normalizing by the result assumes no heavy cancellation; the
-    findings print the measured value beside this bound, so the margin is visible.
+    The scalar form of `distshare.rounding.reorder_bound`, for demos that have no per-term
+    magnitudes to measure: any order of a sum of n terms is within gamma(n - 1) (sum of
+    |terms|) of the exact sum (Higham, Accuracy and Stability of Numerical Algorithms, 4.2);
+    two orders are within twice that of each other. Normalizing by the result assumes no
+    heavy cancellation; the findings print the measured value beside this bound, so the
+    margin is visible.
     """
-    return 2 * (terms - 1) * unit_roundoff(dtype)
+    return 2 * rounding.gamma(terms - 1, rounding.unit_roundoff(dtype))
 
 
 def gamma(dtype: torch.dtype, terms: int) -> float:
-    """gamma_n = n u / (1 - n u): the elementwise error factor of an n-term dot product."""
-    nu = terms * unit_roundoff(dtype)
-    return nu / (1 - nu)
+    """gamma_n = n u / (1 - n u) in `dtype`: the elementwise error factor of an n-term dot product."""
+    return rounding.gamma(terms, rounding.unit_roundoff(dtype))
 
 
 @contextlib.contextmanager
