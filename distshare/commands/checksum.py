@@ -17,18 +17,19 @@ import json
 import sys
 
 from distshare.checkpoint import CheckpointCheck, verify_checkpoint
+from distshare.commands.common import add_command
 
 
 def checksum_command_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    parser = subparsers.add_parser(
+    parser = add_command(
+        subparsers,
         "checksum",
-        help="per-tensor and combined digests of checkpoints, verified against their manifests",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        "per-tensor and combined digests of checkpoints, verified against their manifests",
+        __doc__,
+        checksum_command,
     )
     parser.add_argument("paths", nargs="+", metavar="PATH", help="checkpoint directory or .safetensors file")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
-    parser.set_defaults(func=checksum_command)
     return parser
 
 

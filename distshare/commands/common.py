@@ -55,8 +55,23 @@ def positive_float(text: str) -> float:
     return value
 
 
-def add_run_arguments(parser: argparse.ArgumentParser, default_world: str, parity: bool = False) -> None:
-    """Flags of every command that trains: config, overrides, ranks, output."""
+def add_command(
+    subparsers: argparse._SubParsersAction,
+    name: str,
+    summary: str,
+    doc: str | None,
+    func: Callable[[argparse.Namespace], int],
+) -> argparse.ArgumentParser:
+    """A subcommand: its one-line help, its module docstring as the description, its handler."""
+    parser = subparsers.add_parser(
+        name, help=summary, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.set_defaults(func=func)
+    return parser
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    """--config and --set: where a run's config comes from."""
     parser.add_argument("--config", metavar="PATH", help="YAML run config (configs/train/*.yaml)")
     parser.add_argument(
         "--set",
@@ -66,6 +81,11 @@ def add_run_arguments(parser: argparse.ArgumentParser, default_world: str, parit
         dest="overrides",
         help="override a config field, dotted (repeatable): --set plan.accum_steps=4",
     )
+
+
+def add_run_arguments(parser: argparse.ArgumentParser, default_world: str, parity: bool = False) -> None:
+    """Flags of every command that trains: config, overrides, ranks, output."""
+    add_config_arguments(parser)
     parser.add_argument(
         "--nproc",
         type=positive_int,
@@ -202,11 +222,8 @@ def register(
     parity: bool = False,
 ) -> argparse.ArgumentParser:
     """Add a training subcommand: its help, the shared run flags, and its handler."""
-    parser = subparsers.add_parser(
-        name, help=summary, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = add_command(subparsers, name, summary, doc, func)
     add_run_arguments(parser, default_world, parity)
-    parser.set_defaults(func=func)
     return parser
 
 

@@ -17,20 +17,17 @@ import json
 import sys
 
 from distshare.checkpoint import compare_checkpoints
+from distshare.commands.common import add_command
 from distshare.replicas import TensorDiff
 
 
 def compare_command_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    parser = subparsers.add_parser(
-        "compare",
-        help="compare two checkpoints tensor by tensor, down to elements",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+    parser = add_command(
+        subparsers, "compare", "compare two checkpoints tensor by tensor, down to elements", __doc__, compare_command
     )
     parser.add_argument("a", metavar="A", help="checkpoint directory or .safetensors file (the reference)")
     parser.add_argument("b", metavar="B", help="checkpoint directory or .safetensors file")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
-    parser.set_defaults(func=compare_command)
     return parser
 
 

@@ -21,18 +21,15 @@ from typing import Any
 
 from tqdm import tqdm
 
-from distshare.commands.common import versions
+from distshare.commands.common import add_command, versions
 from distshare.demos import DEMOS, Finding, run_demo
 from distshare.errors import UsageError
 from distshare.report import markdown_table, run_dir, write_atomic, write_result
 
 
 def demo_command_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    parser = subparsers.add_parser(
-        "demo",
-        help="the seed's questions answered by experiment, each with a control",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+    parser = add_command(
+        subparsers, "demo", "the seed's questions answered by experiment, each with a control", __doc__, demo_command
     )
     parser.add_argument(
         "name", nargs="?", default="all", metavar="NAME", help=f"all (default) or one of: {', '.join(DEMOS)}"
@@ -41,7 +38,6 @@ def demo_command_parser(subparsers: argparse._SubParsersAction) -> argparse.Argu
     parser.add_argument("--seed", type=int, default=0, help="seed of every experiment (default 0)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    parser.set_defaults(func=demo_command)
     return parser
 
 

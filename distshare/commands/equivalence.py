@@ -20,7 +20,7 @@ import argparse
 import math
 from typing import Any
 
-from distshare.commands.common import finish, positive_float, positive_int
+from distshare.commands.common import add_command, add_config_arguments, finish, positive_float, positive_int
 from distshare.config import SYNC_MODES, load_config
 from distshare.equivalence import AUTOCAST, ConfigTask, check_partitions, run_grid
 from distshare.equivalence_report import pitfall_rows, plot_heatmap, plot_loss_curves, render, table_rows
@@ -61,21 +61,14 @@ def int_list(text: str) -> list[int]:
 
 
 def equivalence_command_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    parser = subparsers.add_parser(
+    parser = add_command(
+        subparsers,
         "equivalence",
-        help="gradient accumulation and W ranks vs one big batch: the partition grid, the pitfalls",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        "gradient accumulation and W ranks vs one big batch: the partition grid, the pitfalls",
+        __doc__,
+        equivalence_command,
     )
-    parser.add_argument("--config", metavar="PATH", help="YAML run config (configs/train/*.yaml)")
-    parser.add_argument(
-        "--set",
-        metavar="KEY=VALUE",
-        action="append",
-        default=[],
-        dest="overrides",
-        help="override a config field, dotted (repeatable): --set plan.global_batch=64",
-    )
+    add_config_arguments(parser)
     parser.add_argument("--world-sizes", type=int_list, default=[1, 2, 4], metavar="W,..", help="default 1,2,4")
     parser.add_argument("--accum-steps", type=int_list, default=[1, 2, 4, 8], metavar="K,..", help="default 1,2,4,8")
     parser.add_argument(
@@ -92,7 +85,6 @@ def equivalence_command_parser(subparsers: argparse._SubParsersAction) -> argpar
     parser.add_argument("--out", metavar="DIR", help="run directory (default runs/equivalence-<time>)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    parser.set_defaults(func=equivalence_command)
     return parser
 
 
