@@ -13,18 +13,22 @@ Two algorithms, one per place a tensor lives:
   throughput of SHA-256 (benchmarks/bench_checksum.py).
 - `dsh128` (CUDA tensors): a position-keyed integer hash computed where the tensor is, so
   the tensor never travels to the host; only two 64-bit sums do. The bytes are read as
-  32-bit words w_i; each word and its index go through a bijection of Z/2^64,
+  64-bit words w_i (little-endian, the last partial word zero-padded: the byte count is in
+  the header, so padding is unambiguous); each word and its index go through a bijection of
+  Z/2^64,
 
       f_lane(i, w) = mix_lane(w + (i + 1) * K_lane)      (mix: odd multiplies, xor-shifts)
 
   and each lane is the sum of f over all words, mod 2^64. Because `w -> f(i, w)` is
   injective for every i, changing any one word (one flipped bit, any dtype) changes exactly
   one term of the sum, so it changes the sum: a single-word difference can never cancel.
-  Integer addition is associative, so the sum is the same in any order: plain torch ops on
-  the CPU, the same ops on CUDA, and the fused Triton kernel (`distshare/_dsh128_triton.py`,
-  used on CUDA when triton imports and passes a self-check) give the same digest, and the
-  CPU tests are the specification of all of them. The header (dtype, shape, byte count)
-  and the two lane sums are finally hashed with xxh3-128 on the host: 16 bytes, not the tensor.
+  Mixing 64-bit words (not 32-bit ones) halves the integer work per byte, which is what
+  bounds the GPU kernel. Integer addition is associative, so the sum is the same in any
+  order: plain torch ops on the CPU, the same ops on CUDA, and the fused Triton kernel
+  (`distshare/_dsh128_triton.py`, used on CUDA when triton imports and passes a self-check)
+  give the same digest, and the CPU tests are the specification of all of them. The header
+  (dtype, shape, byte count) and the two lane sums are finally hashed with xxh3-128 on the
+  host: 16 bytes, not the tensor.
 
 Neither is cryptographic: they detect accidents (drift, corruption, a missed all-reduce),
 not an adversary.
@@ -56,7 +60,8 @@ LANES = (
     (0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB, 30, 27, 31),
     (0xC2B2AE3D27D4EB4F, 0xFF51AFD7ED558CCD, 0xC4CEB9FE1A85EC53, 33, 33, 33),
 )
-_CHUNK_WORDS = 1 << 22  # words per torch-op pass: bounds the int64 temporaries at 32 MB each
+_CHUNK_WORDS = 1 << 22  # 64-bit words per torch-op pass: bounds the int64 temporaries at 32 MB each
+WORD_BYTES = 8
 
 
 def _logical_shift_right(x: torch.Tensor, s: int) -> torch.Tensor:
@@ -66,7 +71,7 @@ def _logical_shift_right(x: torch.Tensor, s: int) -> torch.Tensor:
 
 
 def _mix(words: torch.Tensor, start: int, lane: tuple[int, ...]) -> torch.Tensor:
-    """f_lane(i, w) for words w (int64 in [0, 2^32)) at indices start, start + 1, ..."""
+    """f_lane(i, w) for 64-bit words w (int64, any bits) at indices start, start + 1, ..."""
     k, m1, m2, s1, s2, s3 = lane
     idx = torch.arange(start + 1, start + 1 + words.numel(), dtype=torch.int64, device=words.device)
     x = words + idx * _signed(k)
@@ -77,30 +82,33 @@ def _mix(words: torch.Tensor, start: int, lane: tuple[int, ...]) -> torch.Tensor
     return x ^ _logical_shift_right(x, s3)
 
 
-def _words(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The bytes of a contiguous tensor as 32-bit words, plus a zero-padded tail word if the
-    byte count is not a multiple of 4 (the byte count is in the header, so padding is unambiguous)."""
+def _words(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The bytes of a contiguous tensor: (all bytes as uint8, the whole 64-bit words as int64,
+    the 0-7 bytes after the last whole word as uint8). The tail is one more word, zero-padded
+    to 8 bytes (the byte count is in the header, so padding is unambiguous)."""
     raw = t.reshape(-1).view(torch.uint8)
-    if raw.storage_offset() % 4:
-        raw = raw.clone()  # a view starting mid-word (e.g. bf16[1:]) cannot be read as int32 in place
-    whole = raw.numel() // 4 * 4
-    body = raw[:whole].view(torch.int32)
-    if whole == raw.numel():
-        return body, None
-    tail = torch.zeros(4, dtype=torch.uint8, device=t.device)
-    tail[: raw.numel() - whole] = raw[whole:]
-    return body, tail.view(torch.int32)
+    if raw.storage_offset() % WORD_BYTES or raw.data_ptr() % WORD_BYTES:
+        raw = raw.clone()  # a view starting mid-word (e.g. bf16[1:], float32[1:]) cannot be read as int64 in place
+    whole = raw.numel() // WORD_BYTES * WORD_BYTES
+    return raw, raw[:whole].view(torch.int64), raw[whole:]
+
+
+def _tail_word(tail: torch.Tensor) -> torch.Tensor:
+    """The 0-7 trailing bytes as one zero-padded little-endian int64 word: int64[1]."""
+    padded = torch.zeros(WORD_BYTES, dtype=torch.uint8, device=tail.device)
+    padded[: tail.numel()] = tail
+    return padded.view(torch.int64)
 
 
 def dsh128_lanes_torch(t: torch.Tensor) -> torch.Tensor:
     """The two lane sums of `dsh128` with plain torch ops, on the tensor's device: int64[2]."""
-    body, tail = _words(t.detach().contiguous())
+    _, body, tail = _words(t.detach().contiguous())
     acc = torch.zeros(2, dtype=torch.int64, device=t.device)
-    parts = [body] + ([tail] if tail is not None else [])
+    parts = [body] + ([_tail_word(tail)] if tail.numel() else [])
     start = 0
     for part in parts:
         for lo in range(0, part.numel(), _CHUNK_WORDS):
-            w = part[lo : lo + _CHUNK_WORDS].to(torch.int64) & 0xFFFFFFFF  # zero-extend the word
+            w = part[lo : lo + _CHUNK_WORDS]
             for j, lane in enumerate(LANES):
                 acc[j] += _mix(w, start + lo, lane).sum()  # int64 sums wrap: arithmetic mod 2^64
         start += part.numel()
@@ -125,10 +133,18 @@ def _triton_lanes():
             from distshare._dsh128_triton import dsh128_lanes_triton
 
             gen = torch.Generator(device="cuda").manual_seed(0)
-            for n in (1, 3, 1025, 70001):
-                probe = torch.randn(n, device="cuda", generator=gen)
-                if not torch.equal(dsh128_lanes_triton(probe), dsh128_lanes_torch(probe)):
-                    raise RuntimeError(f"triton kernel disagrees with the torch ops on {n} floats")
+            # Odd byte counts (a zero-padded tail word), sizes around and across blocks, and a
+            # grid of 3 programs that must loop over many blocks.
+            for n, dtype, programs in (
+                (1, torch.float32, None),
+                (3, torch.bfloat16, None),
+                (1025, torch.float32, None),
+                (70001, torch.float32, None),
+                (70001, torch.bfloat16, 3),
+            ):
+                probe = torch.randn(n, device="cuda", generator=gen).to(dtype)
+                if not torch.equal(dsh128_lanes_triton(probe, programs), dsh128_lanes_torch(probe)):
+                    raise RuntimeError(f"triton kernel disagrees with the torch ops on {n} {dtype}")
             fn = dsh128_lanes_triton
         except ImportError:
             fn = None
@@ -139,13 +155,20 @@ def _triton_lanes():
     return fn
 
 
-def dsh128_lanes(t: torch.Tensor) -> torch.Tensor:
-    """The two lane sums on the tensor's device: the fused kernel on CUDA when usable."""
+def dsh128_lanes(t: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """The two lane sums on the tensor's device: the fused kernel on CUDA when usable.
+
+    `out`: int64[2] zeros on the tensor's device to add the sums into, and return (one
+    allocation for many tensors instead of one each: `fingerprint_many`).
+    """
     if t.device.type == "cuda":
         fn = _triton_lanes()
         if fn is not None:
-            return fn(t.detach().contiguous())
-    return dsh128_lanes_torch(t)
+            return fn(t.detach().contiguous(), out=out)
+    lanes = dsh128_lanes_torch(t)
+    if out is None:
+        return lanes
+    return out.add_(lanes)
 
 
 def _header(t: torch.Tensor) -> bytes:
@@ -262,25 +285,27 @@ def named_state_tensors(
 
 def fingerprint_many(tensors: Mapping[str, torch.Tensor], algorithm: str | None = None) -> dict[str, str]:
     """Digests of many tensors; device digests are computed first and fetched in one transfer."""
-    out: dict[str, str] = {}
-    pending: list[tuple[str, torch.Tensor, torch.Tensor]] = []
+    algos = {name: algorithm or default_algorithm(t) for name, t in tensors.items()}
+    counts: dict[torch.device, int] = {}
     for name, t in tensors.items():
-        algo = algorithm or default_algorithm(t)
-        if algo == DEVICE_ALGORITHM:
-            pending.append((name, t, dsh128_lanes(t)))
+        if algos[name] == DEVICE_ALGORITHM:
+            counts[t.device] = counts.get(t.device, 0) + 1
+    # One zeroed int64[n, 2] per device: each tensor's lane sums are added into its row (no
+    # allocation per tensor), and the whole of it comes to the host in one copy at the end.
+    lanes = {device: torch.zeros(n, 2, dtype=torch.int64, device=device) for device, n in counts.items()}
+    rows: dict[torch.device, list[tuple[str, torch.Tensor]]] = {device: [] for device in counts}
+    out: dict[str, str] = {}
+    for name, t in tensors.items():
+        if algos[name] == DEVICE_ALGORITHM:
+            row = rows[t.device]
+            dsh128_lanes(t, out=lanes[t.device][len(row)])  # asynchronous on CUDA: overlaps the host digests
+            row.append((name, t))
         else:
-            out[name] = fingerprint(t, algo)
-    if pending:
-        by_device: dict[torch.device, list[int]] = {}
-        for i, (_, _, lanes) in enumerate(pending):
-            by_device.setdefault(lanes.device, []).append(i)
-        fetched: dict[int, list[int]] = {}
-        for idx in by_device.values():
-            values = torch.stack([pending[i][2] for i in idx]).cpu().tolist()  # one device-to-host copy
-            fetched.update(zip(idx, values, strict=True))
-        for i, (name, t, _) in enumerate(pending):
-            out[name] = _finish_dsh128(t, fetched[i])
-    return out
+            out[name] = fingerprint(t, algos[name])
+    for device, items in rows.items():
+        for (name, t), values in zip(items, lanes[device].cpu().tolist(), strict=True):
+            out[name] = _finish_dsh128(t, values)
+    return {name: out[name] for name in tensors}
 
 
 def fingerprint_state(

@@ -11,6 +11,7 @@ from torch import nn
 from distshare import checksum
 from distshare.checksum import (
     ALGORITHMS,
+    LANES,
     MixedAlgorithms,
     check_comparable,
     combined_fingerprint,
@@ -22,13 +23,16 @@ from distshare.checksum import (
 )
 from distshare.replicas import compare_digests
 
-# A few tensors of every width: 8, 4, 2 bytes per element (bfloat16 with an odd element
-# count also exercises the zero-padded tail word), and an integer dtype.
+# A few tensors of every width: 8, 4, 2, 1 bytes per element. dsh128 reads 64-bit words, so
+# byte counts that are not a multiple of 8 (float32 x5 = 20 bytes, bfloat16 x3 = 6 and x7 = 14,
+# uint8 x11) also exercise the zero-padded tail word, alone or after whole words.
 TENSORS = {
     "float64": torch.tensor([1.5, -0.0, 3e-300], dtype=torch.float64),
     "float32": torch.tensor([0.1, -2.0, 0.0, 7e-39, 1e30], dtype=torch.float32),
     "bfloat16": torch.tensor([1.0, -3.5, 0.015625], dtype=torch.bfloat16),
+    "bfloat16x7": torch.tensor([1.0, -3.5, 0.015625, 0.0, -0.0, 1e30, 7.0], dtype=torch.bfloat16),
     "int64": torch.tensor([0, -(2**62)], dtype=torch.int64),
+    "uint8x11": torch.arange(11, dtype=torch.uint8) * 23,
 }
 
 
@@ -62,6 +66,12 @@ def test_swapped_elements_change_the_digest(algorithm):
         assert fingerprint(s, algorithm) != base
     w = torch.tensor([1, 2, 3, 4], dtype=torch.int32)  # whole 32-bit words swapped
     assert fingerprint(w.flip(0), algorithm) != fingerprint(w, algorithm)
+    # The two 32-bit halves of one 64-bit word swapped, and whole 64-bit words swapped.
+    assert fingerprint(w[[1, 0, 2, 3]], algorithm) != fingerprint(w, algorithm)
+    assert fingerprint(w[[2, 3, 0, 1]], algorithm) != fingerprint(w, algorithm)
+    q = torch.tensor([5, -7, 2**40, 0], dtype=torch.int64)
+    assert fingerprint(q[[1, 0, 2, 3]], algorithm) != fingerprint(q, algorithm)
+    assert fingerprint(q[[0, 1, 3, 2]], algorithm) != fingerprint(q, algorithm)
 
 
 @pytest.mark.parametrize("algorithm", ALGORITHMS)
@@ -74,17 +84,55 @@ def test_digest_covers_dtype_shape_and_names_its_algorithm(algorithm):
     assert d != fingerprint(t.view(torch.int32), algorithm)  # same bytes, other dtype
     assert fingerprint(torch.zeros(0), algorithm) != fingerprint(torch.zeros(0, 3), algorithm)
     assert fingerprint(t[::2], algorithm) == fingerprint(t[::2].contiguous(), algorithm)
-    odd = torch.arange(9, dtype=torch.bfloat16)[1:]  # a view that starts in the middle of a 32-bit word
-    assert fingerprint(odd, algorithm) == fingerprint(odd.clone(), algorithm)
+    # Views that start in the middle of a 64-bit word (dsh128 copies them first).
+    for view in (
+        torch.arange(9, dtype=torch.bfloat16)[1:],
+        torch.arange(9, dtype=torch.float32)[1:],
+        torch.arange(21, dtype=torch.uint8)[3:],
+        torch.arange(40, dtype=torch.bfloat16).reshape(4, 10)[1:, 3:],  # also not contiguous
+    ):
+        assert fingerprint(view, algorithm) == fingerprint(view.clone(), algorithm)
+        assert fingerprint(view, algorithm) == fingerprint(view.contiguous().clone(), algorithm)
     # The same bytes and shape but a zero byte more (padding) are different state.
     assert fingerprint(torch.zeros(3, dtype=torch.uint8), algorithm) != fingerprint(
         torch.zeros(4, dtype=torch.uint8), algorithm
     )
 
 
+def _reference_lanes(data: bytes) -> list[int]:
+    """dsh128's lane sums from its definition, in Python integers: 64-bit little-endian words
+    (the last one zero-padded), f_lane(i, w) = mix(w + (i + 1) * K) summed mod 2^64."""
+    mask = (1 << 64) - 1
+    data = data + bytes(-len(data) % 8)
+    words = [int.from_bytes(data[i : i + 8], "little") for i in range(0, len(data), 8)]
+    sums = []
+    for k, m1, m2, s1, s2, s3 in LANES:
+        total = 0
+        for i, w in enumerate(words):
+            x = (w + (i + 1) * k) & mask
+            x ^= x >> s1
+            x = (x * m1) & mask
+            x ^= x >> s2
+            x = (x * m2) & mask
+            x ^= x >> s3
+            total = (total + x) & mask
+        sums.append(total)
+    return sums
+
+
+@pytest.mark.parametrize("name", sorted(TENSORS))
+def test_dsh128_lanes_follow_the_definition(name):
+    # The torch ops (the specification the kernel is checked against) against the definition
+    # written out in Python integers: 64-bit words, zero-padded tail.
+    for t in (TENSORS[name], TENSORS[name][1:], torch.zeros(0, dtype=TENSORS[name].dtype)):
+        data = t.contiguous().view(torch.uint8).numpy().tobytes()
+        lanes = [v & ((1 << 64) - 1) for v in dsh128_lanes_torch(t).tolist()]
+        assert lanes == _reference_lanes(data)
+
+
 def test_dsh128_does_not_depend_on_how_the_words_are_split(monkeypatch):
     # The sum is over words, so chunking (and the kernel's blocks) cannot change it.
-    t = torch.randn(10_001)
+    t = torch.randn(10_001)  # 5000 whole 64-bit words and a 4-byte tail
     whole = dsh128_lanes_torch(t)
     monkeypatch.setattr(checksum, "_CHUNK_WORDS", 97)
     assert torch.equal(dsh128_lanes_torch(t), whole)
@@ -146,17 +194,43 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA de
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.int64, torch.uint8])
 def test_device_digest_equals_the_cpu_specification(dtype):
     # Computed on the GPU (fused kernel if triton is there), it must equal the torch ops on the CPU.
-    for n in (0, 1, 3, 8191, 8192, 8193, 1_000_003):
+    # Sizes around the kernel's block of 2048 64-bit words (16 KB) and odd byte counts.
+    for n in (0, 1, 3, 7, 2047, 2048, 2049, 4097, 8191, 8192, 8193, 16_385, 1_000_003):
         t = (torch.randn(n) * 100).to(dtype)
         assert fingerprint(t.cuda()) == fingerprint(t, "dsh128")
         assert fingerprint(t.cuda()).startswith("dsh128:")
+        if n > 1:  # a view starting mid-word, on the device
+            assert fingerprint(t.cuda()[1:]) == fingerprint(t[1:], "dsh128")
 
 
 @cuda
 def test_triton_kernel_agrees_with_torch_ops_on_device():
     pytest.importorskip("triton")
-    from distshare._dsh128_triton import dsh128_lanes_triton
+    from distshare._dsh128_triton import BLOCK, dsh128_lanes_triton
 
     t = torch.randn(3_000_017, device="cuda")
     assert torch.equal(dsh128_lanes_triton(t), dsh128_lanes_torch(t))
+    for programs in (1, 3, 1000):  # any grid gives the same sums (programs loop over blocks)
+        assert torch.equal(dsh128_lanes_triton(t, programs), dsh128_lanes_torch(t))
+    for n_bytes in (1, 7, 8, 9, 8 * BLOCK - 1, 8 * BLOCK, 8 * BLOCK + 5, 24 * BLOCK + 13):
+        u = torch.randint(0, 256, (n_bytes,), dtype=torch.uint8, device="cuda")
+        assert torch.equal(dsh128_lanes_triton(u), dsh128_lanes_torch(u))
     assert checksum._triton_lanes() is not None  # and the self-check let it be used
+
+
+@cuda
+def test_fingerprint_many_on_device_matches_one_by_one_and_the_cpu():
+    gen = torch.Generator().manual_seed(3)
+    cpu = {
+        "a": torch.randn(5, generator=gen),
+        "b": torch.arange(3),
+        "c": torch.randn(10_007, generator=gen).to(torch.bfloat16),
+        "d": torch.zeros(0),
+        "e": torch.randn(4097, generator=gen).double()[1:],
+    }
+    on_device = {k: v.cuda() for k, v in cpu.items()}
+    many = fingerprint_many({**on_device, "host": cpu["a"]})
+    assert list(many) == [*on_device, "host"]  # the input's order
+    assert many["host"] == fingerprint(cpu["a"])
+    for k, v in on_device.items():
+        assert many[k] == fingerprint(v) == fingerprint(cpu[k], "dsh128")

@@ -8,6 +8,7 @@ single process, unless a spawner hands us a rendezvous explicitly.
 
 from __future__ import annotations
 
+import gc
 import os
 from dataclasses import dataclass
 from datetime import timedelta
@@ -89,5 +90,12 @@ def init_world(
 
 
 def close_world(world: World) -> None:
+    """Destroy the process group, after collecting what still refers to it.
+
+    A DDP reducer or a pending work object that outlives the group is destroyed only at
+    interpreter exit, where gloo aborts the process ("terminate called without an active
+    exception"); collecting garbage first releases them while the group still exists.
+    """
     if world.distributed and dist.is_initialized():
+        gc.collect()
         dist.destroy_process_group()

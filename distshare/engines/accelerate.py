@@ -28,6 +28,7 @@ everything else — the plan, the micro-batches, the optimizer step, the checks 
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 from collections.abc import Iterator
 from datetime import timedelta
@@ -143,7 +144,13 @@ def run_training(
         result.engine = "accelerate"
         results = gather_to_main(result, world) if distributed else [result]
     finally:
-        accelerator.end_training()
+        # accelerate keeps the prepared (DDP) model alive; its reducer holds gloo work objects
+        # that, destroyed only at interpreter exit, abort the process ("terminate called
+        # without an active exception"). Release them while the process group still exists.
+        accelerator.free_memory()
+        del sync
+        gc.collect()
+        accelerator.end_training()  # destroys the process group
         if distributed and dist.is_initialized():
             dist.destroy_process_group()
     return results
