@@ -22,7 +22,9 @@ from distshare.errors import UsageError
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.launcher
 
-# Small and quick, but a real split: G = 16 = W 2 x k 2 x b 4, float64.
+# Small and quick, but a real split: G = 16 = W 2 x k 2 x b 4, float64; 40 steps with the
+# replicas compared at every one, so each engine's run is also 40 checks without a false alarm.
+STEPS = 40
 RUN = [
     "--set",
     "plan.global_batch=16",
@@ -33,7 +35,9 @@ RUN = [
     "--set",
     "model.dtype=float64",
     "--steps",
-    "6",
+    str(STEPS),
+    "--check-every",
+    "1",
     "--no-progress",
     "--json",
 ]
@@ -108,6 +112,7 @@ def test_accelerate_launch_cpu_processes_bitwise_equal_to_the_torch_engine(tmp_p
     assert result["engine"] == "accelerate" and result["world_size"] == 3
     assert result["plan"]["accum_steps"] == 3 and result["plan"]["micro_batch"] == 2
     assert result["replicas_in_sync"] and result["accounting"]["ok"]
+    assert result["replica_checks"] == STEPS and result["first_divergence"] is None
     assert result["final_fingerprint"] == _json(spawned)["final_fingerprint"]
 
 
@@ -130,7 +135,8 @@ def test_ray_train_two_workers_matches_the_torch_engine(spawned, ray_cluster, tm
     assert result["final_fingerprint"] == spawned["final_fingerprint"]
     # The driver wrote the run directory, readable again.
     assert json.loads((tmp_path / "result.json").read_text())["final_fingerprint"] == result["final_fingerprint"]
-    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 6
+    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == STEPS
+    assert result["replica_checks"] == STEPS and result["first_divergence"] is None
 
 
 def test_parity_table_every_engine_bitwise_float64(ray_cluster, tmp_path):
