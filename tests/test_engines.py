@@ -204,3 +204,11 @@ def test_a_missing_engine_package_says_what_to_install(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "ray" else real(name, *a))
     with pytest.raises(UsageError, match=r"pip install 'ray\[train\]'"):
         resolve_engine(load_config(None, ["engine=ray", "plan.world_size=2"]))
+
+
+def test_ray_refuses_more_workers_than_the_cluster_holds(ray_cluster):
+    # Ray would wait for the missing CPU forever; distshare says so in one line instead.
+    args = ["--nproc", "3", "--ray-address", ray_cluster, "--steps", "1", "--set", "plan.global_batch=36"]
+    proc = _distshare(["train", "--engine", "ray", *args])
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "needs 3 CPU(s); the Ray cluster has 2" in proc.stderr

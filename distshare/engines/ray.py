@@ -54,6 +54,7 @@ def run_training(
         # (a laptop, CI's 2 cores); on a real cluster each worker asks for a whole CPU.
         per_worker = min(1.0, cpus / world_size) if started_here else 1.0
         use_gpu = cfg.device == "cuda"
+        _refuse_what_cannot_be_scheduled(ray, world_size, per_worker, use_gpu)
         resources = {"CPU": per_worker} if not use_gpu else {"CPU": per_worker, "GPU": 1.0}
         if progress:
             print(f"ray: {world_size} Ray Train worker(s) on {_where(ray, started_here)}", file=sys.stderr)
@@ -95,6 +96,18 @@ def _connect(ray: Any, address: str | None) -> bool:
         return False
     ray.init(num_cpus=os.cpu_count() or 1, **kwargs)
     return True
+
+
+def _refuse_what_cannot_be_scheduled(ray: Any, world_size: int, cpus_per_worker: float, use_gpu: bool) -> None:
+    """Ray waits for resources forever: a run the cluster cannot hold is refused up front."""
+    have = ray.cluster_resources()
+    need = {"CPU": world_size * cpus_per_worker, **({"GPU": float(world_size)} if use_gpu else {})}
+    for resource, amount in need.items():
+        if have.get(resource, 0.0) + 1e-9 < amount:
+            raise UsageError(
+                f"--engine ray --nproc {world_size} needs {amount:g} {resource}(s); the Ray cluster has "
+                f"{have.get(resource, 0.0):g}: use fewer workers or add nodes"
+            )
 
 
 def _where(ray: Any, started_here: bool) -> str:
