@@ -212,3 +212,9 @@ def test_ray_refuses_more_workers_than_the_cluster_holds(ray_cluster):
     proc = _distshare(["train", "--engine", "ray", *args])
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "needs 3 CPU(s); the Ray cluster has 2" in proc.stderr
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+def test_device_cuda_without_a_gpu_is_refused_before_anything_starts():
+    with pytest.raises(UsageError, match="no CUDA GPU"):
+        resolve_engine(load_config(None, ["device=cuda"]))

@@ -32,6 +32,17 @@ def launched_by_accelerate() -> bool:
 
 def resolve_engine(cfg: RunConfig, command: str = "train") -> str:
     """The engine that will run `cfg`, or a UsageError saying what to run instead."""
+    engine = _resolve(cfg, command)
+    # Ray's workers may sit on GPU nodes while the driver has none; every other engine runs here.
+    if cfg.device == "cuda" and engine != "ray":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise UsageError("device cuda: torch sees no CUDA GPU here (torch.cuda.is_available() is False)")
+    return engine
+
+
+def _resolve(cfg: RunConfig, command: str) -> str:
     requested, n = cfg.engine, cfg.plan.world_size
     inside_accelerate = launched_by_accelerate()
     inside_torchrun = launched() and not inside_accelerate
