@@ -118,23 +118,24 @@ def dsh128_lanes_torch(t: torch.Tensor) -> torch.Tensor:
 _triton_state: dict[str, object] = {}
 
 
-def _triton_lanes():
-    """The fused CUDA kernel if triton is there and agrees with the torch ops; else None.
+def _load_triton() -> None:
+    """Fill `_triton_state`: the fused CUDA kernels ("fn" per tensor, "many" for a list of
+    tensors in one launch) if triton is there and they agree with the torch ops; else None.
 
     Imported lazily, never at module import: CPU installs have no triton. The first use
-    checks the kernel against `dsh128_lanes_torch` on a few odd-sized tensors, so a kernel
-    that disagrees is never used (a warning says so) and digests stay comparable.
+    checks both kernels against `dsh128_lanes_torch` on a few odd-sized tensors, so a kernel
+    that disagrees is never used (a warning says so) and digests stay comparable. The
+    multi-tensor kernel is checked on its own: if only it disagrees, the per-tensor one is used.
     """
-    if "fn" in _triton_state:
-        return _triton_state["fn"]
-    fn = None
+    fn = many = None
     if os.environ.get("DISTSHARE_NO_TRITON") != "1":
         try:
-            from distshare._dsh128_triton import dsh128_lanes_triton
+            from distshare._dsh128_triton import dsh128_lanes_many_triton, dsh128_lanes_triton
 
             gen = torch.Generator(device="cuda").manual_seed(0)
             # Odd byte counts (a zero-padded tail word), sizes around and across blocks, and a
             # grid of 3 programs that must loop over many blocks.
+            probes = []
             for n, dtype, programs in (
                 (1, torch.float32, None),
                 (3, torch.bfloat16, None),
@@ -145,14 +146,42 @@ def _triton_lanes():
                 probe = torch.randn(n, device="cuda", generator=gen).to(dtype)
                 if not torch.equal(dsh128_lanes_triton(probe, programs), dsh128_lanes_torch(probe)):
                     raise RuntimeError(f"triton kernel disagrees with the torch ops on {n} {dtype}")
+                probes.append(probe)
             fn = dsh128_lanes_triton
+            # The multi-tensor kernel: the same probes plus an empty tensor, views 8 but not 16
+            # bytes aligned, one starting mid-word, a block's worth of bytes plus a tail, on
+            # grids of 1, 3 and the default (programs crossing tensor boundaries).
+            big = torch.randn(2 * 4096 + 7, device="cuda", generator=gen)
+            probes += [torch.zeros(0, device="cuda"), big[2:], big[1:], big[:4099].to(torch.bfloat16)[4:]]
+            want = torch.stack([dsh128_lanes_torch(p) for p in probes])
+            try:
+                for programs in (None, 1, 3):
+                    if not torch.equal(dsh128_lanes_many_triton(probes, programs), want):
+                        raise RuntimeError(f"multi-tensor triton kernel disagrees with the torch ops ({programs=})")
+                many = dsh128_lanes_many_triton
+            except Exception as exc:  # noqa: BLE001 - the per-tensor kernel stays usable
+                warnings.warn(f"distshare: dsh128 multi-tensor kernel not used ({exc})", stacklevel=4)
         except ImportError:
             fn = None
         except Exception as exc:  # noqa: BLE001 - any failure means: use the torch ops
-            warnings.warn(f"distshare: dsh128 triton kernel not used ({exc})", stacklevel=3)
+            warnings.warn(f"distshare: dsh128 triton kernel not used ({exc})", stacklevel=4)
             fn = None
     _triton_state["fn"] = fn
-    return fn
+    _triton_state["many"] = many if fn is not None else None
+
+
+def _triton_lanes():
+    """The fused per-tensor CUDA kernel if usable (see `_load_triton`), else None."""
+    if "fn" not in _triton_state:
+        _load_triton()
+    return _triton_state["fn"]
+
+
+def _triton_lanes_many():
+    """The multi-tensor CUDA kernel (one launch for a list of tensors) if usable, else None."""
+    if "many" not in _triton_state:
+        _load_triton()
+    return _triton_state["many"]
 
 
 def dsh128_lanes(t: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -283,24 +312,39 @@ def named_state_tensors(
                 yield f"optim/group{i}/{key}", value
 
 
+def _device_lanes(tensors: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """int64[len(tensors), 2] lane sums of tensors on one device, left on the device.
+
+    CUDA with triton: one launch of the multi-tensor kernel for them all (the host time of a
+    launch, tens of microseconds, was most of a small tensor's cost); else the per-tensor
+    kernel or the torch ops, each adding into its row of one zeroed int64[n, 2].
+    """
+    if device.type == "cuda":
+        many = _triton_lanes_many()
+        if many is not None:
+            return many(tensors)
+    lanes = torch.zeros(len(tensors), 2, dtype=torch.int64, device=device)
+    for row, t in zip(lanes, tensors, strict=True):
+        dsh128_lanes(t, out=row)  # asynchronous on CUDA
+    return lanes
+
+
 def fingerprint_many(tensors: Mapping[str, torch.Tensor], algorithm: str | None = None) -> dict[str, str]:
-    """Digests of many tensors; device digests are computed first and fetched in one transfer."""
+    """Digests of many tensors; device digests are computed first and fetched in one transfer.
+
+    The device tensors' lane sums are launched first (one launch per device on CUDA, see
+    `_device_lanes`), the host digests are computed while the device works, and each device's
+    int64[n, 2] of lane sums comes to the host in one copy at the end.
+    """
     algos = {name: algorithm or default_algorithm(t) for name, t in tensors.items()}
-    counts: dict[torch.device, int] = {}
+    rows: dict[torch.device, list[tuple[str, torch.Tensor]]] = {}
     for name, t in tensors.items():
         if algos[name] == DEVICE_ALGORITHM:
-            counts[t.device] = counts.get(t.device, 0) + 1
-    # One zeroed int64[n, 2] per device: each tensor's lane sums are added into its row (no
-    # allocation per tensor), and the whole of it comes to the host in one copy at the end.
-    lanes = {device: torch.zeros(n, 2, dtype=torch.int64, device=device) for device, n in counts.items()}
-    rows: dict[torch.device, list[tuple[str, torch.Tensor]]] = {device: [] for device in counts}
+            rows.setdefault(t.device, []).append((name, t))
+    lanes = {device: _device_lanes([t for _, t in items], device) for device, items in rows.items()}
     out: dict[str, str] = {}
     for name, t in tensors.items():
-        if algos[name] == DEVICE_ALGORITHM:
-            row = rows[t.device]
-            dsh128_lanes(t, out=lanes[t.device][len(row)])  # asynchronous on CUDA: overlaps the host digests
-            row.append((name, t))
-        else:
+        if algos[name] != DEVICE_ALGORITHM:
             out[name] = fingerprint(t, algos[name])
     for device, items in rows.items():
         for (name, t), values in zip(items, lanes[device].cpu().tolist(), strict=True):

@@ -4,6 +4,12 @@ compared; and a state fingerprint covers parameters, buffers, optimizer state an
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from importlib.util import find_spec
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
@@ -234,3 +240,97 @@ def test_fingerprint_many_on_device_matches_one_by_one_and_the_cpu():
     assert many["host"] == fingerprint(cpu["a"])
     for k, v in on_device.items():
         assert many[k] == fingerprint(v) == fingerprint(cpu[k], "dsh128")
+
+
+def _mixed_tensors(device: str = "cpu", block: int = 2048) -> list[torch.Tensor]:
+    """A state's worth of awkward tensors for the multi-tensor kernel: every width (8, 4, 2, 1
+    bytes), sizes around and across the kernel's block of `block` 64-bit words, empty ones,
+    odd byte counts (a tail word), and views at offsets of 0, 1 and 2 elements on the device
+    (16-byte aligned, 8-byte aligned, or starting mid-word), plus one non-contiguous view."""
+    gen = torch.Generator().manual_seed(5)
+    out = []
+    for dtype in (torch.float32, torch.float64, torch.bfloat16, torch.int64, torch.uint8):
+        size = torch.empty(0, dtype=dtype).element_size()
+        for n_words in (0, 1, 7, block - 1, block, block + 1, 3 * block + 5):
+            for extra in (0, 1, 3):  # elements beyond whole words: odd byte counts
+                if dtype == torch.int64 and extra:
+                    continue
+                n = n_words * 8 // size + extra
+                if dtype == torch.int64:
+                    base = torch.randint(-(2**62), 2**62, (n + 2,), generator=gen, dtype=dtype)
+                elif dtype == torch.uint8:
+                    base = torch.randint(0, 256, (n + 2,), generator=gen, dtype=dtype)
+                else:
+                    base = (torch.randn(n + 2, generator=gen) * 100).to(dtype)
+                base = base.to(device)
+                out += [base[:n], base[1 : n + 1], base[2 : n + 2]]
+    out.append(torch.randn(30, 40, generator=gen).to(device)[:, 3:])
+    return out
+
+
+_INTERPRETER_CHECK = """
+import sys
+import torch
+from test_checksum import _mixed_tensors
+from distshare._dsh128_triton import BLOCK, dsh128_lanes_many_triton, dsh128_lanes_triton
+from distshare.checksum import dsh128_lanes_torch
+
+tensors = _mixed_tensors("cpu", BLOCK)
+want = torch.stack([dsh128_lanes_torch(t) for t in tensors])
+assert torch.equal(torch.stack([dsh128_lanes_triton(t) for t in tensors]), want), "per-tensor kernel"
+for programs in (None, 1, 3, 10_000):  # a run of blocks within one tensor, across many, one block each
+    assert torch.equal(dsh128_lanes_many_triton(tensors, programs), want), f"multi-tensor kernel, {programs=}"
+for few in ([tensors[0]], [tensors[1], tensors[0]], tensors[-4:]):  # only empty or mid-word ones, a few
+    assert torch.equal(dsh128_lanes_many_triton(few), torch.stack([dsh128_lanes_torch(t) for t in few]))
+print("interpreter: equal on", len(tensors), "tensors")
+"""
+
+
+def _interpreter_triton() -> str | None:
+    """Where a triton for its interpreter is: '' if it imports here, a path for PYTHONPATH
+    (DISTSHARE_TRITON_PATH, default /tmp/ds/tri) if that exists, else None."""
+    if find_spec("triton") is not None:
+        return ""
+    path = os.environ.get("DISTSHARE_TRITON_PATH", "/tmp/ds/tri")
+    return path if Path(path, "triton").is_dir() else None
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="with a GPU the CUDA tests check the compiled kernels themselves")
+def test_multi_tensor_kernel_equals_the_specification_in_the_triton_interpreter():
+    # Triton's interpreter (TRITON_INTERPRET=1) runs the kernels on CPU tensors, whose data
+    # pointers are host addresses: the multi-tensor kernel's table of addresses works as on a
+    # GPU. A subprocess, because TRITON_INTERPRET is read when the kernels are defined.
+    where = _interpreter_triton()
+    if where is None:
+        pytest.skip("no triton for its interpreter (set DISTSHARE_TRITON_PATH)")
+    root = Path(__file__).resolve().parent.parent
+    path = [str(root), str(root / "tests")] + ([where] if where else [])
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join(path), "CUDA_VISIBLE_DEVICES": ""}
+    proc = subprocess.run(
+        [sys.executable, "-c", _INTERPRETER_CHECK], env=env, capture_output=True, text=True, timeout=240
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+    assert "interpreter: equal" in proc.stdout
+
+
+@cuda
+def test_multi_tensor_kernel_agrees_with_the_per_tensor_kernel_and_the_cpu():
+    pytest.importorskip("triton")
+    from distshare._dsh128_triton import BLOCK, dsh128_lanes_many_triton, dsh128_lanes_triton
+
+    tensors = _mixed_tensors("cuda", BLOCK)
+    want = torch.stack([dsh128_lanes_torch(t.cpu()) for t in tensors])
+    assert torch.equal(torch.stack([dsh128_lanes_triton(t) for t in tensors]).cpu(), want)
+    for programs in (None, 1, 3, 10_000):
+        assert torch.equal(dsh128_lanes_many_triton(tensors, programs).cpu(), want)
+    assert checksum._triton_lanes_many() is not None  # the self-check let it be used
+    state = {f"t{i}": t for i, t in enumerate(tensors)}
+    assert fingerprint_many(state) == {k: fingerprint(v.cpu(), "dsh128") for k, v in state.items()}
+
+
+@cuda
+def test_fingerprint_many_on_device_without_triton_matches_the_cpu(monkeypatch):
+    # The fallback (torch ops per tensor, e.g. when triton is missing) gives the same digests.
+    monkeypatch.setattr(checksum, "_triton_state", {"fn": None, "many": None})
+    tensors = {f"t{i}": t for i, t in enumerate(_mixed_tensors("cuda")[::7])}
+    assert fingerprint_many(tensors) == {k: fingerprint(v.cpu(), "dsh128") for k, v in tensors.items()}
