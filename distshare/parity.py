@@ -27,7 +27,7 @@ import yaml
 from safetensors.torch import load_file
 
 from distshare.config import RunConfig, dump_config
-from distshare.diff import Diff, diff
+from distshare.diff import diff
 from distshare.errors import DistshareError
 
 # The engines, in the order of the table; the first multi-rank one is the baseline.
@@ -158,9 +158,9 @@ def _table(cfg: RunConfig, runs: list[EngineRun]) -> dict[str, Any]:
     for run in runs:
         row = run.to_dict()
         if run.params and baseline is not None:
-            row["vs_torch"] = _describe(diff(run.params, baseline.params))
+            row["vs_torch"] = diff(run.params, baseline.params).to_dict()
         if run.params and reference is not None:
-            row["vs_reference"] = _describe(diff(run.params, reference.params))
+            row["vs_reference"] = diff(run.params, reference.params).to_dict()
         row["why"] = _why(cfg, run, baseline, row)
         rows.append(row)
     distributed = [r for r in rows if r["engine"] != "reference" and not r["skipped"]]
@@ -175,15 +175,6 @@ def _table(cfg: RunConfig, runs: list[EngineRun]) -> dict[str, Any]:
             (r.get("vs_reference", {}).get("max_abs_diff", 0.0) for r in rows), default=0.0
         ),
         "rows": rows,
-    }
-
-
-def _describe(d: Diff) -> dict[str, Any]:
-    return {
-        "bitwise_equal": d.bitwise_equal,
-        "max_abs_diff": d.max_abs_diff,
-        "norm_rel_diff": d.norm_rel_diff,
-        "max_ulp": d.max_ulp,
     }
 
 

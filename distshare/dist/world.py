@@ -47,6 +47,11 @@ def launched() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
+def launched_by_accelerate() -> bool:
+    """True inside `accelerate launch` (it exports its settings as ACCELERATE_* variables)."""
+    return "ACCELERATE_MIXED_PRECISION" in os.environ
+
+
 def default_backend(device: torch.device) -> str:
     return "nccl" if device.type == "cuda" else "gloo"
 

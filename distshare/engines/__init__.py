@@ -17,17 +17,11 @@ import importlib.util
 from pathlib import Path
 
 from distshare.config import RunConfig
-from distshare.dist.world import launched
+from distshare.dist.world import launched, launched_by_accelerate
 from distshare.errors import UsageError
 from distshare.train import TrainResult
 
 ACCELERATE_CPU = "accelerate launch --config_file configs/accelerate/cpu.yaml --num_processes {n} -m distshare {cmd}"
-
-
-def launched_by_accelerate() -> bool:
-    from distshare.engines.accelerate import launched_by_accelerate as inside
-
-    return inside()
 
 
 def resolve_engine(cfg: RunConfig, command: str = "train") -> str:

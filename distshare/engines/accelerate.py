@@ -47,11 +47,6 @@ from distshare.engines.gather import gather_to_main, with_world_size
 from distshare.train import DTYPES, TrainResult, train
 
 
-def launched_by_accelerate() -> bool:
-    """True inside `accelerate launch` (it exports its settings as ACCELERATE_* variables)."""
-    return "ACCELERATE_MIXED_PRECISION" in os.environ
-
-
 class AccelerateSync(GradSync):
     """Gradient sync by accelerate: `accumulate()` decides when DDP all-reduces."""
 

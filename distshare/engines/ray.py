@@ -16,6 +16,7 @@ The driver writes the run directory, as the other engines' rank 0 does.
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import tempfile
@@ -48,7 +49,7 @@ def run_training(
     world_size = cfg.plan.world_size
     started_here = _connect(ray, address)
     try:
-        collector = _Collector.options(num_cpus=0).remote()  # type: ignore[attr-defined]
+        collector = ray.remote(num_cpus=0)(_Collector).remote()
         cpus = ray.cluster_resources().get("CPU", 1.0)
         # On a local Ray the machine's CPUs are shared out, so W workers fit on fewer cores
         # (a laptop, CI's 2 cores); on a real cluster each worker asks for a whole CPU.
@@ -151,8 +152,6 @@ def _worker(config: dict[str, Any]) -> None:
 
 def _write_run_files(cfg: RunConfig, main: TrainResult, out_dir: Path) -> None:
     """config.yaml and metrics.jsonl, as rank 0 writes them under the other engines."""
-    import json
-
     out_dir.mkdir(parents=True, exist_ok=True)
     dump_config(cfg, out_dir / "config.yaml", main.world_size)
     with (out_dir / "metrics.jsonl").open("w") as f:
@@ -160,34 +159,14 @@ def _write_run_files(cfg: RunConfig, main: TrainResult, out_dir: Path) -> None:
             f.write(json.dumps({"step": step, "loss": loss}) + "\n")
 
 
-def _collector_class() -> Any:
-    import ray
+class _Collector:
+    """Holds rank 0's list of results until the driver takes it (a Ray actor, made in `run_training`)."""
 
-    @ray.remote
-    class Collector:
-        """Holds rank 0's list of results until the driver takes it."""
+    def __init__(self) -> None:
+        self.results: list[TrainResult] | None = None
 
-        def __init__(self) -> None:
-            self.results: list[TrainResult] | None = None
+    def put(self, results: list[TrainResult]) -> None:
+        self.results = results
 
-        def put(self, results: list[TrainResult]) -> None:
-            self.results = results
-
-        def get(self) -> list[TrainResult] | None:
-            return self.results
-
-    return Collector
-
-
-class _LazyCollector:
-    """`ray.remote` classes can only be made once Ray is imported; make it on first use."""
-
-    _cls: Any = None
-
-    def options(self, **kwargs: Any) -> Any:
-        if self._cls is None:
-            type(self)._cls = _collector_class()
-        return self._cls.options(**kwargs)
-
-
-_Collector = _LazyCollector()
+    def get(self) -> list[TrainResult] | None:
+        return self.results
