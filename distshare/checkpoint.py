@@ -10,9 +10,12 @@ A checkpoint is a directory:
 - `optimizer.safetensors`: every tensor of `optimizer.state_dict()["state"]`, as
   `state/<param index>/<key>` (Adam moments, step counts), stored losslessly so that a
   resume continues bit for bit;
+- `state.safetensors` (optional): any other state a resume needs, under its own names
+  (`distshare.resume` keeps every rank's RNG states and the run's loss history there);
 - `manifest.json`: per tensor its file, dtype, shape and fingerprint; the combined digest;
   the optimizer's non-tensor parts (param groups, non-tensor state); the step, the position
-  in the global batch plan, the run config and library versions.
+  in the global batch plan, the run config and library versions; and a digest of those
+  non-tensor parts, so a hand-edited learning rate or step is caught like a changed tensor.
 
 It is written into a temporary directory next to the target and renamed into place, so a
 crash leaves either the old checkpoint or the new one, never half of one.
@@ -48,6 +51,7 @@ VERSION = 1
 MANIFEST = "manifest.json"
 MODEL_FILE = "model.safetensors"
 OPTIM_FILE = "optimizer.safetensors"
+STATE_FILE = "state.safetensors"
 
 _DTYPES = {
     "F64": torch.float64,
@@ -122,11 +126,13 @@ def save_checkpoint(
     position: dict[str, Any] | None = None,
     extra: dict[str, Any] | None = None,
     overwrite: bool = True,
+    state: dict[str, torch.Tensor] | None = None,
 ) -> dict[str, Any]:
     """Write a checkpoint directory atomically; return its manifest.
 
     `cfg` may be a RunConfig (or any dataclass / dict); `position` says where in the plan
-    (see `plan_position`); `extra` is any JSON the caller wants kept.
+    (see `plan_position`); `extra` is any JSON the caller wants kept; `state` any other
+    named tensors (RNG states, histories), verified like the model's.
     """
     path = Path(path)
     if path.exists() and not overwrite:
@@ -137,16 +143,17 @@ def save_checkpoint(
     if optimizer is not None:
         sd = optimizer.state_dict()
         other: dict[str, dict[str, Any]] = {}
-        for idx, state in sd["state"].items():
-            for key, value in state.items():
+        for idx, param_state in sd["state"].items():
+            for key, value in param_state.items():
                 if isinstance(value, torch.Tensor):
                     optim_tensors[f"state/{idx}/{key}"] = _host(value)
                 else:
                     other.setdefault(str(idx), {})[key] = value
         optim_meta = {"class": type(optimizer).__name__, "param_groups": sd["param_groups"], "other_state": other}
     index_names = _optimizer_index_names(model, optimizer) if optimizer is not None else {}
+    state_tensors = {k: _host(v) for k, v in (state or {}).items()}
     tensors: dict[str, dict[str, Any]] = {}
-    for file, group in ((MODEL_FILE, model_tensors), (OPTIM_FILE, optim_tensors)):
+    for file, group in ((MODEL_FILE, model_tensors), (OPTIM_FILE, optim_tensors), (STATE_FILE, state_tensors)):
         for name, t in group.items():
             tensors[_entry(file, name, index_names)] = {
                 "file": file,
@@ -168,22 +175,33 @@ def save_checkpoint(
         "versions": _versions(),
         "extra": extra or {},
     }
+    manifest["meta_digest"] = _meta_digest(manifest)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
     try:
         save_file(model_tensors, str(tmp / MODEL_FILE))
         if optimizer is not None:
             save_file(optim_tensors, str(tmp / OPTIM_FILE))
+        if state_tensors:
+            save_file(state_tensors, str(tmp / STATE_FILE))
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, default=str) + "\n")
         _usual_permissions(tmp)
+        _fsync_tree(tmp)  # the bytes are on disk before the name says the checkpoint exists
         _replace_dir(tmp, path)
+        _fsync_dir(path.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return manifest
 
 
-def save_run_checkpoint(path: str | Path, run: Any, step: int, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+def save_run_checkpoint(
+    path: str | Path,
+    run: Any,
+    step: int,
+    extra: dict[str, Any] | None = None,
+    state: dict[str, torch.Tensor] | None = None,
+) -> dict[str, Any]:
     """Checkpoint a `distshare.train.Run` after `step`: its config, plan position, rank."""
     plan = run.plan
     resolved = plan.plan
@@ -199,7 +217,41 @@ def save_run_checkpoint(path: str | Path, run: Any, step: int, extra: dict[str, 
         },
     )
     info = {"rank": run.world.rank, "world_size": run.world.world_size, **(extra or {})}
-    return save_checkpoint(path, run.model, run.optimizer, step=step, cfg=run.cfg, position=position, extra=info)
+    return save_checkpoint(
+        path, run.model, run.optimizer, step=step, cfg=run.cfg, position=position, extra=info, state=state
+    )
+
+
+_META_KEYS = ("step", "position", "optimizer", "config", "extra")
+
+
+def _meta_digest(manifest: dict[str, Any]) -> str:
+    """A digest of the manifest's non-tensor parts, as they read back from the JSON file."""
+    import hashlib
+
+    meta = json.loads(json.dumps({k: manifest.get(k) for k in _META_KEYS}, default=str))
+    return "sha256:" + hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()
+
+
+def _fsync_tree(directory: Path) -> None:
+    for f in directory.iterdir():
+        with f.open("rb") as handle:
+            os.fsync(handle.fileno())
+    _fsync_dir(directory)
+
+
+def _fsync_dir(directory: Path) -> None:
+    # A rename is durable only once its directory is synced; not every file system allows it.
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def _usual_permissions(directory: Path) -> None:
@@ -235,6 +287,8 @@ def _entry(file: str, key: str, index_names: dict[int, str] | None = None) -> st
     `optim/<parameter name>/<state key>` (the names `fingerprint_state` uses too)."""
     if file == MODEL_FILE:
         return f"model/{key}"
+    if file == STATE_FILE:
+        return key
     _, idx, state_key = key.split("/", 2)
     return f"optim/{(index_names or {}).get(int(idx), idx)}/{state_key}"
 
@@ -290,7 +344,25 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
         raise CheckpointCorrupted(path, {MANIFEST: f"unreadable ({exc})"}) from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise UsageError(f"{path}: not a distshare checkpoint ({MANIFEST} is not a {FORMAT} manifest)")
+    _check_entries(path, manifest)
     return manifest
+
+
+def _check_entries(path: Path, manifest: dict[str, Any]) -> None:
+    """A hand-edited (or damaged) manifest must not reach the readers as a Python error."""
+    tensors = manifest.get("tensors")
+    fields = {"file": str, "key": str, "dtype": str, "shape": list, "digest": str}
+    bad = (
+        {MANIFEST: "'tensors' is not a mapping of tensor names"}
+        if not isinstance(tensors, dict)
+        else {
+            str(name): f"manifest entry lacks {', '.join(f for f, t in fields.items() if not isinstance(e.get(f), t))}"
+            for name, e in tensors.items()
+            if not isinstance(e, dict) or not all(isinstance(e.get(f), t) for f, t in fields.items())
+        }
+    )
+    if bad:
+        raise CheckpointCorrupted(path, bad)
 
 
 class _SafetensorsFile:
@@ -391,6 +463,8 @@ def verify_checkpoint(path: str | Path, keep: dict[str, torch.Tensor] | None = N
                 check.problems[f"{file}:{key}"] = f"in {file} but not in the manifest"
     if combined_fingerprint(recorded) != manifest.get("combined"):
         check.problems[MANIFEST] = "combined digest does not match the per-tensor digests (manifest edited)"
+    elif "meta_digest" in manifest and _meta_digest(manifest) != manifest["meta_digest"]:
+        check.problems[MANIFEST] = "step, position, optimizer settings or config edited (meta digest differs)"
     check.combined = combined_fingerprint(check.digests) if not check.problems else combined_fingerprint(recorded)
     return check
 
@@ -419,12 +493,16 @@ def _verify_bare(path: Path, keep: dict[str, torch.Tensor] | None) -> Checkpoint
 
 
 def load_checkpoint(
-    path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | None = None
+    path: str | Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None = None,
+    state: dict[str, torch.Tensor] | None = None,
 ) -> dict[str, Any]:
     """Verify every tensor against the manifest, then load model (and optimizer) state.
 
     Nothing is loaded unless everything verifies: a damaged checkpoint raises
     `CheckpointCorrupted` naming each bad tensor, and the model is left as it was.
+    `state`, if given, receives the checkpoint's other named tensors (see `save_checkpoint`).
     Returns the manifest (step, position, config, extra).
     """
     path = Path(path)
@@ -435,6 +513,8 @@ def load_checkpoint(
         raise CheckpointCorrupted(path, check.problems)
     model_state = {e["key"]: stored[n] for n, e in manifest["tensors"].items() if e["file"] == MODEL_FILE}
     unwrap(model).load_state_dict(model_state)
+    if state is not None:
+        state.update({e["key"]: stored[n] for n, e in manifest["tensors"].items() if e["file"] == STATE_FILE})
     if optimizer is not None:
         meta = manifest.get("optimizer")
         if meta is None:

@@ -5,6 +5,8 @@ registers them and turns deliberate errors into exit codes:
     0  every check held
     1  a verification failed (replicas diverged, equivalence broken)
     2  bad input (config, path, argument): one line, never a traceback
+
+A rank that went silent (a collective timed out waiting for it) is one line naming it, exit 1.
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ import os
 import sys
 from collections.abc import Sequence
 
-from distshare.errors import DistshareError, RankError, UsageError
+from distshare.dist import watchdog
+from distshare.errors import DistshareError, RankError, RankSilent, UsageError
 
 
 class _Parser(argparse.ArgumentParser):
@@ -23,6 +26,14 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> None:  # type: ignore[override]
         raise UsageError(f"{self.prog}: {message} (see {self.prog} --help)")
+
+    def _get_values(self, action: argparse.Action, arg_strings: list[str]):  # type: ignore[no-untyped-def]
+        # `--config=--`: argparse before Python 3.12 drops the "--" and hands the flag an
+        # empty list where it promised one string; refuse it like any missing value.
+        # (Checked on the strings given, not the value: a `type=` may turn one string into a list.)
+        if action.option_strings and action.nargs is None and arg_strings in ([], ["--"]):
+            self.error(f"argument {'/'.join(action.option_strings)}: expected one argument")
+        return super()._get_values(action, arg_strings)
 
 
 # Order is the order of `distshare --help`. Each name is a module distshare/commands/<name>.py.
@@ -47,11 +58,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as exc:
         print(f"distshare: error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except RankSilent as exc:
+        return _silent(exc)
     except RankError as exc:
         print(f"distshare: error: {exc}", file=sys.stderr)
         if os.environ.get("DISTSHARE_DEBUG"):
             print(exc.traceback_text, file=sys.stderr)
-        else:
+        elif exc.exit_code != UsageError.exit_code:  # a user's mistake found in a rank stays one line
             print("(set DISTSHARE_DEBUG=1 for the rank's traceback)", file=sys.stderr)
         return exc.exit_code
     except DistshareError as exc:
@@ -60,6 +73,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("distshare: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:
+        # Under torchrun the collectives run in this process: a timed-out one is explained
+        # here (which peer went silent?), after the engine closed the process group.
+        explained = watchdog.explain(exc)
+        if isinstance(explained, RankSilent):
+            return _silent(explained)
+        raise
+    finally:
+        watchdog.forget()
+
+
+def _silent(exc: RankSilent) -> int:
+    # Every survivor found the same silent rank; the lowest surviving rank says so, once.
+    if exc.reporter:
+        print(f"distshare: error: {exc}", file=sys.stderr)
+    return exc.exit_code
 
 
 if __name__ == "__main__":

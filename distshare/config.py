@@ -29,11 +29,18 @@ MODELS = ("transformer", "cnn")
 DATASETS = ("svo", "shapes", "digits", "pydoc", "file")
 ENGINES = ("auto", "local", "torch", "accelerate", "ray")
 DEVICES = ("cpu", "cuda")
-SYNC_MODES = ("ddp", "allreduce")
+SYNC_MODES = ("ddp", "allreduce", "exact")
 DTYPES = ("float32", "float64")
 NORMS = ("none", "batch", "group")
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SVO_TASKS = ("subject", "roles")
+# Bounds on numbers a type accepts but a run cannot use; past them the failure would come
+# late, inside the ranks, as an overflow or an allocation error (or a generator running for
+# hours) instead of one line naming the field.
+SEED_LIMIT = 2**64  # torch and numpy generators take seeds in [0, 2**64)
+MAX_SAMPLES = 10_000_000  # generated data sets live in memory, built in every process
+MAX_ELEMENTS = 2**31  # parameters of a model, pixels of a generated image set (8 GiB of float32)
+MAX_TIMEOUT_S = 7 * 24 * 3600.0  # a week; timedelta and gloo's millisecond timeouts overflow far above
 
 
 @dataclass
@@ -124,6 +131,16 @@ class OptimConfig:
 
 
 @dataclass
+class CheckpointConfig:
+    """Checkpoints during training and where a run resumes from (distshare.resume)."""
+
+    dir: str | None = None  # write checkpoints to DIR/step-NNNNNN (steps done); None = no checkpoints
+    every: int = 10  # checkpoint every N steps (and always after the last); 0 = only after the last
+    keep: int = 3  # keep the newest K checkpoints, delete older ones
+    resume: str | None = None  # a checkpoint directory to continue from, or auto: `dir` if it holds one
+
+
+@dataclass
 class RunConfig:
     """One run: model, data, plan, optimizer and how the step is synchronized."""
 
@@ -133,13 +150,16 @@ class RunConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     steps: int = 30  # optimizer steps (global batches) to run
     seed: int = 0  # parameter initialization; identical on every rank
-    sync: str = "ddp"  # ddp (DistributedDataParallel + no_sync) | allreduce (explicit all_reduce)
+    # ddp (DistributedDataParallel + no_sync) | allreduce (explicit all_reduce)
+    # | exact (per-sample gradients summed in integers: bitwise the same for every split)
+    sync: str = "ddp"
     # auto: the launcher's (torchrun, accelerate launch) when launched, else torch for W > 1, else local.
     # local: one process | torch: spawned gloo ranks or torchrun's | accelerate | ray (Ray Train)
     engine: str = "auto"
     device: str = "cpu"  # cpu (gloo) | cuda (nccl, one GPU per rank), under every engine and launcher
     check_every: int = 10  # compare replica fingerprints every N steps (verify: 1); 0 = only at the end
     timeout_s: float = 120.0  # bound on every collective and on waiting for ranks, seconds
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)  # checkpoints and resume
 
     def validate(self) -> RunConfig:
         """Check every field that a type alone cannot; raise `ConfigError` naming the first bad one."""
@@ -150,6 +170,12 @@ class RunConfig:
         _choice("data.task", self.data.task, SVO_TASKS)
         _choice("optim.name", self.optim.name, OPTIMIZERS)
         _choice("sync", self.sync, SYNC_MODES)
+        if self.sync == "exact" and self.model.name == "cnn" and self.model.norm == "batch":
+            raise ConfigError(
+                "model.norm",
+                "batch norm in training mode depends on how the global batch is split, so sync=exact "
+                "cannot make partitions agree; use model.norm=group (or none), or another sync",
+            )
         _choice("engine", self.engine, ENGINES)
         _choice("device", self.device, DEVICES)
         for name in ("d_model", "n_heads", "n_layers", "d_ff", "conv_channels", "kernel_size"):
@@ -171,7 +197,8 @@ class RunConfig:
             if not self.data.path:
                 raise ConfigError("data.path", "data.name is 'file': give the path of a csv/json/parquet file")
             if not Path(self.data.path).is_file():
-                raise ConfigError("data.path", f"no such file: {self.data.path}")
+                what = "not a regular file" if Path(self.data.path).exists() else "no such file"
+                raise ConfigError("data.path", f"{what}: {self.data.path}")
         # `not x > 0` (rather than `x <= 0`) also refuses NaN; infinities are refused too:
         # torch's optimizers and timeouts would otherwise fail later, inside the ranks.
         if not 0 < self.optim.lr < math.inf:
@@ -186,7 +213,60 @@ class RunConfig:
         if not 0 < self.timeout_s < math.inf:
             raise ConfigError("timeout_s", f"expected a positive number of seconds, got {self.timeout_s}")
         self.plan.resolve()
+        _check_checkpoint(self.checkpoint)
+        _check_ranges(self)
         return self
+
+
+def _check_checkpoint(ck: CheckpointConfig) -> None:
+    """The checkpoint section: counts in range, and `resume: auto` only with a `dir` to look in."""
+    if ck.every < 0:
+        raise ConfigError("checkpoint.every", f"expected 0 or a positive integer, got {ck.every}")
+    _positive("checkpoint.keep", ck.keep)
+    for name in ("dir", "resume"):
+        value = getattr(ck, name)
+        if value is not None and not value.strip():
+            raise ConfigError(f"checkpoint.{name}", "expected a directory, got an empty string")
+    if ck.resume == "auto" and ck.dir is None:
+        raise ConfigError("checkpoint.resume", "auto resumes from checkpoint.dir: give checkpoint.dir too")
+
+
+def _check_ranges(cfg: RunConfig) -> None:
+    """Numbers of the right type but beyond what a run can use (see the bounds above)."""
+    for name, value in (("seed", cfg.seed), ("data.seed", cfg.data.seed), ("plan.seed", cfg.plan.seed)):
+        if not 0 <= value < SEED_LIMIT:
+            raise ConfigError(name, f"expected an integer from 0 to 2**64 - 1, got {value}")
+    if cfg.data.num_samples > MAX_SAMPLES:
+        raise ConfigError("data.num_samples", f"expected at most {MAX_SAMPLES:,}, got {cfg.data.num_samples:,}")
+    if cfg.data.name == "shapes" and cfg.data.num_samples * cfg.data.image_size**2 > MAX_ELEMENTS:
+        raise ConfigError(
+            "data.image_size",
+            f"{cfg.data.num_samples:,} images of {cfg.data.image_size}x{cfg.data.image_size} pixels are more "
+            f"than {MAX_ELEMENTS:,} pixels in memory",
+        )
+    m = cfg.model
+    if m.name == "transformer":  # blocks, plus the embedding of a vocabulary of at most 2**16 words
+        params, field_name = (
+            m.n_layers * (4 * m.d_model**2 + 2 * m.d_model * m.d_ff) + 2**16 * m.d_model,
+            "model.d_model",
+        )
+    else:  # two convolutions, and a head over the feature map of (image / 4)^2 cells, <= 16 classes
+        c, k = m.conv_channels, m.kernel_size
+        params, field_name = (
+            c * k * k * (3 + 2 * c) + 2 * c * (cfg.data.image_size // 4) ** 2 * 16,
+            "model.conv_channels",
+        )
+    if params > MAX_ELEMENTS:
+        raise ConfigError(
+            field_name, f"the model would hold about {_approx(params)} parameters, more than {MAX_ELEMENTS:,}"
+        )
+    if cfg.timeout_s > MAX_TIMEOUT_S:
+        raise ConfigError("timeout_s", f"expected at most {MAX_TIMEOUT_S:.0f} seconds (a week), got {cfg.timeout_s:g}")
+
+
+def _approx(n: int) -> str:
+    """A huge count in three digits (a float cannot hold every integer YAML can write)."""
+    return f"{n:.3g}" if n < 10**300 else f"1e{len(str(n)) - 1}"
 
 
 def _quotient(g: int, w: int, other: int, other_name: str) -> int:
@@ -219,7 +299,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     if path is not None:
         p = Path(path)
         if not p.is_file():
-            raise UsageError(f"config file not found: {p}")
+            what = " (that is a directory)" if p.is_dir() else " (not a regular file)" if p.exists() else ""
+            raise UsageError(f"config file not found: {p}{what}")
         try:
             text = p.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as exc:

@@ -52,9 +52,10 @@ from distshare.dist.spawn import run_distributed
 from distshare.dist.sync import make_sync
 from distshare.dist.world import World
 from distshare.errors import UsageError
+from distshare.exact import exact_gradient
 from distshare.models import build_model
 from distshare.rounding import bounds, excess, norm_rel, unit_roundoff
-from distshare.train import Run, build_run, loss_sum, train_step
+from distshare.train import Run, build_run, loss_sum, sample_losses, train_step
 
 Tensors = dict[str, torch.Tensor]
 
@@ -78,6 +79,9 @@ class Trainee:
     label: str = ""  # the precision, as reports name it: float64, float32, bf16-autocast
     u: float = 0.0  # unit roundoff gradients are accumulated in
     slice_u: float = 0.0  # mixed precision: unit roundoff each partial gradient is rounded to first
+    # Exact mode: sets a bare model's .grad to the big batch's exact-mode gradient at a step
+    # (the reference's own arithmetic); None: one forward and backward over the whole batch.
+    exact_grad: Callable[[nn.Module, int], None] | None = None
 
 
 class GridTask(Protocol):
@@ -131,6 +135,12 @@ class ConfigTask:
             with _precision(autocast, world.device):
                 return loss_sum(model(**batch.inputs), batch.labels)
 
+        def exact_grad(model: nn.Module, s: int) -> None:
+            indices = run.plan.global_batch(s)
+            batch = run.table.select(indices).to(world.device)
+            sample = {"inputs": batch.inputs, "labels": batch.labels}
+            exact_gradient(model, sample, sample_losses, run.table.count_items(indices))
+
         u = unit_roundoff(getattr(torch, model_cfg.dtype))
         return Trainee(
             model=run.model,
@@ -144,6 +154,7 @@ class ConfigTask:
             label=AUTOCAST if autocast else model_cfg.dtype,
             u=u,
             slice_u=unit_roundoff(torch.bfloat16) if autocast else 0.0,
+            exact_grad=exact_grad if cfg.sync == "exact" else None,
         )
 
     def make_step(self, run: Run) -> Callable[[int], tuple[float, list[list[int]]]]:
@@ -222,7 +233,10 @@ def _full_batch_grad(t: Trainee, copy: nn.Module, step: int, rng: torch.Tensor) 
         torch.set_rng_state(rng)
         copy.load_state_dict(t.model.state_dict())
         copy.zero_grad(set_to_none=True)
-        (t.batch_loss(copy, t.global_batch(step)) / t.normalizer(step)).backward()
+        if t.exact_grad is not None:
+            t.exact_grad(copy, step)
+        else:
+            (t.batch_loss(copy, t.global_batch(step)) / t.normalizer(step)).backward()
     return _grads(copy)
 
 
@@ -719,6 +733,8 @@ def assert_accumulation_equivalent(
         global_batch = lcm * max(1, -(-8 // lcm))
     if len(dataset) < global_batch:
         raise ValueError(f"the data set has {len(dataset)} samples, fewer than one global batch of {global_batch}")
+    if sync == "exact":
+        raise ValueError("sync='exact' is for distshare's own models: run `distshare equivalence --sync exact`")
     if optimizer not in ("sgd", "adamw"):
         raise ValueError(f"optimizer must be 'sgd' or 'adamw', got {optimizer!r}")
     task = UserTask(model_fn, loss_fn, dataset, global_batch, optimizer, lr, sync, seed, uses_per_sample)

@@ -24,6 +24,9 @@ faulty rank (each rank drifts its own way) and is reported on every rank, withou
 from __future__ import annotations
 
 import dataclasses
+import os
+import sys
+import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -215,4 +218,129 @@ def clean_checks(world: World, steps: int = 70) -> list[tuple[str, int, ReplicaR
     return out
 
 
-__all__ = ["FAULTS", "FaultOutcome", "clean_checks", "run_all_faults", "run_fault"]
+# ---------------------------------------------------------------- a worker that dies
+#
+# The faults above leave every process alive. These end one, the way a machine or an OOM
+# killer does: `os._exit`, no exception, no cleanup, no goodbye to the peers. They are
+# switched on by environment variables so that a real launcher's workers (torchrun, Ray
+# Train) can be told to die without any test code inside them, and only on the first
+# attempt, so that the restarted workers get through:
+#
+#     DISTSHARE_FAULT_EXIT=1:12           rank 1 exits right after step 12
+#     DISTSHARE_FAULT_EXIT_IN_SAVE=2      rank 0 exits halfway through its 2nd checkpoint save
+#                                         (model file written, optimizer file not, no manifest)
+
+EXIT_AT_STEP = "DISTSHARE_FAULT_EXIT"
+EXIT_IN_SAVE = "DISTSHARE_FAULT_EXIT_IN_SAVE"
+FAULT_EXIT_CODE = 43  # what a killed worker exits with, so a test can tell it from a crash
+
+
+def exit_spec_from_env() -> dict[str, str]:
+    """The process-killing faults asked for in this environment (for engines that must pass
+    them to workers on other machines, such as Ray's)."""
+    return {k: os.environ[k] for k in (EXIT_AT_STEP, EXIT_IN_SAVE) if os.environ.get(k)}
+
+
+def worker_exit_hook(
+    world: World, attempt: int, spec: dict[str, str] | None = None
+) -> Callable[[Run, int], None] | None:
+    """An `on_step` hook that ends this process as the spec says, or None if nothing is asked.
+
+    Only on attempt 0 (the launcher's first start): a restarted worker must get through.
+    A save fault is installed here too, on rank 0, the rank that writes checkpoints.
+    """
+    spec = exit_spec_from_env() if spec is None else spec
+    if attempt != 0 or not spec:
+        return None
+    if EXIT_IN_SAVE in spec and world.is_main:
+        _exit_in_save(int(spec[EXIT_IN_SAVE]))
+    if EXIT_AT_STEP not in spec:
+        return None
+    rank_text, _, step_text = spec[EXIT_AT_STEP].partition(":")
+    rank, at = int(rank_text), int(step_text)
+
+    def hook(run: Run, step: int) -> None:
+        if step == at and world.rank == rank:
+            print(f"[rank {rank}] fault injected: exiting after step {step} ({EXIT_AT_STEP})", file=sys.stderr)
+            sys.stderr.flush()
+            os._exit(FAULT_EXIT_CODE)
+
+    return hook
+
+
+def _exit_in_save(nth: int) -> None:
+    """Make this process exit between the files of its `nth` checkpoint save."""
+    from distshare import checkpoint
+
+    real = checkpoint.save_file
+    saves = 0
+
+    def save_file(tensors: dict[str, torch.Tensor], filename: str, *args: Any, **kwargs: Any) -> None:
+        nonlocal saves
+        real(tensors, filename, *args, **kwargs)
+        if filename.endswith(checkpoint.MODEL_FILE):
+            saves += 1
+            if saves == nth:
+                print(
+                    f"fault injected: exiting in the middle of checkpoint save {nth} ({EXIT_IN_SAVE})", file=sys.stderr
+                )
+                sys.stderr.flush()
+                os._exit(FAULT_EXIT_CODE)
+
+    checkpoint.save_file = save_file  # type: ignore[assignment]
+
+
+__all__ = [
+    "EXIT_AT_STEP",
+    "EXIT_IN_SAVE",
+    "FAULTS",
+    "FAULT_EXIT_CODE",
+    "FaultOutcome",
+    "clean_checks",
+    "exit_spec_from_env",
+    "run_all_faults",
+    "run_fault",
+    "worker_exit_hook",
+]
+
+
+# ---------------------------------------------------------------------------------------
+# A rank that hangs (issue 8, "a worker that hangs"): it stops taking part at one step and
+# never comes back. The others' collectives time out (`timeout_s`) and the survivors name
+# it (`distshare.dist.watchdog`): `RankSilent("rank 1 went silent at step 3 ...")`.
+#
+# The switch is an environment variable so that it reaches every kind of rank, including
+# the ones torchrun starts: `DISTSHARE_FAULT_HANG=RANK:STEP distshare train ...`. The
+# training loop asks `maybe_go_silent` at the start of every step (via the watchdog).
+
+HANG_ENV = "DISTSHARE_FAULT_HANG"
+
+
+def hang_point() -> tuple[int, int] | None:
+    """(rank, step) from `DISTSHARE_FAULT_HANG=RANK:STEP`, or None when unset or malformed."""
+    text = os.environ.get(HANG_ENV, "")
+    rank, sep, step = text.partition(":")
+    if not sep or not rank.strip().isdigit() or not step.strip().isdigit():
+        return None
+    return int(rank), int(step)
+
+
+def maybe_go_silent(rank: int, step: int) -> None:
+    """If this is the hang point, stop taking part: sleep until killed, holding no lock."""
+    if hang_point() == (rank, step):
+        while True:  # the survivors' timeout and the parent (or torchrun) end this process
+            time.sleep(3600)
+
+
+def hang(world: World, faulty_rank: int = 1, inject_at: int = 3, steps: int = 6, timeout_s: float = 3.0) -> Any:
+    """Train with rank `faulty_rank` going silent at step `inject_at`; every rank calls it.
+
+    Never returns normally on a healthy run: the survivors raise `RankSilent` naming the
+    faulty rank, which `run_distributed` re-raises in the caller.
+    """
+    os.environ[HANG_ENV] = f"{faulty_rank}:{inject_at}"  # this rank process only
+    cfg = base_config(world.world_size, steps, [f"timeout_s={timeout_s}", "check_every=0"])
+    return train(cfg, world, progress=False)
+
+
+__all__ += ["HANG_ENV", "hang", "hang_point", "maybe_go_silent"]

@@ -181,6 +181,10 @@ def _table(cfg: RunConfig, runs: list[EngineRun]) -> dict[str, Any]:
 def _why(cfg: RunConfig, run: EngineRun, baseline: EngineRun | None, row: dict[str, Any]) -> str:
     if run.skipped or not run.params:
         return ""
+    if cfg.sync == "exact" and row.get("vs_torch", {}).get("bitwise_equal"):
+        if run is baseline:
+            return "baseline"
+        return "exact mode: per-sample gradients added in integers, in any order"
     if run.engine == "reference":
         if row.get("vs_torch", {}).get("bitwise_equal"):
             return "same sums in the same order"

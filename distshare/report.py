@@ -2,6 +2,9 @@
 
 Files are written atomically (temporary file, then rename), and `result.json` last, so a
 run directory that holds a `result.json` is complete: an interrupted run never looks done.
+Until then the directory also holds an `INCOMPLETE` marker, so a run that failed (a rank
+went silent, a bad input found late, a crash) is plainly marked as such, not just missing
+a file.
 """
 
 from __future__ import annotations
@@ -15,21 +18,36 @@ from typing import Any
 
 from distshare.errors import UsageError
 
+RESULT = "result.json"  # the source of truth, written last
+INCOMPLETE = "INCOMPLETE"  # present from the start of a run until result.json is written
 
-def run_dir(out: str | None, command: str) -> Path:
-    """The run directory: `--out DIR`, or `runs/<command>-<timestamp>`; must be writable."""
-    path = Path(out) if out else Path("runs") / f"{command}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+def usable_dir(path: Path, flag: str) -> Path:
+    """Make the directory now: a path that cannot hold the output is refused in one line here,
+    not by an OSError on rank 0 at the first write, after minutes of training."""
     if path.exists() and not path.is_dir():
-        raise UsageError(f"--out {path}: exists and is not a directory")
+        raise UsageError(f"{flag} {path}: exists and is not a directory")
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise UsageError(f"--out {path}: cannot create the directory ({exc.strerror})") from None
-    if not os.access(path, os.W_OK):
-        raise UsageError(f"--out {path}: directory is not writable")
-    stale = path / "result.json"
-    if stale.exists():
-        stale.unlink()  # a rerun into the same directory must not look complete before it is
+        raise UsageError(f"{flag} {path}: cannot create the directory ({exc.strerror or exc})") from None
+    except ValueError:  # a NUL byte: no such path can exist
+        raise UsageError(f"{flag} {path}: not a usable path (it holds a NUL character)") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise UsageError(f"{flag} {path}: directory is not writable")
+    return path
+
+
+def run_dir(out: str | None, command: str) -> Path:
+    """The run directory: `--out DIR`, or `runs/<command>-<timestamp>`; must be writable."""
+    path = usable_dir(Path(out) if out else Path("runs") / f"{command}-{time.strftime('%Y%m%d-%H%M%S')}", "--out")
+    for stale in (RESULT, "report.md"):  # a rerun into the same directory must not look complete before it is
+        (path / stale).unlink(missing_ok=True)
+    write_atomic(
+        path / INCOMPLETE,
+        f"distshare {command} started {time.strftime('%Y-%m-%d %H:%M:%S')} and has not "
+        f"finished: {RESULT} is written last, when it does, and this file is removed\n",
+    )
     return path
 
 
@@ -45,7 +63,9 @@ def write_atomic(path: Path, text: str) -> None:
 
 
 def write_result(path: Path, result: dict[str, Any]) -> None:
-    write_atomic(path / "result.json", json.dumps(result, indent=2, sort_keys=False) + "\n")
+    """Write `result.json`, the last file of a run: from here on the directory is complete."""
+    write_atomic(path / RESULT, json.dumps(result, indent=2, sort_keys=False) + "\n")
+    (path / INCOMPLETE).unlink(missing_ok=True)
 
 
 def markdown_table(rows: list[tuple[str, ...]], header: tuple[str, ...]) -> str:

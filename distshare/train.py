@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from distshare import resume
 from distshare.checksum import fingerprint_grads
 from distshare.config import RunConfig, dump_config
 from distshare.data import build_dataset
@@ -36,6 +37,7 @@ from distshare.data.plan import GlobalBatchPlan
 from distshare.data.tensors import TensorTable
 from distshare.data.types import IGNORE_INDEX, Batch, DataInfo
 from distshare.dist.sync import GradSync, make_sync
+from distshare.dist.watchdog import note_step
 from distshare.dist.world import World
 from distshare.models import build_model
 from distshare.replicas import compare_replicas
@@ -110,8 +112,10 @@ def train_step(run: Run, step: int, probe_local_grads: bool = False) -> StepStat
     micro = run.plan.rank_micro_batches(step, run.world.rank)
     # Every rank knows the whole plan, so it counts the global batch's items locally:
     # no collective needed to learn the normalizer.
-    global_items = run.table.count_items(run.plan.global_batch(step))
+    global_indices = run.plan.global_batch(step)
+    global_items = run.table.count_items(global_indices)
     run.optimizer.zero_grad(set_to_none=True)
+    run.sync.start_step(run.model, global_items, len(global_indices))
     total = torch.zeros((), dtype=torch.float64)
     local_grads = None
     # What a rank computed alone is visible just before the sync. Under DDP the last
@@ -120,6 +124,9 @@ def train_step(run: Run, step: int, probe_local_grads: bool = False) -> StepStat
     for i, indices in enumerate(micro):
         last = i == len(micro) - 1
         batch = run.table.select(indices).to(run.world.device)
+        if run.sync.per_sample:  # exact mode: the sync takes the samples, computed in finish()
+            run.sync.accumulate(run.model, {"inputs": batch.inputs, "labels": batch.labels}, sample_losses)
+            continue
         with run.sync.micro_step(run.wrapped, last):
             loss = _micro_loss(run, batch)
             run.sync.backward(loss / global_items)
@@ -127,8 +134,20 @@ def train_step(run: Run, step: int, probe_local_grads: bool = False) -> StepStat
         if probe_local_grads and i == probe_at:
             local_grads = fingerprint_grads(run.model)
     run.sync.finish(run.model)
+    if run.sync.per_sample:
+        total += run.sync.step_loss
     run.optimizer.step()
     return StepStats(float(total), global_items, [m.tolist() for m in micro], local_grads)
+
+
+def sample_losses(model: nn.Module, sample: dict[str, Any]) -> torch.Tensor:
+    """Each sample's summed loss, [n], of `{"inputs", "labels"}`: what exact mode differentiates."""
+    logits = model(**sample["inputs"])
+    labels = sample["labels"]
+    per_item = F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), reduction="none", ignore_index=IGNORE_INDEX
+    )
+    return per_item.reshape(labels.shape[0], -1).sum(dim=1)  # ignored items are exactly 0
 
 
 def _micro_loss(run: Run, batch: Batch) -> torch.Tensor:
@@ -164,6 +183,10 @@ class TrainResult:
     engine: str = "local"  # who started the processes: local, spawn, torchrun, accelerate, ray
     sync: str = "local"  # how gradients were synchronized (GradSync.name)
     device: str = "cpu"
+    # Exact mode: gradient contributions below its fixed-point resolution, rounded to 0 (all steps, all ranks)
+    exact_underflows: int | None = None
+    restart: int = 0  # the launcher's restart count of this worker (torchrun, Ray Train); 0: first attempt
+    resumed: dict[str, Any] | None = None  # the checkpoint this run continued from (distshare.resume)
 
     @property
     def replicas_in_sync(self) -> bool:
@@ -178,23 +201,48 @@ def train(
     keep_state: bool = False,
     on_step: Callable[[Run, int], None] | None = None,
     sync: GradSync | None = None,
+    restart: int | None = None,
 ) -> TrainResult:
-    """The loop: `cfg.steps` steps, replica checks every `cfg.check_every`, metrics on rank 0."""
+    """The loop: `cfg.steps` steps, replica checks every `cfg.check_every`, metrics on rank 0.
+
+    With `cfg.checkpoint.dir` it checkpoints every `cfg.checkpoint.every` steps; with
+    `cfg.checkpoint.resume`, or when the launcher restarted this worker (`restart` > 0; None
+    reads torchrun's TORCHELASTIC_RESTART_COUNT), it first continues from the newest
+    verified checkpoint (distshare/resume.py).
+    """
     run = build_run(cfg, world, sync)
     main = world.is_main
     result = TrainResult(rank=world.rank, world_size=world.world_size, steps=cfg.steps)
     result.dropped_per_epoch = run.plan.dropped_per_epoch
     result.sync, result.device = run.sync.name, world.device.type if world.device.type == "cpu" else str(world.device)
+    result.restart = resume.restart_count() if restart is None else restart
+    first = _resume(run, result)
     metrics = None
     if main and out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
         dump_config(cfg, out_dir / "config.yaml", world.world_size)
+        # Rewritten, not appended: a restarted run's file then holds each step exactly once,
+        # the steps before the checkpoint from its loss history, the rest as they run.
         metrics = (out_dir / "metrics.jsonl").open("w")
+        for step, loss in enumerate(result.losses):
+            items = run.table.count_items(run.plan.global_batch(step))
+            metrics.write(
+                json.dumps({"step": step, "loss": loss, "global_items": items, "from_checkpoint": True}) + "\n"
+            )
     start = time.perf_counter()
     try:
-        bar = tqdm(range(cfg.steps), desc="train", unit="step", disable=not (main and progress), leave=False)
+        bar = tqdm(
+            range(first, cfg.steps),
+            desc="train",
+            unit="step",
+            disable=not (main and progress),
+            leave=False,
+            initial=first,
+            total=cfg.steps,
+        )
         log = _LossLog(world, metrics, bar, result.losses)
         for step in bar:
+            note_step(world.rank, step)  # for "rank R went silent at step N" (dist/watchdog.py)
             probe = step == 0
             stats = train_step(run, step, probe_local_grads=probe)
             if probe:
@@ -218,16 +266,44 @@ def train(
                     result.final_fingerprint = report.combined[world.rank]
             row["seconds"] = round(time.perf_counter() - start, 6)
             log.add(row, stats.loss_sum)
+            if resume.due(cfg, step):
+                log.flush()  # the checkpoint's loss history must reach this step
+                resume.save(run, step, result.losses, result.checks, result.first_divergence)
             if on_step is not None:
                 on_step(run, step)
         log.flush()
+        if first == cfg.steps and result.final_report is None:  # resumed after the last step: check it
+            report = compare_replicas(run.model, run.optimizer, step=cfg.steps - 1)
+            result.checks += 1
+            result.final_report = report.to_dict()
+            result.final_fingerprint = report.combined[world.rank]
         if keep_state:
             result.state = {n: t.detach().cpu().clone() for n, t in run.model.state_dict().items()}
     finally:
         if metrics is not None:
             metrics.close()
     result.seconds = time.perf_counter() - start
+    result.exact_underflows = getattr(run.sync, "underflows", None) if run.sync.per_sample else None
     return result
+
+
+def _resume(run: Run, result: TrainResult) -> int:
+    """Continue from a checkpoint if asked (or restarted); the first step to train."""
+    found = resume.choose(run, result.restart)
+    if found is None:
+        return 0
+    resumed = resume.restore(run, found, result.restart)
+    result.resumed = resumed.to_dict()
+    result.losses.extend(resumed.losses)
+    result.checks = resumed.checks
+    result.first_divergence = resumed.first_divergence
+    # The steps before the checkpoint ran in an earlier process; what they consumed is what
+    # the plan says (a pure function, and the checkpoint's plan was checked to be this one),
+    # so the sample accounting still covers every step from 0.
+    result.samples_by_step.extend(
+        [m.tolist() for m in run.plan.rank_micro_batches(step, run.world.rank)] for step in range(resumed.steps_done)
+    )
+    return resumed.steps_done
 
 
 class _LossLog:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from small_split import SMALL_SPLIT
 
 from distshare.config import load_config
 from distshare.engines import resolve_engine
@@ -26,14 +27,7 @@ pytestmark = pytest.mark.launcher
 # replicas compared at every one, so each engine's run is also 40 checks without a false alarm.
 STEPS = 40
 RUN = [
-    "--set",
-    "plan.global_batch=16",
-    "--set",
-    "plan.accum_steps=2",
-    "--set",
-    "data.num_samples=160",
-    "--set",
-    "model.dtype=float64",
+    *SMALL_SPLIT,
     "--steps",
     str(STEPS),
     "--check-every",

@@ -15,11 +15,12 @@ from pathlib import Path
 from typing import Any
 
 from distshare.accounting import Accounting, account
-from distshare.config import ENGINES, RunConfig, load_config, to_dict
+from distshare.config import ENGINES, SYNC_MODES, RunConfig, load_config, to_dict
 from distshare.data import build_dataset
 from distshare.data.plan import GlobalBatchPlan
 from distshare.data.types import DataInfo
 from distshare.dist.world import launched
+from distshare.errors import UsageError
 from distshare.replicas import ReplicaReport
 from distshare.report import write_atomic, write_result
 from distshare.train import TrainResult
@@ -110,12 +111,14 @@ def add_run_arguments(parser: argparse.ArgumentParser, default_world: str, parit
         metavar="ADDRESS",
         help="--engine ray: join this Ray cluster (default $RAY_ADDRESS, else start a local Ray)",
     )
-    parser.add_argument("--sync", choices=("ddp", "allreduce"), help="gradient sync mode")
+    parser.add_argument(
+        "--sync", choices=SYNC_MODES, help="gradient sync mode (exact: bitwise the same for every split)"
+    )
     parser.add_argument(
         "--timeout",
         type=positive_float,
         metavar="SECONDS",
-        help="bound on every collective (overrides config 'timeout_s')",
+        help="bound on every collective; a rank silent for longer is named (overrides config 'timeout_s')",
     )
     parser.add_argument("--out", metavar="DIR", help="run directory (default runs/<command>-<time>)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
@@ -145,6 +148,24 @@ def config_from_args(args: argparse.Namespace, base: list[str] | None = None) ->
     return load_config(args.config, overrides)
 
 
+def output_file(text: str, flag: str) -> Path:
+    """A file the command writes at its end (--save-params), checked at its start: a path
+    that cannot be written would otherwise fail after all the work, with a traceback."""
+    if "\x00" in text:  # no such path can exist (and pathlib answers "does not exist")
+        raise UsageError(f"{flag} {text!r}: not a usable path (it holds a NUL character)")
+    path = Path(text)
+    if not text or path.is_dir():
+        raise UsageError(f"{flag} {text!r}: expected a file name, got a directory")
+    folder = path.parent
+    while not folder.exists():  # the nearest existing folder: the rest will be created
+        folder = folder.parent
+    if not folder.is_dir():
+        raise UsageError(f"{flag} {path}: {folder} is not a directory")
+    if not os.access(folder, os.W_OK):
+        raise UsageError(f"{flag} {path}: directory {folder} is not writable")
+    return path
+
+
 def world_size_for(args: argparse.Namespace) -> int | None:
     """The launcher's world size when launched, else --nproc if given, else None (the config's)."""
     if launched():
@@ -170,6 +191,16 @@ def is_main_process() -> bool:
     return not launched() or os.environ.get("RANK", "0") == "0"
 
 
+def exact_line(underflows: int) -> str:
+    """What exact mode's integer sum lost: contributions below its resolution, rounded to 0."""
+    if not underflows:
+        return "every per-sample contribution represented (no underflow)"
+    return (
+        f"{underflows} per-sample contribution(s) below 2^-(62 - log2 n) of their element's largest, "
+        "rounded to 0 (identically on every split)"
+    )
+
+
 def training_summary(cfg: RunConfig, results: list[TrainResult], plan: GlobalBatchPlan) -> dict[str, Any]:
     """The facts every training command reports, from every rank's account."""
     main = results[0]
@@ -182,9 +213,10 @@ def training_summary(cfg: RunConfig, results: list[TrainResult], plan: GlobalBat
         "engine": main.engine,
         "device": main.device,
         "plan": to_dict(cfg, main.world_size)["plan"],
-        "sync": main.sync if main.world_size > 1 else "none (single process)",
+        "sync": main.sync if main.world_size > 1 or main.sync == "exact" else "none (single process)",
         "dtype": cfg.model.dtype,
         "replicas_in_sync": in_sync,
+        **({"exact_underflows": main.exact_underflows} if main.exact_underflows is not None else {}),
         "replica_checks": main.checks,
         "replicas_summary": (
             f"{main.checks} checks over {main.world_size} rank(s), all bit-identical"

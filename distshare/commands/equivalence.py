@@ -107,6 +107,8 @@ def equivalence_command(args: argparse.Namespace) -> int:
     result: dict[str, Any] = {**grid.to_dict(), "command": "equivalence", "sync": cfg.sync}
     table = table_rows(result["partitions"])
     ok = grid.ok
+    if cfg.sync == "exact":  # exact mode promises bits: a partition merely within rounding fails it
+        ok = ok and all(p.bitwise_equal and p.grad_bitwise_equal for p in grid.partitions)
     if args.pitfalls:
         from distshare.pitfalls import run_pitfalls
 
@@ -121,9 +123,10 @@ def equivalence_command(args: argparse.Namespace) -> int:
     n_ok = sum(p["within_rounding"] for p in parts)
     n_bit = sum(p["bitwise_equal"] for p in parts)
     verdict = (
-        f"{n_ok}/{len(parts)} partitions within rounding of one big batch ({n_bit} bitwise), "
-        f"G={grid.global_batch}, {grid.steps} steps"
-    )
+        f"{n_bit}/{len(parts)} partitions bitwise equal to one big batch (sync=exact), "
+        if cfg.sync == "exact"
+        else f"{n_ok}/{len(parts)} partitions within rounding of one big batch ({n_bit} bitwise), "
+    ) + f"G={grid.global_batch}, {grid.steps} steps"
     if args.pitfalls:
         caught = sum(p["detected"] for p in result["pitfalls"])
         verdict += f"; {caught}/{len(result['pitfalls'])} pitfalls caught"

@@ -5,25 +5,41 @@ distshare train --config configs/train/transformer.yaml --nproc 2       # 2 gloo
 torchrun --standalone --nproc_per_node 2 -m distshare train --config configs/train/cnn.yaml
 accelerate launch --config_file configs/accelerate/cpu.yaml -m distshare train --engine accelerate
 distshare train --engine ray --nproc 2                                   # Ray Train, local Ray
+
+Checkpoints, resume and restarts (distshare/resume.py):
+
+distshare train --nproc 2 --steps 10 --checkpoint-dir ckpt --checkpoint-every 5   # ckpt/step-000005, -000010
+distshare train --nproc 2 --steps 20 --checkpoint-dir ckpt --resume ckpt          # continues with step 10
+distshare train --nproc 2 --steps 20 --checkpoint-dir ckpt --resume auto          # resume if ckpt holds one
+torchrun --standalone --nproc_per_node 2 --max-restarts 1 -m distshare train --checkpoint-dir ckpt
+distshare train --engine ray --nproc 2 --max-failures 1 --checkpoint-dir ckpt
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from pathlib import Path
 
 from safetensors.torch import save_file
 
 from distshare.commands.common import (
     config_from_args,
+    exact_line,
     finish,
     is_main_process,
+    non_negative_int,
+    output_file,
+    positive_int,
     preflight,
     register,
     training_summary,
 )
+from distshare.config import RunConfig
 from distshare.engines import resolve_engine, run_engine
-from distshare.report import markdown_table, plot_losses, run_dir
+from distshare.errors import UsageError
+from distshare.report import markdown_table, plot_losses, run_dir, usable_dir
+from distshare.resume import find_resume, restart_count, with_absolute_paths
 
 
 def train_command_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -40,17 +56,83 @@ def train_command_parser(subparsers: argparse._SubParsersAction) -> argparse.Arg
         metavar="FILE",
         help="write the final parameters and buffers (safetensors), e.g. to compare runs or engines",
     )
+    ck = parser.add_argument_group("checkpoints, resume and restarts")
+    ck.add_argument(
+        "--checkpoint-dir",
+        metavar="DIR",
+        help="write verified checkpoints to DIR/step-NNNNNN (the state after NNNNNN steps); "
+        "a worker its launcher restarted resumes from DIR by itself (overrides config 'checkpoint.dir')",
+    )
+    ck.add_argument(
+        "--checkpoint-every",
+        type=non_negative_int,
+        metavar="N",
+        help="checkpoint every N steps and after the last; 0 = only after the last (default 10)",
+    )
+    ck.add_argument(
+        "--keep-checkpoints",
+        type=positive_int,
+        metavar="K",
+        help="keep the newest K checkpoints, delete older ones (default 3)",
+    )
+    ck.add_argument(
+        "--resume",
+        metavar="DIR|auto",
+        help="continue from the newest checkpoint in DIR that verifies (a damaged newer one is skipped, "
+        "and said so); auto: from --checkpoint-dir if it holds one, else start at step 0",
+    )
+    ck.add_argument(
+        "--max-failures",
+        type=non_negative_int,
+        metavar="N",
+        help="--engine ray: restart the workers up to N times after one dies (Ray Train's "
+        "FailureConfig); under torchrun use torchrun --max-restarts N",
+    )
     return parser
 
 
+def with_checkpoint_args(cfg: RunConfig, args: argparse.Namespace) -> RunConfig:
+    """The config with the checkpoint flags applied (set directly, not through --set's YAML
+    reading, so a directory named `123` or `null` stays a directory name)."""
+    ck = cfg.checkpoint
+    changes = {
+        "dir": getattr(args, "checkpoint_dir", None),
+        "every": getattr(args, "checkpoint_every", None),
+        "keep": getattr(args, "keep_checkpoints", None),
+        "resume": getattr(args, "resume", None),
+    }
+    ck = dataclasses.replace(ck, **{k: v for k, v in changes.items() if v is not None})
+    if ck.dir is None:
+        for flag, key in (("--checkpoint-every", "every"), ("--keep-checkpoints", "keep")):
+            if changes[key] is not None:
+                raise UsageError(f"{flag} needs --checkpoint-dir DIR (where the checkpoints go)")
+    cfg = with_absolute_paths(dataclasses.replace(cfg, checkpoint=ck).validate())
+    if cfg.checkpoint.dir is not None:
+        usable_dir(Path(cfg.checkpoint.dir), "--checkpoint-dir")
+    return cfg
+
+
 def train_command(args: argparse.Namespace) -> int:
-    cfg = config_from_args(args)
+    cfg = with_checkpoint_args(config_from_args(args), args)
     engine = resolve_engine(cfg, "train")
     plan, info = preflight(cfg)
+    # Refuse a resume that cannot continue this run before any rank starts (the ranks
+    # decide again, with the model's tensors at hand: rank 0 for all of them).
+    find_resume(cfg, cfg.plan.world_size, restart_count())
+    if args.save_params is not None:  # written after training: a path that cannot be written is refused before it
+        output_file(args.save_params, "--save-params")
     main = is_main_process()
     out = run_dir(args.out, "train") if main else None
     keep = bool(args.save_params)
-    results = run_engine(engine, cfg, out, not args.no_progress, keep_state=keep, ray_address=args.ray_address)
+    results = run_engine(
+        engine,
+        cfg,
+        out,
+        not args.no_progress,
+        keep_state=keep,
+        ray_address=args.ray_address,
+        max_failures=args.max_failures,
+    )
     if results is None:  # a non-zero rank under a launcher: rank 0 reports
         return 0
     if keep and results[0].state is not None:
@@ -65,6 +147,8 @@ def train_command(args: argparse.Namespace) -> int:
         **summary,
         "max_abs_diff_vs_single_process": None,
         "bitwise_equal_to_single_process": None,
+        "restarts": results[0].restart,
+        "resume": results[0].resumed,
     }
     table = [
         (
@@ -75,6 +159,10 @@ def train_command(args: argparse.Namespace) -> int:
         ("accounting", "ok" if summary["accounting"]["ok"] else "FAIL", summary["accounting"]["summary"]),
         ("loss", "", f"{summary['losses'][0]:.4f} -> {summary['final_loss']:.4f}"),
     ]
+    if results[0].restart or results[0].resumed:
+        table.append(("resume", "", _resume_line(results[0].restart, results[0].resumed)))
+    if "exact_underflows" in summary:  # exact mode never drops a contribution silently
+        table.append(("exact sum", "", exact_line(summary["exact_underflows"])))
     assert out is not None
     plot_losses(out / "loss.png", {f"W={summary['world_size']}": summary["losses"]}, "distshare train")
     p = summary["plan"]
@@ -84,6 +172,19 @@ def train_command(args: argparse.Namespace) -> int:
         f"replicas {'in sync' if summary['replicas_in_sync'] else 'DIVERGED'}"
     )
     return finish("train", cfg, result, table, verdict, args.json, out, _report)
+
+
+def _resume_line(restart: int, resumed: dict | None) -> str:
+    """One line for the table and report: did the run restart, and from which step it went on."""
+    who = f"restart {restart} (the launcher restarted the workers)" if restart else "resumed on request"
+    if resumed is None:
+        return f"{who}: no checkpoint yet, started again at step 0"
+    skipped = (
+        f"; skipped {len(resumed['skipped'])} damaged newer one(s): {resumed['skipped'][0]}"
+        if resumed["skipped"]
+        else ""
+    )
+    return f"{who}: continued from step {resumed['from_step']} ({resumed['path']}){skipped}"
 
 
 def _report(result: dict, table: list[tuple[str, str, str]]) -> str:

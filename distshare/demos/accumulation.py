@@ -14,8 +14,9 @@ big-batch gradient at the same parameters (bitwise, or normwise rel / max abs, j
 elementwise against the rounding bound of summing the same terms in another order, built
 from measured per-sample magnitudes: `distshare.rounding`), the weights after the update
 (bitwise, or normwise rel / max abs / max ULP, against the grid's envelope), and the sample
-accounting. "The same" means bitwise, or within that bound. (Bitwise by construction needs
-an order-independent reduction, which distshare does not have yet.)
+accounting. "The same" means bitwise, or within that bound. The same partitions are run again
+in exact mode (`sync=exact`, `distshare.exact`: per-sample gradients added in integers), where
+the order of summation no longer matters and every one of them must be bitwise.
 
 Control: the common bug, the mean loss of each micro-batch divided by k (pitfall 1 of
 `distshare.pitfalls`, its step reused here on the seed's case, measured by the same grid).
@@ -42,7 +43,7 @@ QUESTION = (
 )
 CLAIM = (
     "Yes: accumulating the gradients of 5 micro-batches of 8 (normalized by the items of all 40) updates the "
-    "same weights exactly as one batch of 40 would, up to the order of summation."
+    "same weights exactly as one batch of 40 would, up to the order of summation (bitwise in exact mode)."
 )
 CONTROL = "mean loss per micro-batch divided by k (micro-batches with different token counts)"
 SAMPLES, MICRO, RANKS = 40, 8, 2
@@ -64,8 +65,12 @@ TIMEOUT_S = 120.0  # the spawned ranks' collectives: a hung rank fails the demo 
 def run(out_dir: Path, seed: int = 0) -> Finding:
     cfg = config(BASE, seed)
     grid = run_grid(ConfigTask(cfg), (1, RANKS), (1, K), [None], cfg.steps, progress=False, timeout_s=TIMEOUT_S)
+    exact_cfg = config((*BASE, "sync=exact"), seed)
+    exact = run_grid(ConfigTask(exact_cfg), (1, RANKS), (1, K), [None], cfg.steps, progress=False, timeout_s=TIMEOUT_S)
     bug = run_grid(MicroMeanTask(cfg), (1,), (K,), [None], cfg.steps, progress=False, timeout_s=TIMEOUT_S)
     rows = {_name(p): _row(p) for p in grid.partitions}
+    exact_rows = {_name(p): _row(p) for p in exact.partitions}
+    exact_bitwise = sum(r["bitwise_equal"] and r["grad_bitwise_equal"] for r in exact_rows.values())
     control = _row(bug.partitions[0])
     bound = grid.partitions[0].grad_bound_norm_rel  # the reference's: the same for every partition
     numbers = {
@@ -79,14 +84,17 @@ def run(out_dir: Path, seed: int = 0) -> Finding:
         "bound_notes": grid.bound_notes,
         "vs_one_batch_of_40": rows,
         "control_vs_one_batch_of_40": {_name(bug.partitions[0]): control},
+        "exact_mode_vs_one_batch_of_40": exact_rows,
     }
     figure = _figure(out_dir, {**rows, f"control: mean / k\n{_name(bug.partitions[0])}": control}, bound)
     seeds_case = [f"{n}: {_describe(r)}" for n, r in rows.items() if r["accum_steps"] == K]
     headline = (
         "; ".join(seeds_case) + f" (bound {bound:.1e}); "
+        f"exact mode: {exact_bitwise} of {len(exact_rows)} bitwise; "
         f"mean/k bug: grad norm rel {control['grad_norm_rel_diff']:.1e}, {control['grad_excess']:.0f} x bound"
     )
-    return Finding(NAME, QUESTION, CLAIM, verdict(grid.ok), CONTROL, verdict(bug.ok), numbers, figure, headline)
+    holds = grid.ok and exact.ok and exact_bitwise == len(exact_rows)
+    return Finding(NAME, QUESTION, CLAIM, verdict(holds), CONTROL, verdict(bug.ok), numbers, figure, headline)
 
 
 def _name(p: PartitionResult) -> str:

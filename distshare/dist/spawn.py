@@ -4,7 +4,8 @@ This is how a laptop stands in for a cluster: every rank is a real process with 
 `torch.distributed` gloo group over loopback, meeting at a file rendezvous (no port to pick,
 so tests can run in parallel). The caller gets each rank's return value; a rank's
 exception is re-raised with its rank; and nothing waits forever: the collectives carry
-the timeout, and the caller gives up on ranks that neither answer nor exit.
+the timeout (the survivors name a rank that went silent: `distshare.dist.watchdog`), and
+the caller gives up on ranks that neither answer nor exit.
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from distshare.errors import DistshareError, RankError
+from distshare.dist import watchdog
+from distshare.errors import DistshareError, RankError, RankSilent
 
 
 def run_distributed(
@@ -36,8 +38,10 @@ def run_distributed(
 
     `fn` must be importable by name (a module-level function): ranks are fresh processes.
     `timeout_s` bounds every collective inside the ranks, so a rank that stops taking part
-    makes its peers fail; `deadline_s` (optional) bounds the whole run from outside, for
-    code that might hang outside a collective.
+    makes its peers fail, naming it (`RankSilent`); `deadline_s` (optional) bounds the whole
+    run from outside, for code that might hang outside a collective. Ranks still silent
+    `timeout_s` (plus a grace) after a peer returned are named too: no collective is left to
+    time out for them.
     """
     if world_size < 1:
         raise ValueError(f"world_size must be >= 1, got {world_size}")
@@ -56,7 +60,7 @@ def run_distributed(
         for p in procs:
             p.start()
         try:
-            out = _collect(procs, results, world_size, deadline_s)
+            out = _collect(procs, results, world_size, deadline_s, silence_s=timeout_s)
         except BaseException:
             _stop(procs, grace_s=0.5)  # the run failed: peers may be stuck waiting for the dead
             raise
@@ -64,13 +68,19 @@ def run_distributed(
         return out
 
 
-def _collect(procs: list, results: queue.Queue, world_size: int, deadline_s: float | None) -> list[Any]:
+def _collect(
+    procs: list, results: queue.Queue, world_size: int, deadline_s: float | None, silence_s: float
+) -> list[Any]:
     # Waits while ranks are alive; a rank that died without a word fails the run at once,
-    # and the optional deadline catches a rank that hangs outside any collective.
+    # and the optional deadline catches a rank that hangs outside any collective. Once one
+    # rank has returned, the others had their last collective with it: a rank that has not
+    # returned within the collective timeout (and a grace) after that is silent.
     out: dict[int, Any] = {}
     deadline = None if deadline_s is None else time.monotonic() + deadline_s
+    first_result_at: float | None = None
     while len(out) < world_size:
         if _receive(results, out, wait_s=0.2):
+            first_result_at = first_result_at or time.monotonic()
             continue
         gone = [r for r, p in enumerate(procs) if r not in out and p.exitcode is not None]
         if gone:
@@ -82,6 +92,9 @@ def _collect(procs: list, results: queue.Queue, world_size: int, deadline_s: flo
         if deadline is not None and time.monotonic() > deadline:
             waiting = [r for r in range(world_size) if r not in out]
             raise DistshareError(f"ranks {waiting} gave no result within {deadline_s:.0f}s")
+        if first_result_at is not None and time.monotonic() - first_result_at > silence_s + watchdog.grace_s(silence_s):
+            waiting = [r for r in range(world_size) if r not in out]
+            raise RankSilent(waiting, None, silence_s, when="after the other ranks returned")
     return [out[r] for r in range(world_size)]
 
 
@@ -92,7 +105,10 @@ def _receive(results: queue.Queue, out: dict[int, Any], wait_s: float) -> bool:
     except queue.Empty:
         return False
     if not ok:
-        raise RankError(rank, *payload)
+        message, tb, code, silent = payload
+        if silent is not None:  # a survivor named the rank that went silent: that is the error
+            raise silent
+        raise RankError(rank, message, tb, code)
     out[rank] = pickle.loads(payload)
     return True
 
@@ -125,6 +141,14 @@ def _rank_main(
     import torch
 
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
+    # tqdm's default lock is a multiprocessing semaphore, registered with the parent's
+    # resource tracker: a rank killed after going silent would leak it, and the tracker
+    # would add a warning to the one-line error. A thread lock does (one bar per rank).
+    import threading
+
+    from tqdm import tqdm
+
+    tqdm.set_lock(threading.RLock())
     os.environ.setdefault("GLOO_SOCKET_IFNAME", _loopback_interface())
     from distshare.dist.world import close_world, init_world
 
@@ -136,10 +160,15 @@ def _rank_main(
         # handles that die with this process before the parent reads them.
         results.put((rank, True, pickle.dumps(value)))
     except BaseException as exc:  # noqa: BLE001 - every failure must reach the parent
+        tb = traceback.format_exc()
+        exc = watchdog.explain(exc)  # a timed-out collective: which peer went silent?
         known = isinstance(exc, DistshareError)
         message = str(exc) if known else f"{type(exc).__name__}: {exc}"
         code = exc.exit_code if known else 1
-        results.put((rank, False, (message, traceback.format_exc(), code)))
+        silent = None
+        if isinstance(exc, RankSilent):
+            silent = RankSilent(exc.ranks, exc.step, exc.timeout_s, reporter=True, when=exc.when)
+        results.put((rank, False, (message, tb, code, silent)))
     finally:
         if world is not None:
             with contextlib.suppress(Exception):  # peers may be gone already

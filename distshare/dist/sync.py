@@ -9,6 +9,8 @@ large-batch gradient; averaging (DDP's default) would divide by W a second time.
 - `allreduce`: no wrapper at all, an explicit `all_reduce(SUM)` of every `.grad` after the
   last micro-batch: the most transparent form of "all-reduce gradients into one replicated
   parameter set".
+- `exact`: per-sample gradients added in integers (`distshare.exact`): bitwise the same
+  gradient for every split of the global batch, W = 1 included.
 - single process (W = 1): nothing to synchronize.
 """
 
@@ -16,11 +18,15 @@ large-batch gradient; averaging (DDP's default) would divide by W a second time.
 
 import contextlib
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
+from torch.utils._pytree import tree_map
+
+from distshare.exact import ExactGradSum, LossFn, per_sample_grads, refuse_split_dependent
 
 
 class GradSync:
@@ -30,6 +36,10 @@ class GradSync:
     # True when the last micro-batch's backward already all-reduces (DDP): a rank's own
     # gradient is then visible only before that backward.
     reduces_in_backward = False
+    # True when the step hands over each micro-batch's samples (`accumulate`) instead of
+    # calling backward on their summed loss (exact mode).
+    per_sample = False
+    step_loss = 0.0  # per-sample syncs: this rank's summed loss of the last step (computed in finish)
 
     def wrap(self, model: nn.Module) -> nn.Module:
         """The module the step calls forward on."""
@@ -47,6 +57,9 @@ class GradSync:
     def micro_step(self, wrapped: nn.Module, last: bool) -> Iterator[None]:
         """Context for one micro-batch's forward and backward."""
         yield
+
+    def start_step(self, model: nn.Module, global_items: int, global_samples: int) -> None:
+        """Called before a step's first micro-batch with the global batch's item and sample counts."""
 
     def finish(self, model: nn.Module) -> None:
         """Called once after the last micro-batch's backward, before the optimizer step."""
@@ -94,13 +107,61 @@ class AllReduceSync(GradSync):
             g.copy_(synced)
 
 
+class ExactSync(GradSync):
+    """Per-sample gradients summed exactly in integers across micro-batches and ranks.
+
+    The micro-batches of a step are only collected here and computed together in `finish`,
+    in the fixed-size chunks `distshare.exact` needs anyway: a sample's result does not
+    depend on its micro-batch, so k costs nothing extra.
+    """
+
+    name = "exact"
+    per_sample = True
+
+    def __init__(self, world_size: int = 1) -> None:
+        self.world_size = world_size
+        self.samples: list[Any] = []
+        self.loss_fn: LossFn | None = None
+        self.global_samples, self.normalizer = 1, 1.0
+        self.step_loss = 0.0  # this rank's summed loss of the last finished step
+        self.underflows = 0  # contributions rounded to 0, summed over the run's steps
+
+    def prepare(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[nn.Module, torch.optim.Optimizer]:
+        refuse_split_dependent(model)
+        return model, optimizer
+
+    def start_step(self, model: nn.Module, global_items: int, global_samples: int) -> None:
+        self.samples, self.global_samples, self.normalizer = [], global_samples, float(global_items)
+
+    def accumulate(self, model: nn.Module, batch: Any, loss_fn: LossFn) -> None:
+        """One micro-batch's samples (a pytree, samples along dim 0), for the step's exact sum."""
+        self.samples.append(batch)
+        self.loss_fn = loss_fn
+
+    def finish(self, model: nn.Module) -> None:
+        acc = ExactGradSum(model, self.global_samples, self.world_size)
+        if self.samples and self.loss_fn is not None:
+            batch = tree_map(lambda *parts: torch.cat(parts), *self.samples)
+            rows, losses = per_sample_grads(model, batch, self.loss_fn)
+            acc.add(rows)
+            self.step_loss = float(losses.sum())
+        else:
+            self.step_loss = 0.0
+        acc.write_grads(self.normalizer)
+        self.underflows += acc.underflows
+        self.samples = []
+
+
 def sum_hook(state: object, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
     fut = dist.all_reduce(bucket.buffer(), op=dist.ReduceOp.SUM, async_op=True).get_future()
     return fut.then(lambda f: f.value()[0])
 
 
 def make_sync(mode: str, world_size: int) -> GradSync:
-    """The sync for `mode` ("ddp" | "allreduce"); single process always gets the no-op."""
+    """The sync for `mode` ("ddp" | "allreduce" | "exact"); single process gets the no-op,
+    except in exact mode, whose arithmetic is the point even on one process."""
+    if mode == "exact":
+        return ExactSync(world_size)
     if world_size == 1:
         return GradSync()
     return {"ddp": DDPSync, "allreduce": AllReduceSync}[mode]()

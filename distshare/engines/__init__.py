@@ -73,8 +73,18 @@ def run_engine(
     progress: bool = True,
     keep_state: bool = False,
     ray_address: str | None = None,
+    max_failures: int | None = None,
 ) -> list[TrainResult] | None:
-    """Train with `engine` (from `resolve_engine`); every rank's result on the main process."""
+    """Train with `engine` (from `resolve_engine`); every rank's result on the main process.
+
+    `max_failures` is Ray Train's restart budget; other engines are restarted by their
+    launcher (`torchrun --max-restarts N`), so for them it is refused.
+    """
+    if max_failures is not None and engine != "ray":
+        raise UsageError(
+            f"--max-failures restarts Ray Train workers (--engine ray); the {engine} engine is restarted "
+            "by its launcher: torchrun --max-restarts N ... -m distshare train --checkpoint-dir DIR"
+        )
     if engine == "accelerate":
         from distshare.engines.accelerate import run_training as accelerate_training
 
@@ -82,7 +92,7 @@ def run_engine(
     if engine == "ray":
         from distshare.engines.ray import run_training as ray_training
 
-        return ray_training(cfg, out_dir, progress, keep_state, address=ray_address)
+        return ray_training(cfg, out_dir, progress, keep_state, address=ray_address, max_failures=max_failures or 0)
     from distshare.engines.torch import run_training as torch_training
 
     return torch_training(cfg, out_dir, progress, keep_state)

@@ -41,7 +41,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from distshare.config import RunConfig
-from distshare.dist.sync import GradSync, sum_hook
+from distshare.dist.sync import ExactSync, GradSync, sum_hook
 from distshare.dist.world import World
 from distshare.engines.gather import gather_to_main, with_world_size
 from distshare.train import DTYPES, TrainResult, train
@@ -133,7 +133,11 @@ def run_training(
         device=accelerator.device,
         backend=dist.get_backend() if distributed else None,
     )
-    sync = AccelerateSync(accelerator, k, DTYPES[cfg.model.dtype])
+    # Exact mode's sum is integer arithmetic of its own: accelerate starts the processes and
+    # owns the process group and device, and the gradients are added by `ExactSync`.
+    sync: GradSync = (
+        ExactSync(world.world_size) if cfg.sync == "exact" else AccelerateSync(accelerator, k, DTYPES[cfg.model.dtype])
+    )
     try:
         result = train(cfg, world, out_dir, progress and world.is_main, keep_state, sync=sync)
         result.engine = "accelerate"

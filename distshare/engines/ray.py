@@ -12,6 +12,14 @@ The ranks' accounts travel to the driver the way every engine brings them to ran
 `all_gather_object` of digests, indices and losses); rank 0 hands the list to a small
 collector actor the driver owns, so nothing depends on a file system shared between nodes.
 The driver writes the run directory, as the other engines' rank 0 does.
+
+    distshare train --engine ray --nproc 2 --max-failures 1 --checkpoint-dir ckpt
+
+With `--max-failures N` (Ray's `FailureConfig(max_failures=N)`) a worker that dies makes
+Ray Train start the whole group again, and each worker resumes from the newest verified
+checkpoint in ckpt. A worker learns that it is a restart from the collector actor, which
+lives with the driver and counts how often each rank has started: no environment variable
+or file system is needed for that.
 """
 
 from __future__ import annotations
@@ -25,6 +33,7 @@ from typing import Any
 
 from distshare.config import RunConfig, dump_config
 from distshare.errors import DistshareError, UsageError
+from distshare.faults import exit_spec_from_env
 from distshare.train import TrainResult
 
 
@@ -39,11 +48,15 @@ def run_training(
     progress: bool = True,
     keep_state: bool = False,
     address: str | None = None,
+    max_failures: int = 0,
 ) -> list[TrainResult]:
-    """Train on `cfg.plan.world_size` Ray Train workers; every worker's result, rank order."""
+    """Train on `cfg.plan.world_size` Ray Train workers; every worker's result, rank order.
+
+    `max_failures`: how often Ray Train may restart the workers after one died (0: never).
+    """
     import ray
+    from ray.train import FailureConfig, ScalingConfig
     from ray.train import RunConfig as RayRunConfig
-    from ray.train import ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     world_size = cfg.plan.world_size
@@ -62,10 +75,19 @@ def run_training(
         with tempfile.TemporaryDirectory(prefix="distshare-ray-") as storage:
             trainer = TorchTrainer(
                 _worker,
-                train_loop_config={"cfg": cfg, "keep_state": keep_state, "collector": collector},
+                train_loop_config={
+                    "cfg": cfg,
+                    "keep_state": keep_state,
+                    "collector": collector,
+                    "faults": exit_spec_from_env(),
+                },
                 scaling_config=ScalingConfig(num_workers=world_size, use_gpu=use_gpu, resources_per_worker=resources),
                 torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo", timeout_s=int(cfg.timeout_s)),
-                run_config=RayRunConfig(name="distshare", storage_path=storage),
+                run_config=RayRunConfig(
+                    name="distshare",
+                    storage_path=storage,
+                    failure_config=FailureConfig(max_failures=max_failures),
+                ),
             )
             try:
                 trainer.fit()
@@ -130,6 +152,7 @@ def _worker(config: dict[str, Any]) -> None:
 
     from distshare.dist.world import World
     from distshare.engines.gather import gather_to_main
+    from distshare.faults import worker_exit_hook
     from distshare.train import train
 
     cfg: RunConfig = config["cfg"]
@@ -144,7 +167,18 @@ def _worker(config: dict[str, Any]) -> None:
     )
     if world.world_size == 1:
         world = World(device=device)
-    result = train(cfg, world, None, progress=False, keep_state=config["keep_state"] and world.is_main)
+    # Ray Train restarts the whole group: every rank's count is the same.
+    attempt = ray.get(config["collector"].started.remote(world.rank), timeout=cfg.timeout_s)
+    hook = worker_exit_hook(world, attempt, config.get("faults") or {})
+    result = train(
+        cfg,
+        world,
+        None,
+        progress=False,
+        keep_state=config["keep_state"] and world.is_main,
+        on_step=hook,
+        restart=attempt,
+    )
     results = gather_to_main(result, world) if world.distributed else [result]
     if world.is_main:
         ray.get(config["collector"].put.remote(results))
@@ -164,6 +198,13 @@ class _Collector:
 
     def __init__(self) -> None:
         self.results: list[TrainResult] | None = None
+        self.starts: dict[int, int] = {}
+
+    def started(self, rank: int) -> int:
+        """Count a start of `rank`'s worker; return how many came before (0: the first attempt)."""
+        before = self.starts.get(rank, 0)
+        self.starts[rank] = before + 1
+        return before
 
     def put(self, results: list[TrainResult]) -> None:
         self.results = results

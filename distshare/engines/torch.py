@@ -6,6 +6,12 @@
 Either way every rank runs `distshare.train.train`; what differs is who made the process
 group. Under torchrun there is no parent to collect results, so the ranks gather their
 (small) accounts to rank 0, which writes the report.
+
+    torchrun --standalone --nproc_per_node 2 --max-restarts 1 -m distshare train --checkpoint-dir ckpt
+
+A worker that dies takes its peers down (their next collective fails); torchrun then starts
+them all again with TORCHELASTIC_RESTART_COUNT=1, and `train` resumes from the newest
+verified checkpoint in ckpt (distshare/resume.py).
 """
 
 from __future__ import annotations
@@ -19,6 +25,8 @@ from distshare.dist.spawn import run_distributed
 from distshare.dist.world import World, close_world, init_world, launched
 from distshare.engines.gather import gather_to_main, with_world_size
 from distshare.errors import UsageError
+from distshare.faults import worker_exit_hook
+from distshare.resume import restart_count
 from distshare.train import TrainResult, train
 
 
@@ -35,8 +43,10 @@ def run_training(
     if launched():
         world = init_world(timeout_s=cfg.timeout_s, device=torch.device(cfg.device))
         cfg = with_world_size(cfg, world.world_size)
+        attempt = restart_count()
         try:
-            result = train(cfg, world, out_dir, progress, keep_state)
+            hook = worker_exit_hook(world, attempt)
+            result = train(cfg, world, out_dir, progress, keep_state, on_step=hook, restart=attempt)
             result.engine = "torchrun"
             results = gather_to_main(result, world)
         finally:
@@ -44,7 +54,8 @@ def run_training(
         return results
     nproc = cfg.plan.world_size
     if nproc == 1:
-        return [train(cfg, World(device=torch.device(cfg.device)), out_dir, progress, keep_state)]
+        world = World(device=torch.device(cfg.device))
+        return [train(cfg, world, out_dir, progress, keep_state, on_step=worker_exit_hook(world, 0), restart=0)]
     if cfg.device != "cpu":
         raise UsageError(
             f"spawned ranks run on the CPU; for {nproc} GPU ranks run "
@@ -54,6 +65,7 @@ def run_training(
 
 
 def _rank_worker(world: World, cfg: RunConfig, out_dir: Path | None, progress: bool, keep: bool) -> TrainResult:
-    result = train(cfg, world, out_dir, progress, keep_state=keep and world.is_main)
+    hook = worker_exit_hook(world, 0)
+    result = train(cfg, world, out_dir, progress, keep_state=keep and world.is_main, on_step=hook, restart=0)
     result.engine = "spawn"
     return result

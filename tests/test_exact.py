@@ -1,0 +1,237 @@
+"""Claim: in exact mode (`--sync exact`) the training state after N steps is bitwise the same
+for every partition G = W x k x b of the global batch, on real gloo ranks, in float32 and
+float64; and the arithmetic that makes it so detects what it cannot represent.
+
+The contrast is measured beside it: the same grid in normal mode differs from the big batch
+in the last bits (test_equivalence.py shows by how much), so "bitwise" here is a property of
+exact mode, not of a grid too small to show rounding.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from fractions import Fraction
+
+import pytest
+import torch
+from torch import nn
+
+from distshare import exact
+from distshare.cli import main
+from distshare.config import load_config
+from distshare.dist.spawn import run_distributed
+from distshare.equivalence import ConfigTask, run_grid
+from distshare.errors import UsageError
+from distshare.exact import CHUNK, ExactGradSum, ExactOverflow, per_sample_grads, refuse_split_dependent
+from distshare.models import build_model
+from distshare.train import sample_losses
+
+
+def _cfg(*overrides: str):
+    return load_config(
+        None,
+        [
+            "plan.global_batch=24",
+            "plan.accum_steps=1",
+            "plan.micro_batch=null",
+            "data.num_samples=72",
+            "data.task=roles",  # a label per token: items per sample differ, the normalizer is the token count
+            "data.variable_length=true",
+            "sync=exact",
+            *overrides,
+        ],
+    )
+
+
+def _assert_all_bitwise(grid) -> None:
+    not_bitwise = [p.label for p in grid.partitions if not (p.bitwise_equal and p.grad_bitwise_equal)]
+    assert not not_bitwise, grid.text()
+
+
+def test_small_grid_is_bitwise_in_exact_mode_float32_and_float64():
+    # W = 3 is a non-power of two; b runs from 8 down to 2 (24 = 3 x 4 x 2).
+    grid = run_grid(ConfigTask(_cfg()), (1, 2, 3), (1, 2, 4), ["float32", "float64"], steps=2, progress=False)
+    assert len(grid.partitions) == 18
+    _assert_all_bitwise(grid)
+
+
+def test_normal_mode_is_not_bitwise_on_the_same_split_and_exact_mode_is():
+    # One process, k = 1 against k = 4 (b = 6): only the order of the additions changes.
+    normal = run_grid(ConfigTask(_cfg("sync=ddp")), (1,), (1, 4), ["float32"], steps=2, progress=False)
+    k4 = next(p for p in normal.partitions if p.accum_steps == 4)
+    assert not k4.bitwise_equal and k4.within_rounding, normal.text()
+    exact = run_grid(ConfigTask(_cfg()), (1,), (1, 4), ["float32"], steps=2, progress=False)
+    _assert_all_bitwise(exact)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "model", [["model.name=transformer"], ["model.name=cnn", "data.name=shapes", "model.norm=group"]], ids=str
+)
+def test_full_grid_is_bitwise_in_exact_mode(model):
+    # W in 1..4 x k in 1, 2, 4, 8: G = 96 is the smallest global batch every split divides.
+    cfg = _cfg("plan.global_batch=96", "data.num_samples=192", *model)
+    grid = run_grid(ConfigTask(cfg), (1, 2, 3, 4), (1, 2, 4, 8), ["float32", "float64"], steps=2, progress=False)
+    assert len(grid.partitions) == 32
+    _assert_all_bitwise(grid)
+
+
+@pytest.mark.parametrize("method", ["expanded weights", "vmap"])
+def test_a_samples_gradient_does_not_depend_on_its_batch(method, monkeypatch):
+    # The premise: BLAS picks kernels by size, so a batch of 1 and a batch of 12 compute a
+    # sample's rows differently; exact mode's fixed-size chunks do not, by either method.
+    if method == "vmap":
+        monkeypatch.setattr(exact, "_expandable", lambda model: False)
+    cfg = _cfg()
+    from distshare.data import build_dataset
+    from distshare.data.tensors import TensorTable
+
+    ds, info = build_dataset(cfg.data)
+    table = TensorTable.from_dataset(ds, info, torch.float32)
+    model = build_model(cfg.model, info, seed=0)
+
+    def grads(indices: list[int]) -> torch.Tensor:
+        b = table.select(indices)
+        return per_sample_grads(model, {"inputs": b.inputs, "labels": b.labels}, sample_losses)[0]
+
+    whole = grads(list(range(2 * CHUNK + 3)))
+    for size in (1, 2, 3, CHUNK, CHUNK + 1):
+        for start in (0, 5):
+            part = grads(list(range(start, start + size)))
+            assert torch.equal(part, whole[start : start + size]), (size, start)
+
+
+# ---------------------------------------------------------------- the integer sum
+
+
+def _model(*shapes: int) -> nn.Module:
+    m = nn.Module()
+    m.w = nn.Parameter(torch.zeros(*shapes))
+    return m
+
+
+def test_integer_sum_is_the_same_for_every_order_and_split():
+    gen = torch.Generator().manual_seed(0)
+    rows = torch.randn(40, 50, generator=gen) * torch.logspace(-6, 6, 50)
+    model = _model(50)
+
+    def total(order: torch.Tensor, cuts: list[int]) -> torch.Tensor:
+        acc = ExactGradSum(model, 40)
+        for part in torch.tensor_split(rows[order], cuts):
+            acc.add(part)
+        return acc.total()
+
+    reference = total(torch.arange(40), [])
+    for seed in range(5):
+        order = torch.randperm(40, generator=torch.Generator().manual_seed(seed))
+        assert torch.equal(total(order, [3, 7, 20, 33]), reference)
+    # Plain float32 addition does depend on the order: the contrast this removes.
+    assert not torch.equal(rows.sum(0), rows.flip(0).sum(0))
+
+
+def test_integer_sum_is_the_exact_sum_rounded_once_when_contributions_fit():
+    # float32 contributions within 2^20 of each other fit 57 bits exactly: the total is the
+    # exact rational sum, rounded once to float64.
+    gen = torch.Generator().manual_seed(1)
+    rows = (torch.randn(32, 20, generator=gen) * 2.0 ** torch.randint(-10, 10, (32, 20), generator=gen)).float()
+    acc = ExactGradSum(_model(20), 32)
+    acc.add(rows)
+    got = acc.total()
+    for j in range(20):
+        exact = sum(Fraction(float(x)) for x in rows[:, j])
+        assert got[j].item() == float(exact), j
+    assert acc.underflows == 0
+
+
+def test_underflow_is_counted_not_silent():
+    acc = ExactGradSum(_model(2), 2)
+    acc.add(torch.tensor([[1.0, 1.0], [1e-30, 0.5]], dtype=torch.float64))
+    total = acc.total()
+    assert total.tolist() == [1.0, 1.5]  # 1e-30 is below 2^-61 of its element's largest
+    assert acc.underflows == 1
+
+
+@pytest.mark.parametrize("bad", [math.inf, -math.inf, math.nan])
+def test_a_non_finite_contribution_is_refused_by_name(bad):
+    acc = ExactGradSum(_model(3), 2)
+    acc.add(torch.tensor([[0.0, 1.0, 2.0], [0.0, bad, 2.0]]))
+    with pytest.raises(ExactOverflow, match=r"'w' \(element 1\) is not finite"):
+        acc.total()
+
+
+def test_a_sum_beyond_the_dtype_is_detected():
+    rows = torch.tensor([[3e38, 1.0], [3e38, 1.0]], dtype=torch.float32)
+    assert torch.isinf(rows.sum(0)[0])  # float32 addition overflows silently
+    model = _model(2)
+    acc = ExactGradSum(model, 2)
+    acc.add(rows)
+    with pytest.raises(ExactOverflow, match=r"'w' \(element 0\) is 6e\+38, beyond the range of float32"):
+        acc.write_grads(1.0)
+
+
+def _overflow_on_one_rank(world) -> str:
+    acc = ExactGradSum(_model(2), 2, world.world_size)
+    acc.add(torch.tensor([[1.0, math.inf if world.rank == 1 else 1.0]]))
+    try:
+        acc.total()
+    except ExactOverflow as exc:
+        return str(exc)
+    return "no error"
+
+
+def test_overflow_on_one_rank_stops_every_rank_with_the_same_message():
+    messages = run_distributed(_overflow_on_one_rank, 2, timeout_s=30)
+    assert messages[0] == messages[1] == "sync=exact: the gradient of 'w' (element 1) is not finite"
+
+
+# ---------------------------------------------------------------- refusal
+
+
+def test_layers_whose_result_depends_on_the_split_are_refused():
+    with pytest.raises(UsageError, match=r"layer '1' is BatchNorm in training mode"):
+        refuse_split_dependent(nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2)))
+    with pytest.raises(UsageError, match=r"layer '0' is dropout \(p=0.1\)"):
+        refuse_split_dependent(nn.Sequential(nn.Dropout(0.1), nn.Linear(2, 2)))
+    refuse_split_dependent(nn.Sequential(nn.Dropout(0.0), nn.BatchNorm1d(2).eval(), nn.GroupNorm(1, 2)))
+
+
+def test_cli_refuses_batch_norm_in_exact_mode_with_one_line(capsys):
+    code = main(["train", "--config", "configs/train/cnn.yaml", "--set", "model.norm=batch", "--sync", "exact"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert len(err.splitlines()) == 1 and "sync=exact" in err and "Traceback" not in err
+
+
+# ---------------------------------------------------------------- commands and engines
+
+
+def test_verify_in_exact_mode_equals_one_big_batch_bitwise(tmp_path, capsys):
+    code = main(
+        ["verify", "--sync", "exact", "--nproc", "3", "--set", "steps=4", "--json", "--no-progress"]
+        + ["--out", str(tmp_path / "v")]
+    )
+    result = json.loads(capsys.readouterr().out)
+    assert code == 0 and result["sync"] == "exact"
+    assert result["bitwise_equal_to_single_process"]
+    assert result["single_process"]["step0_grads"]["bitwise_equal"]
+
+
+@pytest.mark.slow
+def test_every_engine_and_one_process_agree_bitwise_in_exact_mode(tmp_path):
+    # Spawned ranks, torchrun, accelerate launch, Ray Train and one process: five engines, W = 3.
+    out = subprocess.run(
+        [sys.executable, "-m", "distshare", "verify", "--engine", "all", "--sync", "exact", "--nproc", "3"]
+        + ["--set", "steps=6", "--json", "--no-progress", "--out", str(tmp_path / "p")],
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    table = json.loads(out.stdout)
+    rows = {r["engine"]: r for r in table["rows"] if not r["skipped"]}
+    assert set(rows) == {"torch", "torchrun", "accelerate", "ray", "reference"}, table["rows"]
+    assert len({r["final_fingerprint"] for r in rows.values()}) == 1
+    assert table["engines_bitwise_equal"] and table["max_abs_diff_vs_reference"] == 0.0

@@ -1,0 +1,106 @@
+"""Claim: a rank that stops taking part makes the others fail within the configured timeout,
+with one line that names the silent rank and the step: for spawned ranks, through the CLI,
+and under torchrun. Never an endless wait, and the run directory says it is incomplete.
+
+The hang is real: the faulty rank sleeps forever at the start of step N
+(`DISTSHARE_FAULT_HANG=RANK:STEP`, distshare.faults); its peers block in a real gloo
+collective until the process group's timeout, then check in at the store and name it.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import time
+
+import pytest
+from test_launch import ROOT, _env, _torchrun
+
+from distshare.cli import main
+from distshare.dist import watchdog
+from distshare.dist.spawn import run_distributed
+from distshare.dist.world import World
+from distshare.errors import RankSilent
+from distshare.faults import HANG_ENV, hang, hang_point
+
+pytestmark = pytest.mark.faults
+
+TIMEOUT = 3  # seconds: every collective's bound in these runs
+# Start-up of 2-3 ranks on 2 busy cores, plus the timeout, plus the check-in grace: the
+# whole failure must fit in this, with room, or something waited that should not have.
+BOUND_S = 60
+
+
+def test_the_cli_names_the_silent_rank_and_marks_the_run_incomplete(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv(HANG_ENV, "1:3")  # spawned ranks inherit it: rank 1 stops at step 3
+    run = tmp_path / "run"
+    argv = ["train", "--nproc", "2", "--steps", "6", "--timeout", str(TIMEOUT), "--no-progress", "--out", str(run)]
+    start = time.monotonic()
+    code = main(argv)
+    wall = time.monotonic() - start
+    err = capsys.readouterr().err
+    assert code == 1
+    line = f"distshare: error: rank 1 went silent at step 3 (no answer within {TIMEOUT} s)"
+    assert err.strip().splitlines() == [line]
+    assert TIMEOUT <= wall < BOUND_S, wall  # it waited for the timeout, and not much longer
+    # The run failed: its directory must not look complete.
+    assert (run / "INCOMPLETE").is_file()
+    assert not (run / "result.json").exists() and not (run / "report.md").exists()
+
+
+def test_rank_0_going_silent_is_named_by_the_next_rank():
+    # Rank 0 usually speaks; here it is the silent one, so rank 1 reports for the survivors.
+    start = time.monotonic()
+    with pytest.raises(RankSilent) as info:
+        run_distributed(hang, 3, faulty_rank=0, inject_at=2, timeout_s=TIMEOUT)
+    assert (info.value.ranks, info.value.step) == ([0], 2)
+    assert str(info.value) == f"rank 0 went silent at step 2 (no answer within {TIMEOUT} s)"
+    assert time.monotonic() - start < BOUND_S
+
+
+def _returns_except_rank_one(world: World) -> int:
+    if world.rank == 1:
+        time.sleep(600)  # after the last collective: nothing left in which a peer could time out
+    return world.rank
+
+
+def test_a_rank_silent_after_its_peers_returned_is_named_by_the_parent():
+    start = time.monotonic()
+    with pytest.raises(RankSilent, match="rank 1 went silent after the other ranks returned"):
+        run_distributed(_returns_except_rank_one, 2, timeout_s=2)
+    assert time.monotonic() - start < 30
+
+
+def test_only_collective_failures_are_explained():
+    # A mistake in user code is not a hang, whatever world is being watched.
+    watchdog.watch(0, 2, timeout_s=1.0)
+    try:
+        err = ValueError("Timed out thinking")
+        assert watchdog.explain(err) is err
+        assert watchdog.is_collective_failure(RuntimeError("Timed out waiting 3000ms for recv operation"))
+        assert not watchdog.is_collective_failure(RuntimeError("shape mismatch"))
+    finally:
+        watchdog.forget()
+
+
+@pytest.mark.parametrize("text", ["", "1", "a:3", "1:-2", "1:3:4"])
+def test_a_malformed_hang_switch_hangs_nothing(monkeypatch, text):
+    monkeypatch.setenv(HANG_ENV, text)
+    assert hang_point() is None
+
+
+@pytest.mark.launcher
+@pytest.mark.slow
+def test_torchrun_names_the_silent_rank(tmp_path):
+    env = {**_env(), HANG_ENV: "1:3"}
+    cmd = _torchrun() + ["--standalone", "--nproc_per_node", "2", "-m", "distshare", "train"]
+    cmd += ["--config", "configs/train/transformer.yaml", "--steps", "6", "--timeout", str(TIMEOUT)]
+    cmd += ["--no-progress", "--out", str(tmp_path)]
+    start = time.monotonic()
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    wall = time.monotonic() - start
+    assert proc.returncode != 0
+    ours = [line for line in proc.stderr.splitlines() if line.startswith("distshare:")]
+    # Rank 0 speaks once; the rest of stderr is torchrun's own account of the failed worker.
+    assert ours == [f"distshare: error: rank 1 went silent at step 3 (no answer within {TIMEOUT} s)"], proc.stderr
+    assert wall < BOUND_S
+    assert (tmp_path / "INCOMPLETE").is_file() and not (tmp_path / "result.json").exists()
