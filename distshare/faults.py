@@ -238,7 +238,7 @@ FAULT_EXIT_CODE = 43  # what a killed worker exits with, so a test can tell it f
 def exit_spec_from_env() -> dict[str, str]:
     """The process-killing faults asked for in this environment (for engines that must pass
     them to workers on other machines, such as Ray's)."""
-    return {k: os.environ[k] for k in (EXIT_AT_STEP, EXIT_IN_SAVE) if os.environ.get(k)}
+    return {k: os.environ[k] for k in (EXIT_AT_STEP, EXIT_IN_SAVE, "DISTSHARE_FAULT_HANG") if os.environ.get(k)}
 
 
 def worker_exit_hook(

@@ -5,7 +5,8 @@ collective, so a rank that stops taking part cannot make the others wait forever
 only says "Timed out waiting 5000ms for recv operation": it does not know *who* failed to
 show up, and with N ranks that is the one thing a user needs. So when a collective fails,
 each surviving rank checks in at the process group's store (the rendezvous every rank
-already shares: a file for spawned ranks, torchrun's TCP store under torchrun) and waits a
+already shares: a file for spawned ranks, the launcher's TCP store under torchrun,
+`accelerate launch` and Ray Train) and waits a
 short grace for its peers to check in too. A rank that never checks in is the silent one:
 
     rank 1 went silent at step 7 (no answer within 5 s)

@@ -41,6 +41,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from distshare.config import RunConfig
+from distshare.dist import watchdog
 from distshare.dist.sync import ExactSync, GradSync, sum_hook
 from distshare.dist.world import World
 from distshare.engines.gather import gather_to_main, with_world_size
@@ -126,6 +127,8 @@ def run_training(
         kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.timeout_s))],
     )
     distributed = accelerator.num_processes > 1
+    if distributed:  # a timed-out collective then names the silent rank, as under torchrun
+        watchdog.watch(accelerator.process_index, accelerator.num_processes, cfg.timeout_s)
     world = World(
         rank=accelerator.process_index,
         world_size=accelerator.num_processes,

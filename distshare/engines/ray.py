@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 import tempfile
 from pathlib import Path
@@ -142,7 +143,9 @@ def _first_line(exc: BaseException) -> str:
     text = str(exc).strip() or type(exc).__name__
     lines = [line for line in text.splitlines() if line.strip()]
     # Ray's message ends with the worker's own exception: that line is the informative one.
-    return lines[-1].strip() if lines else type(exc).__name__
+    last = lines[-1].strip() if lines else type(exc).__name__
+    # A distshare error raised in a worker arrives as "distshare.errors.Name: message".
+    return re.sub(r"^distshare\.errors\.\w+: ", "", last)
 
 
 def _worker(config: dict[str, Any]) -> None:
@@ -150,9 +153,10 @@ def _worker(config: dict[str, Any]) -> None:
     import ray.train
     import torch
 
+    from distshare.dist import watchdog
     from distshare.dist.world import World
     from distshare.engines.gather import gather_to_main
-    from distshare.faults import worker_exit_hook
+    from distshare.faults import HANG_ENV, worker_exit_hook
     from distshare.train import train
 
     cfg: RunConfig = config["cfg"]
@@ -169,16 +173,27 @@ def _worker(config: dict[str, Any]) -> None:
         world = World(device=device)
     # Ray Train restarts the whole group: every rank's count is the same.
     attempt = ray.get(config["collector"].started.remote(world.rank), timeout=cfg.timeout_s)
-    hook = worker_exit_hook(world, attempt, config.get("faults") or {})
-    result = train(
-        cfg,
-        world,
-        None,
-        progress=False,
-        keep_state=config["keep_state"] and world.is_main,
-        on_step=hook,
-        restart=attempt,
-    )
+    faults = config.get("faults") or {}
+    hook = worker_exit_hook(world, attempt, faults)
+    if world.distributed:  # a timed-out collective then names the silent rank, as under torchrun
+        if attempt == 0 and HANG_ENV in faults:
+            os.environ[HANG_ENV] = faults[HANG_ENV]
+        watchdog.watch(world.rank, world.world_size, cfg.timeout_s)
+    try:
+        result = train(
+            cfg,
+            world,
+            None,
+            progress=False,
+            keep_state=config["keep_state"] and world.is_main,
+            on_step=hook,
+            restart=attempt,
+        )
+    except Exception as exc:
+        explained = watchdog.explain(exc)
+        if explained is exc:
+            raise
+        raise explained from exc  # its one line ends Ray's message, which the driver reports
     results = gather_to_main(result, world) if world.distributed else [result]
     if world.is_main:
         ray.get(config["collector"].put.remote(results))
