@@ -49,10 +49,9 @@ from distshare.data import build_dataset
 from distshare.data.plan import GlobalBatchPlan
 from distshare.diff import diff
 from distshare.dist.spawn import run_distributed
-from distshare.dist.sync import make_sync
+from distshare.dist.sync import ExactSync, make_sync
 from distshare.dist.world import World
 from distshare.errors import UsageError
-from distshare.exact import exact_gradient
 from distshare.models import build_model
 from distshare.rounding import bounds, excess, norm_rel, unit_roundoff
 from distshare.train import Run, build_run, loss_sum, sample_losses, train_step
@@ -139,7 +138,11 @@ class ConfigTask:
             indices = run.plan.global_batch(s)
             batch = run.table.select(indices).to(world.device)
             sample = {"inputs": batch.inputs, "labels": batch.labels}
-            exact_gradient(model, sample, sample_losses, run.table.count_items(indices))
+            # The one exact arithmetic, on one process: what every partition reaches.
+            sync = ExactSync()
+            sync.start_step(model, run.table.count_items(indices), len(indices))
+            sync.accumulate(model, sample, sample_losses)
+            sync.finish(model)
 
         u = unit_roundoff(getattr(torch, model_cfg.dtype))
         return Trainee(

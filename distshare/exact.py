@@ -282,17 +282,3 @@ def _ldexp(x: torch.Tensor, exponent: torch.Tensor) -> torch.Tensor:
         return x * torch.exp2(exponent.to(torch.float64))
     half = torch.div(exponent, 2, rounding_mode="floor")
     return x * torch.exp2(half.to(torch.float64)) * torch.exp2((exponent - half).to(torch.float64))
-
-
-def exact_gradient(model: nn.Module, batch: Any, loss_fn: LossFn, normalizer: float) -> torch.Tensor:
-    """Single process: set `model`'s .grad to the exact-mode gradient of `batch`; return the losses.
-
-    The same arithmetic as `ExactSync` on any number of ranks, so its result is the one every
-    partition of this batch reaches.
-    """
-    refuse_split_dependent(model)
-    rows, losses = per_sample_grads(model, batch, loss_fn)
-    acc = ExactGradSum(model, rows.shape[0])
-    acc.add(rows)
-    acc.write_grads(normalizer)
-    return losses

@@ -283,7 +283,7 @@ def train(
         if metrics is not None:
             metrics.close()
     result.seconds = time.perf_counter() - start
-    result.exact_underflows = getattr(run.sync, "underflows", None) if run.sync.per_sample else None
+    result.exact_underflows = run.sync.underflows
     return result
 
 

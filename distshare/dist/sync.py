@@ -40,6 +40,7 @@ class GradSync:
     # calling backward on their summed loss (exact mode).
     per_sample = False
     step_loss = 0.0  # per-sample syncs: this rank's summed loss of the last step (computed in finish)
+    underflows: int | None = None  # exact mode: contributions rounded to 0, summed over the run's steps
 
     def wrap(self, model: nn.Module) -> nn.Module:
         """The module the step calls forward on."""
@@ -124,7 +125,7 @@ class ExactSync(GradSync):
         self.loss_fn: LossFn | None = None
         self.global_samples, self.normalizer = 1, 1.0
         self.step_loss = 0.0  # this rank's summed loss of the last finished step
-        self.underflows = 0  # contributions rounded to 0, summed over the run's steps
+        self.underflows = 0
 
     def prepare(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[nn.Module, torch.optim.Optimizer]:
         refuse_split_dependent(model)
