@@ -5,7 +5,7 @@
     python benchmarks/bench_check_cost.py --steps 12 --repeats 3 --json
 
 Two measurements, both inside one `run_distributed` call (same ranks, same process group,
-same thread setting), on `distshare.train.train` with an AdamW transformer
+same thread setting), on `distshare.training.train` with an AdamW transformer
 (d_model 512, 4 layers, d_ff 2048):
 
 1. side by side: runs with `check_every=0` (one check after the loop) and `check_every=1`
@@ -32,12 +32,12 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from distshare.checksum import fingerprint_state  # noqa: E402
 from distshare.config import load_config  # noqa: E402
-from distshare.dist.spawn import run_distributed  # noqa: E402
-from distshare.dist.world import World  # noqa: E402
-from distshare.replicas import compare_replicas  # noqa: E402
-from distshare.train import Run, train  # noqa: E402
+from distshare.distributed.spawn import run_distributed  # noqa: E402
+from distshare.distributed.world import World  # noqa: E402
+from distshare.integrity.fingerprint import fingerprint_state  # noqa: E402
+from distshare.integrity.replicas import compare_replicas  # noqa: E402
+from distshare.training import Run, train  # noqa: E402
 
 GOAL = 0.02
 OVERRIDES = [

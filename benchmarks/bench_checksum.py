@@ -40,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from distshare import checksum  # noqa: E402
+from distshare.integrity import fingerprint as checksum  # noqa: E402
 
 SIZES_MB = (1, 4, 16, 64, 256)
 CPU_GOAL = 5.0

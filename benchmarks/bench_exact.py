@@ -30,10 +30,10 @@ from typing import Any
 import torch
 
 from distshare.config import RunConfig, load_config
-from distshare.diff import diff
-from distshare.dist.spawn import run_distributed
-from distshare.dist.world import World
-from distshare.train import build_run, train, train_step
+from distshare.distributed.spawn import run_distributed
+from distshare.distributed.world import World
+from distshare.numerics.diff import diff
+from distshare.training import build_run, train, train_step
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "train"
 MODES = ("ddp", "exact")

@@ -11,7 +11,7 @@ batch plan (G = W x k x b from `configs/train/<model>.yaml`) and the same sample
 - baseline: the textbook DDP loop; plain `DistributedDataParallel` (default averaging),
   `no_sync()` on all but the last micro-batch, `cross_entropy(mean) / k`, `step`, `zero_grad`;
   micro-batches are contiguous slices of a fixed per-epoch permutation, no checks at all.
-- distshare: `distshare.train.train(cfg, world, out_dir, progress)`, what every rank of
+- distshare: `distshare.training.train(cfg, world, out_dir, progress)`, what every rank of
   `distshare train --nproc 2` runs, with replicas checked as the config says (`check_every`
   of `configs/train/<model>.yaml`), at every step (`check_every=1`, what `distshare verify`
   does), or only once after the loop (`check_every=0`).
@@ -49,11 +49,11 @@ from torch.nn.parallel import DistributedDataParallel
 
 from distshare.config import RunConfig, load_config
 from distshare.data import TensorTable, build_dataset
-from distshare.dist.spawn import run_distributed
-from distshare.dist.world import World
+from distshare.distributed.spawn import run_distributed
+from distshare.distributed.world import World
 from distshare.errors import DistshareError
 from distshare.models import build_model
-from distshare.train import train
+from distshare.training import train
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "train"
 VARIANTS = ("baseline", "distshare_as_configured", "distshare_check_every_step", "distshare_check_at_end")
@@ -112,7 +112,7 @@ def baseline_loop(cfg: RunConfig, world: World, steps: int) -> tuple[list[Stamp]
 def distshare_loop(
     cfg: RunConfig, world: World, check_every: int, progress: bool, out_dir: Path | None
 ) -> tuple[list[Stamp], float, dict[str, torch.Tensor], bool]:
-    """`distshare.train.train`; returns step timestamps, the end of train(), parameters, in-sync."""
+    """`distshare.training.train`; returns step timestamps, the end of train(), parameters, in-sync."""
     stamps: list[Stamp] = []
     params: dict[str, torch.Tensor] = {}
 

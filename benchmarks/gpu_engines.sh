@@ -38,7 +38,7 @@ for dtype in float32 float64; do
   python3 - "$out" "$dtype" <<'PY'
 import sys
 from safetensors.torch import load_file
-from distshare.diff import diff
+from distshare.numerics.diff import diff
 out, dtype = sys.argv[1], sys.argv[2]
 p = {k: load_file(f"{out}/{k}-{dtype}/params.safetensors") for k in ("torchrun", "accelerate", "cpu")}
 for a, b in (("accelerate", "torchrun"), ("torchrun", "cpu")):
@@ -49,4 +49,4 @@ done
 echo "== device fingerprint throughput"
 python3 benchmarks/bench_checksum.py --device cuda
 echo "== CUDA tests of the fingerprints"
-python3 -m pytest -q -p no:cacheprovider -p distshare.pytest_plugin tests/test_checksum.py
+python3 -m pytest -q -p no:cacheprovider -p distshare.testing.pytest_plugin tests/test_checksum.py

@@ -11,8 +11,8 @@ The Python surface (the CLI is `distshare`):
 - `distshare.testing.run_distributed(fn, world_size)`: run a function on simulated ranks.
 """
 
-from distshare.checksum import combined_fingerprint, fingerprint, fingerprint_state, state_digest
-from distshare.replicas import (
+from distshare.integrity.fingerprint import combined_fingerprint, fingerprint, fingerprint_state, state_digest
+from distshare.integrity.replicas import (
     ReplicaDivergenceError,
     ReplicaReport,
     TensorDiff,

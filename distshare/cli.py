@@ -17,7 +17,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from distshare.dist import watchdog
+from distshare.distributed import watchdog
 from distshare.errors import DistshareError, RankError, RankSilent, UsageError
 
 

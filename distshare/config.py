@@ -132,7 +132,7 @@ class OptimConfig:
 
 @dataclass
 class CheckpointConfig:
-    """Checkpoints during training and where a run resumes from (distshare.resume)."""
+    """Checkpoints during training and where a run resumes from (distshare.integrity.resume)."""
 
     dir: str | None = None  # write checkpoints to DIR/step-NNNNNN (steps done); None = no checkpoints
     every: int = 10  # checkpoint every N steps (and always after the last); 0 = only after the last

@@ -60,7 +60,7 @@ class RankError(DistshareError):
 class RankSilent(DistshareError):
     """Ranks stopped taking part: their peers' collectives timed out waiting for them. Exit 1.
 
-    Found by the survivors (`distshare.dist.watchdog`); `reporter` marks the one survivor
+    Found by the survivors (`distshare.distributed.watchdog`); `reporter` marks the one survivor
     that speaks for all of them (the lowest surviving rank), so the line is printed once.
     """
 

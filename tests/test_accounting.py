@@ -11,8 +11,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from distshare.accounting import account, account_batches, account_epoch, distributed_sampler_indices
 from distshare.config import PlanConfig
+from distshare.data.accounting import account, account_batches, account_epoch, distributed_sampler_indices
 from distshare.data.plan import GlobalBatchPlan
 
 

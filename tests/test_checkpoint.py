@@ -15,7 +15,10 @@ import pytest
 import torch
 from torch import nn
 
-from distshare.checkpoint import (
+from distshare.cli import main
+from distshare.distributed.spawn import run_distributed
+from distshare.distributed.world import World
+from distshare.integrity.checkpoint import (
     MANIFEST,
     MODEL_FILE,
     CheckpointCorrupted,
@@ -25,12 +28,9 @@ from distshare.checkpoint import (
     save_run_checkpoint,
     verify_checkpoint,
 )
-from distshare.checksum import state_digest
-from distshare.cli import main
-from distshare.dist.spawn import run_distributed
-from distshare.dist.world import World
-from distshare.faults import BIT_FLIP_TENSOR, base_config
-from distshare.train import build_run, train_step
+from distshare.integrity.fingerprint import state_digest
+from distshare.testing.faults import BIT_FLIP_TENSOR, base_config
+from distshare.training import build_run, train_step
 
 
 def _model() -> nn.Module:
@@ -83,7 +83,7 @@ def test_written_atomically_and_replaced_whole(trained):
 def test_a_crash_while_writing_leaves_the_old_checkpoint_whole(trained, monkeypatch):
     path, model, opt = trained
     before = verify_checkpoint(path).combined
-    import distshare.checkpoint as ckpt
+    import distshare.integrity.checkpoint as ckpt
 
     def crash(tensors, filename):  # the optimizer file fails after the model file was written
         if filename.endswith("optimizer.safetensors"):

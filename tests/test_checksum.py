@@ -14,8 +14,8 @@ import pytest
 import torch
 from torch import nn
 
-from distshare import checksum
-from distshare.checksum import (
+from distshare.integrity import fingerprint as checksum
+from distshare.integrity.fingerprint import (
     ALGORITHMS,
     LANES,
     MixedAlgorithms,
@@ -27,7 +27,7 @@ from distshare.checksum import (
     fingerprint_state,
     state_digest,
 )
-from distshare.replicas import compare_digests
+from distshare.integrity.replicas import compare_digests
 
 # A few tensors of every width: 8, 4, 2, 1 bytes per element. dsh128 reads 64-bit words, so
 # byte counts that are not a multiple of 8 (float32 x5 = 20 bytes, bfloat16 x3 = 6 and x7 = 14,
@@ -212,7 +212,7 @@ def test_device_digest_equals_the_cpu_specification(dtype):
 @cuda
 def test_triton_kernel_agrees_with_torch_ops_on_device():
     pytest.importorskip("triton")
-    from distshare._dsh128_triton import BLOCK, dsh128_lanes_triton
+    from distshare.integrity.dsh128_triton import BLOCK, dsh128_lanes_triton
 
     t = torch.randn(3_000_017, device="cuda")
     assert torch.equal(dsh128_lanes_triton(t), dsh128_lanes_torch(t))
@@ -272,8 +272,8 @@ _INTERPRETER_CHECK = """
 import sys
 import torch
 from test_checksum import _mixed_tensors
-from distshare._dsh128_triton import BLOCK, dsh128_lanes_many_triton, dsh128_lanes_triton
-from distshare.checksum import dsh128_lanes_torch
+from distshare.integrity.dsh128_triton import BLOCK, dsh128_lanes_many_triton, dsh128_lanes_triton
+from distshare.integrity.fingerprint import dsh128_lanes_torch
 
 tensors = _mixed_tensors("cpu", BLOCK)
 want = torch.stack([dsh128_lanes_torch(t) for t in tensors])
@@ -316,7 +316,7 @@ def test_multi_tensor_kernel_equals_the_specification_in_the_triton_interpreter(
 @cuda
 def test_multi_tensor_kernel_agrees_with_the_per_tensor_kernel_and_the_cpu():
     pytest.importorskip("triton")
-    from distshare._dsh128_triton import BLOCK, dsh128_lanes_many_triton, dsh128_lanes_triton
+    from distshare.integrity.dsh128_triton import BLOCK, dsh128_lanes_many_triton, dsh128_lanes_triton
 
     tensors = _mixed_tensors("cuda", BLOCK)
     want = torch.stack([dsh128_lanes_torch(t.cpu()) for t in tensors])

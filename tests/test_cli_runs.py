@@ -104,8 +104,8 @@ def test_train_on_cnn_with_allreduce(tmp_path, capsys):
 
 def test_the_equivalence_check_can_fail(verified):
     """A gradient twice too large (dividing by W one time too few) must fail check 4."""
-    from distshare.dist.world import World
-    from distshare.train import train
+    from distshare.distributed.world import World
+    from distshare.training import train
 
     cfg = load_config(None, ["plan.global_batch=12", "plan.accum_steps=1", "steps=2", "model.dtype=float64"])
     good = train(cfg, World(), progress=False, keep_state=True)

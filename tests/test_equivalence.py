@@ -3,7 +3,7 @@ whole global batch, up to rounding, for every split G = W x k x b; and the check
 only when it is true.
 
 The grid runs real gloo ranks (spawned once per world size). "Within rounding" is judged
-against a bound predicted from measured magnitudes (`distshare.rounding`), never a
+against a bound predicted from measured magnitudes (`distshare.numerics.rounding`), never a
 hand-picked tolerance; the tests below also show that the same check fails a step that
 normalizes wrongly, and a model whose function depends on the split (BatchNorm).
 """
@@ -22,8 +22,8 @@ from torch import nn
 from distshare.cli import main
 from distshare.config import load_config
 from distshare.equivalence import AUTOCAST, ConfigTask, run_grid
-from distshare.pitfalls import MicroMeanTask, toy_dataset
-from distshare.rounding import excess, gamma, reorder_bound, unit_roundoff
+from distshare.equivalence.pitfalls import MicroMeanTask, toy_dataset
+from distshare.numerics.rounding import excess, gamma, reorder_bound, unit_roundoff
 from distshare.testing import assert_accumulation_equivalent
 
 WORLD_SIZES, ACCUM_STEPS = (1, 2, 4), (1, 2, 4, 8)

@@ -19,15 +19,15 @@ import pytest
 import torch
 from torch import nn
 
-from distshare import exact
 from distshare.cli import main
 from distshare.config import load_config
-from distshare.dist.spawn import run_distributed
+from distshare.distributed.spawn import run_distributed
 from distshare.equivalence import ConfigTask, run_grid
 from distshare.errors import UsageError
-from distshare.exact import CHUNK, ExactGradSum, ExactOverflow, per_sample_grads, refuse_split_dependent
 from distshare.models import build_model
-from distshare.train import sample_losses
+from distshare.numerics import exact_sum as exact
+from distshare.numerics.exact_sum import CHUNK, ExactGradSum, ExactOverflow, per_sample_grads, refuse_split_dependent
+from distshare.training import sample_losses
 
 
 def _cfg(*overrides: str):

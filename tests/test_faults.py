@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import pytest
 
-from distshare.dist.spawn import run_distributed
-from distshare.faults import FAULTS, clean_checks, run_all_faults
+from distshare.distributed.spawn import run_distributed
+from distshare.testing.faults import FAULTS, clean_checks, run_all_faults
 
 WORLD = 3
 

@@ -24,9 +24,9 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from distshare.checkpoint import save_checkpoint
 from distshare.cli import COMMANDS, build_parser, main
 from distshare.errors import RankError, UsageError
+from distshare.integrity.checkpoint import save_checkpoint
 
 pytestmark = pytest.mark.faults
 

@@ -3,7 +3,7 @@ with one line that names the silent rank and the step: for spawned ranks, throug
 and under torchrun. Never an endless wait, and the run directory says it is incomplete.
 
 The hang is real: the faulty rank sleeps forever at the start of step N
-(`DISTSHARE_FAULT_HANG=RANK:STEP`, distshare.faults); its peers block in a real gloo
+(`DISTSHARE_FAULT_HANG=RANK:STEP`, distshare.testing.faults); its peers block in a real gloo
 collective until the process group's timeout, then check in at the store and name it.
 """
 
@@ -18,11 +18,11 @@ import pytest
 from test_launch import ROOT, _env, _torchrun
 
 from distshare.cli import main
-from distshare.dist import watchdog
-from distshare.dist.spawn import run_distributed
-from distshare.dist.world import World
+from distshare.distributed import watchdog
+from distshare.distributed.spawn import run_distributed
+from distshare.distributed.world import World
 from distshare.errors import RankSilent
-from distshare.faults import HANG_ENV, hang, hang_point
+from distshare.testing.faults import HANG_ENV, hang, hang_point
 
 pytestmark = pytest.mark.faults
 

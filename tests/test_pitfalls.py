@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 
-from distshare import pitfalls
+from distshare.equivalence import pitfalls
 
 
 @pytest.fixture(scope="module")

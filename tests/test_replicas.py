@@ -7,11 +7,11 @@ import pytest
 import torch
 from torch import nn
 
-from distshare.checksum import combined_fingerprint, fingerprint, fingerprint_state
 from distshare.config import load_config
-from distshare.dist.spawn import run_distributed
-from distshare.dist.world import World
-from distshare.replicas import (
+from distshare.distributed.spawn import run_distributed
+from distshare.distributed.world import World
+from distshare.integrity.fingerprint import combined_fingerprint, fingerprint, fingerprint_state
+from distshare.integrity.replicas import (
     ReplicaDivergenceError,
     ReplicaReport,
     assert_replicas_in_sync,
@@ -19,7 +19,7 @@ from distshare.replicas import (
     compare_replicas,
     localize,
 )
-from distshare.train import build_run, train_step
+from distshare.training import build_run, train_step
 
 PERTURBED = "layers.0.attn.W_Q.weight"
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from small_split import SMALL_SPLIT
 
-from distshare.faults import EXIT_AT_STEP
+from distshare.testing.faults import EXIT_AT_STEP
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = [pytest.mark.faults, pytest.mark.launcher, pytest.mark.slow]

@@ -22,14 +22,21 @@ import pytest
 import torch
 from small_split import SMALL_SPLIT
 
-from distshare.checkpoint import MANIFEST, MODEL_FILE, STATE_FILE, load_checkpoint, save_checkpoint, verify_checkpoint
 from distshare.cli import main
 from distshare.config import load_config
 from distshare.data import build_dataset
 from distshare.errors import UsageError
-from distshare.faults import EXIT_IN_SAVE, FAULT_EXIT_CODE
+from distshare.integrity.checkpoint import (
+    MANIFEST,
+    MODEL_FILE,
+    STATE_FILE,
+    load_checkpoint,
+    save_checkpoint,
+    verify_checkpoint,
+)
+from distshare.integrity.resume import Found, list_checkpoints, refuse_incompatible, rng_state, set_rng_state
 from distshare.models import build_model
-from distshare.resume import Found, list_checkpoints, refuse_incompatible, rng_state, set_rng_state
+from distshare.testing.faults import EXIT_IN_SAVE, FAULT_EXIT_CODE
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.faults

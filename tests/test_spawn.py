@@ -10,8 +10,8 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from distshare.dist.spawn import run_distributed
-from distshare.dist.world import World
+from distshare.distributed.spawn import run_distributed
+from distshare.distributed.world import World
 from distshare.errors import DistshareError, RankError, RankSilent
 
 

@@ -13,11 +13,11 @@ import torch
 
 from distshare.commands.verify import rounding_bound
 from distshare.config import RunConfig, load_config
-from distshare.diff import diff
-from distshare.dist.spawn import run_distributed
-from distshare.dist.world import World
-from distshare.replicas import compare_replicas
-from distshare.train import build_run, train
+from distshare.distributed.spawn import run_distributed
+from distshare.distributed.world import World
+from distshare.integrity.replicas import compare_replicas
+from distshare.numerics.diff import diff
+from distshare.training import build_run, train
 
 G, K = 12, 2  # divisible by W x k for W in {1, 2, 3}
 

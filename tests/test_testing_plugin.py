@@ -23,7 +23,7 @@ def readme_example() -> str:
 
 def test_the_plugin_is_registered_with_pytest():
     plugins = {ep.name: ep.value for ep in metadata.entry_points(group="pytest11")}
-    assert plugins.get("distshare") == "distshare.pytest_plugin"
+    assert plugins.get("distshare") == "distshare.testing.pytest_plugin"
 
 
 def test_readme_example_passes_and_its_broken_twin_fails(tmp_path):

@@ -16,8 +16,8 @@ import argparse
 import json
 import sys
 
-from distshare.checkpoint import CheckpointCheck, verify_checkpoint
 from distshare.commands.common import add_command
+from distshare.integrity.checkpoint import CheckpointCheck, verify_checkpoint
 
 
 def checksum_command_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:

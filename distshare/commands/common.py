@@ -14,16 +14,16 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from distshare.accounting import Accounting, account
 from distshare.config import ENGINES, SYNC_MODES, RunConfig, load_config, to_dict
 from distshare.data import build_dataset
+from distshare.data.accounting import Accounting, account
 from distshare.data.plan import GlobalBatchPlan
 from distshare.data.types import DataInfo
-from distshare.dist.world import launched
+from distshare.distributed.world import launched
 from distshare.errors import UsageError
-from distshare.replicas import ReplicaReport
+from distshare.integrity.replicas import ReplicaReport
 from distshare.report import write_atomic, write_result
-from distshare.train import TrainResult
+from distshare.training import TrainResult
 
 
 def positive_int(text: str) -> int:

@@ -16,9 +16,9 @@ import argparse
 import json
 import sys
 
-from distshare.checkpoint import compare_checkpoints
 from distshare.commands.common import add_command
-from distshare.replicas import TensorDiff
+from distshare.integrity.checkpoint import compare_checkpoints
+from distshare.integrity.replicas import TensorDiff
 
 
 def compare_command_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:

@@ -23,7 +23,7 @@ from typing import Any
 from distshare.commands.common import add_command, add_config_arguments, finish, positive_float, positive_int
 from distshare.config import SYNC_MODES, load_config
 from distshare.equivalence import AUTOCAST, ConfigTask, check_partitions, run_grid
-from distshare.equivalence_report import pitfall_rows, plot_heatmap, plot_loss_curves, render, table_rows
+from distshare.equivalence.report import pitfall_rows, plot_heatmap, plot_loss_curves, render, table_rows
 from distshare.errors import UsageError
 from distshare.report import run_dir
 
@@ -110,7 +110,7 @@ def equivalence_command(args: argparse.Namespace) -> int:
     if cfg.sync == "exact":  # exact mode promises bits: a partition merely within rounding fails it
         ok = ok and all(p.bitwise_equal and p.grad_bitwise_equal for p in grid.partitions)
     if args.pitfalls:
-        from distshare.pitfalls import run_pitfalls
+        from distshare.equivalence.pitfalls import run_pitfalls
 
         pitfalls = [p.to_dict() for p in run_pitfalls(progress, cfg.timeout_s)]
         result["pitfalls"] = pitfalls

@@ -38,8 +38,8 @@ from distshare.commands.common import (
 from distshare.config import RunConfig
 from distshare.engines import resolve_engine, run_engine
 from distshare.errors import UsageError
+from distshare.integrity.resume import find_resume, restart_count, with_absolute_paths
 from distshare.report import markdown_table, plot_losses, run_dir, usable_dir
-from distshare.resume import find_resume, restart_count, with_absolute_paths
 
 
 def train_command_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:

@@ -34,13 +34,13 @@ from distshare.commands.common import (
 )
 from distshare.config import RunConfig
 from distshare.data.types import DataInfo
-from distshare.diff import Diff, diff
-from distshare.dist.world import World, launched
+from distshare.distributed.world import World, launched
 from distshare.engines import resolve_engine, run_engine
+from distshare.engines.parity import PARITY_HEADER, render_rows, require_all_ran, run_parity
 from distshare.errors import UsageError
-from distshare.parity import PARITY_HEADER, render_rows, require_all_ran, run_parity
+from distshare.numerics.diff import Diff, diff
 from distshare.report import markdown_table, plot_losses, run_dir
-from distshare.train import TrainResult, train
+from distshare.training import TrainResult, train
 
 # The embedded default: small enough to finish in well under a minute on 2 cores, large
 # enough that W ranks x k micro-batches is a real split (G = 48 = 2 x 2 x 12; W = 3, 4 divide too).

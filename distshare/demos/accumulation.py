@@ -12,14 +12,14 @@ equivalence` runs it), on G = 40 for one SGD step from the same initial weights:
 Each partition is compared with the reference as measured: its synced gradient against the
 big-batch gradient at the same parameters (bitwise, or normwise rel / max abs, judged
 elementwise against the rounding bound of summing the same terms in another order, built
-from measured per-sample magnitudes: `distshare.rounding`), the weights after the update
+from measured per-sample magnitudes: `distshare.numerics.rounding`), the weights after the update
 (bitwise, or normwise rel / max abs / max ULP, against the grid's envelope), and the sample
 accounting. "The same" means bitwise, or within that bound. The same partitions are run again
-in exact mode (`sync=exact`, `distshare.exact`: per-sample gradients added in integers), where
+in exact mode (`sync=exact`, `distshare.numerics.exact_sum`: per-sample gradients added in integers), where
 the order of summation no longer matters and every one of them must be bitwise.
 
 Control: the common bug, the mean loss of each micro-batch divided by k (pitfall 1 of
-`distshare.pitfalls`, its step reused here on the seed's case, measured by the same grid).
+`distshare.equivalence.pitfalls`, its step reused here on the seed's case, measured by the same grid).
 It weights a token of a short micro-batch more than a token of a long one, so its gradient is
 not the batch's.
 """
@@ -31,10 +31,10 @@ from typing import Any
 
 from distshare.demos.common import config, pyplot, save
 from distshare.demos.finding import Finding, verdict
-from distshare.dist.world import World
+from distshare.distributed.world import World
 from distshare.equivalence import ConfigTask, PartitionResult, run_grid
-from distshare.pitfalls import MicroMeanTask
-from distshare.train import build_run
+from distshare.equivalence.pitfalls import MicroMeanTask
+from distshare.training import build_run
 
 NAME = "accumulation"
 QUESTION = (

@@ -1,7 +1,7 @@
 """What the demos share: seeded training through the one training loop, scalar rounding
-bounds (from `distshare.rounding`), and figures.
+bounds (from `distshare.numerics.rounding`), and figures.
 
-Demos train with `distshare.train.train` (the same step every engine runs), so what a
+Demos train with `distshare.training.train` (the same step every engine runs), so what a
 demo shows about weights is what training with distshare does. Trained models are cached
 per configuration: `distshare demo all` trains each model once even when two demos read it.
 """
@@ -18,14 +18,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from distshare import rounding
 from distshare.config import RunConfig, load_config
 from distshare.data import build_dataset
 from distshare.data.tensors import TensorTable
 from distshare.data.types import DataInfo
-from distshare.dist.world import World
+from distshare.distributed.world import World
 from distshare.models import build_model
-from distshare.train import DTYPES, TrainResult, train
+from distshare.numerics import rounding
+from distshare.training import DTYPES, TrainResult, train
 
 # The tiny transformer on subject-verb-object sentences: learns "who is the subject" in about
 # 60 steps (loss < 0.01), a few seconds on one core.
@@ -86,7 +86,7 @@ def data(cfg: RunConfig) -> tuple[DataInfo, TensorTable]:
 def reorder_bound(dtype: torch.dtype, terms: int) -> float:
     """Normwise relative difference two summation orders of `terms` terms can cause.
 
-    The scalar form of `distshare.rounding.reorder_bound`, for demos that have no per-term
+    The scalar form of `distshare.numerics.rounding.reorder_bound`, for demos that have no per-term
     magnitudes to measure: any order of a sum of n terms is within gamma(n - 1) (sum of
     |terms|) of the exact sum (Higham, Accuracy and Stability of Numerical Algorithms, 4.2);
     two orders are within twice that of each other. Normalizing by the result assumes no

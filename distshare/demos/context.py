@@ -27,7 +27,7 @@ from distshare.data.corpus import NOUNS, VERBS, encode_sentence
 from distshare.data.types import DataInfo
 from distshare.demos.common import TRANSFORMER, Trained, pyplot, reorder_bound, save, trained
 from distshare.demos.finding import Finding, verdict
-from distshare.train import DTYPES
+from distshare.training import DTYPES
 
 NAME = "context"
 QUESTION = (

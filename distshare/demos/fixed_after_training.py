@@ -17,9 +17,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from distshare.checksum import fingerprint_state
 from distshare.demos.common import CNN, TRANSFORMER, config, data, pyplot, save, trained
 from distshare.demos.finding import Finding, verdict
+from distshare.integrity.fingerprint import fingerprint_state
 
 NAME = "fixed-after-training"
 QUESTION = "After training transformer is the Q weight matrix WQ fixed"

@@ -1,6 +1,6 @@
 """Claim 3: 40 samples in batches of 4 are 10 updates of ONE weight set, not 10 weight sets.
 
-Training runs through the one training loop (`distshare.train.train`), with a hook after
+Training runs through the one training loop (`distshare.training.train`), with a hook after
 every optimizer step that records two things about the model's parameters:
 
 - the fingerprint of all of them together (a trail: one digest per update, every one new,
@@ -27,15 +27,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from distshare.checksum import combined_fingerprint, fingerprint
 from distshare.config import RunConfig
 from distshare.demos.common import config, data, pyplot, save
 from distshare.demos.finding import Finding, verdict
-from distshare.dist.spawn import run_distributed
-from distshare.dist.sync import GradSync
-from distshare.dist.world import World
+from distshare.distributed.spawn import run_distributed
+from distshare.distributed.sync import GradSync
+from distshare.distributed.world import World
+from distshare.integrity.fingerprint import combined_fingerprint, fingerprint
 from distshare.models import build_model
-from distshare.train import Run, build_optimizer, loss_sum, train
+from distshare.training import Run, build_optimizer, loss_sum, train
 
 NAME = "one-weight-set"
 QUESTION = "So if my image has 40 images and batch size of 4. Will there be 8 different weights"

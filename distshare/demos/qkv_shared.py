@@ -26,9 +26,9 @@ from torch.func import functional_call, grad, vmap
 
 from distshare.demos.common import config, data, params_used, pyplot, reorder_bound, save, seeded
 from distshare.demos.finding import Finding, verdict
-from distshare.diff import Diff, diff
 from distshare.models import build_model
-from distshare.train import DTYPES, loss_sum
+from distshare.numerics.diff import Diff, diff
+from distshare.training import DTYPES, loss_sum
 
 NAME = "qkv-shared"
 QUESTION = (

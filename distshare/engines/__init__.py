@@ -17,9 +17,9 @@ import importlib.util
 from pathlib import Path
 
 from distshare.config import RunConfig
-from distshare.dist.world import launched, launched_by_accelerate
+from distshare.distributed.world import launched, launched_by_accelerate
 from distshare.errors import UsageError
-from distshare.train import TrainResult
+from distshare.training import TrainResult
 
 ACCELERATE_CPU = "accelerate launch --config_file configs/accelerate/cpu.yaml --num_processes {n} -m distshare {cmd}"
 

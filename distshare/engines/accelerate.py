@@ -22,7 +22,7 @@ parameters by 2.8e-16). Here the two are cancelled separately, each exactly:
 
 So the gradient is bitwise the one the torch engine computes, for every W and k, and
 everything else — the plan, the micro-batches, the optimizer step, the checks — is
-`distshare.train`, unchanged.
+`distshare.training`, unchanged.
 """
 
 from __future__ import annotations
@@ -41,11 +41,11 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from distshare.config import RunConfig
-from distshare.dist import watchdog
-from distshare.dist.sync import ExactSync, GradSync, sum_hook
-from distshare.dist.world import World
+from distshare.distributed import watchdog
+from distshare.distributed.sync import ExactSync, GradSync, sum_hook
+from distshare.distributed.world import World
 from distshare.engines.gather import gather_to_main, with_world_size
-from distshare.train import DTYPES, TrainResult, train
+from distshare.training import DTYPES, TrainResult, train
 
 
 class AccelerateSync(GradSync):

@@ -7,8 +7,8 @@ import dataclasses
 import torch.distributed as dist
 
 from distshare.config import RunConfig
-from distshare.dist.world import World
-from distshare.train import TrainResult
+from distshare.distributed.world import World
+from distshare.training import TrainResult
 
 
 def gather_to_main(result: TrainResult, world: World) -> list[TrainResult] | None:

@@ -4,7 +4,7 @@
     distshare train --engine ray --nproc 4 --ray-address auto    # join a running cluster
 
 Ray Train starts the workers and makes their torch.distributed group (gloo on CPU, nccl on
-GPU); each worker then runs `distshare.train.train`, unchanged, with the run's own sync
+GPU); each worker then runs `distshare.training.train`, unchanged, with the run's own sync
 (DDP with a SUM hook, or an explicit all-reduce). So the arithmetic is the torch engine's,
 and so is the final fingerprint.
 
@@ -34,8 +34,8 @@ from typing import Any
 
 from distshare.config import RunConfig, dump_config
 from distshare.errors import DistshareError, UsageError
-from distshare.faults import exit_spec_from_env
-from distshare.train import TrainResult
+from distshare.testing.faults import exit_spec_from_env
+from distshare.training import TrainResult
 
 
 def ray_address(cli_address: str | None) -> str | None:
@@ -153,11 +153,11 @@ def _worker(config: dict[str, Any]) -> None:
     import ray.train
     import torch
 
-    from distshare.dist import watchdog
-    from distshare.dist.world import World
+    from distshare.distributed import watchdog
+    from distshare.distributed.world import World
     from distshare.engines.gather import gather_to_main
-    from distshare.faults import HANG_ENV, worker_exit_hook
-    from distshare.train import train
+    from distshare.testing.faults import HANG_ENV, worker_exit_hook
+    from distshare.training import train
 
     cfg: RunConfig = config["cfg"]
     ctx = ray.train.get_context()

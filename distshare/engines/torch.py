@@ -3,7 +3,7 @@
     distshare train --nproc 2                                        # spawned CPU ranks
     torchrun --standalone --nproc_per_node 2 -m distshare train      # torchrun's ranks
 
-Either way every rank runs `distshare.train.train`; what differs is who made the process
+Either way every rank runs `distshare.training.train`; what differs is who made the process
 group. Under torchrun there is no parent to collect results, so the ranks gather their
 (small) accounts to rank 0, which writes the report.
 
@@ -21,13 +21,13 @@ from pathlib import Path
 import torch
 
 from distshare.config import RunConfig
-from distshare.dist.spawn import run_distributed
-from distshare.dist.world import World, close_world, init_world, launched
+from distshare.distributed.spawn import run_distributed
+from distshare.distributed.world import World, close_world, init_world, launched
 from distshare.engines.gather import gather_to_main, with_world_size
 from distshare.errors import UsageError
-from distshare.faults import worker_exit_hook
-from distshare.resume import restart_count
-from distshare.train import TrainResult, train
+from distshare.integrity.resume import restart_count
+from distshare.testing.faults import worker_exit_hook
+from distshare.training import TrainResult, train
 
 
 def run_training(

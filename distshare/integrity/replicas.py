@@ -26,9 +26,14 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from distshare.checksum import check_comparable, combined_fingerprint, fingerprint_state, named_state_tensors
-from distshare.diff import ulp_distance
 from distshare.errors import VerificationFailed
+from distshare.integrity.fingerprint import (
+    check_comparable,
+    combined_fingerprint,
+    fingerprint_state,
+    named_state_tensors,
+)
+from distshare.numerics.diff import ulp_distance
 
 
 @dataclass

@@ -4,7 +4,7 @@ This is how a laptop stands in for a cluster: every rank is a real process with 
 `torch.distributed` gloo group over loopback, meeting at a file rendezvous (no port to pick,
 so tests can run in parallel). The caller gets each rank's return value; a rank's
 exception is re-raised with its rank; and nothing waits forever: the collectives carry
-the timeout (the survivors name a rank that went silent: `distshare.dist.watchdog`), and
+the timeout (the survivors name a rank that went silent: `distshare.distributed.watchdog`), and
 the caller gives up on ranks that neither answer nor exit.
 """
 
@@ -22,7 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from distshare.dist import watchdog
+from distshare.distributed import watchdog
 from distshare.errors import DistshareError, RankError, RankSilent
 
 
@@ -150,7 +150,7 @@ def _rank_main(
 
     tqdm.set_lock(threading.RLock())
     os.environ.setdefault("GLOO_SOCKET_IFNAME", _loopback_interface())
-    from distshare.dist.world import close_world, init_world
+    from distshare.distributed.world import close_world, init_world
 
     world = None
     try:

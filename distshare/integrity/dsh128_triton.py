@@ -1,6 +1,6 @@
 """The dsh128 lane sums as fused Triton kernels for CUDA tensors.
 
-Imported only by `distshare.checksum._load_triton`, and only when a CUDA tensor is
+Imported only by `distshare.integrity.fingerprint._load_triton`, and only when a CUDA tensor is
 fingerprinted: CPU installs have no triton. The math is exactly `checksum._mix` over 64-bit
 words (int64 arithmetic wraps mod 2^64 in both, and `>>` plus a mask is the logical shift in
 both), so the digests equal those of the plain torch ops; `checksum` checks that before using it.
@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from distshare.checksum import LANES, _signed, _words
+from distshare.integrity.fingerprint import LANES, _signed, _words
 
 BLOCK = 2048  # 64-bit words per block: 16 KB read per program per loop step
 NUM_WARPS = 4  # 16 words per thread per step (measured on an H100: 8 warps with this BLOCK was 1.5x slower)

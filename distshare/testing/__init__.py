@@ -16,7 +16,7 @@ and assert that every rank holds the same training state.
 the state (parameters, buffers, optimizer state) differs; its message names the tensors,
 the ranks and the first differing element. A rank's error reaches the test as a
 `RankError` carrying that message. The same helpers are pytest fixtures too
-(`distshare_run`, see `distshare.pytest_plugin`).
+(`distshare_run`, see `distshare.testing.pytest_plugin`).
 """
 
 from __future__ import annotations
@@ -24,11 +24,16 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from distshare.dist import spawn
-from distshare.dist.world import World
+from distshare.distributed import spawn
+from distshare.distributed.world import World
 from distshare.equivalence import assert_accumulation_equivalent
 from distshare.errors import RankError
-from distshare.replicas import ReplicaDivergenceError, ReplicaReport, assert_replicas_in_sync, compare_replicas
+from distshare.integrity.replicas import (
+    ReplicaDivergenceError,
+    ReplicaReport,
+    assert_replicas_in_sync,
+    compare_replicas,
+)
 
 
 def run_distributed(
@@ -42,7 +47,7 @@ def run_distributed(
     """Run `fn(world, *args, **kwargs)` on `world_size` CPU ranks; each rank's return value.
 
     `timeout_s` bounds every collective inside the ranks; `deadline_s` the whole run, so a
-    test never hangs (a test suite's defaults: tighter than `distshare.dist.spawn`'s).
+    test never hangs (a test suite's defaults: tighter than `distshare.distributed.spawn`'s).
     """
     return spawn.run_distributed(fn, world_size, *args, timeout_s=timeout_s, deadline_s=deadline_s, **kwargs)
 

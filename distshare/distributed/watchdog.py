@@ -39,7 +39,7 @@ import torch.distributed as dist
 
 from distshare.errors import RankSilent
 
-# The fault injection's switch (distshare.faults.HANG_ENV): checked here, in the one place
+# The fault injection's switch (distshare.testing.faults.HANG_ENV): checked here, in the one place
 # every rank passes each step, so a launched run (torchrun) can be made to hang from outside.
 _HANG_ENV = "DISTSHARE_FAULT_HANG"
 
@@ -117,8 +117,8 @@ def note_step(rank: int, step: int) -> None:
     """The training loop is at `step` on this rank: remembered for a later "went silent at step"."""
     if _active is not None:
         _active.step = step
-    if _HANG_ENV in os.environ:  # fault injection only; see distshare.faults.HANG_ENV
-        from distshare.faults import maybe_go_silent
+    if _HANG_ENV in os.environ:  # fault injection only; see distshare.testing.faults.HANG_ENV
+        from distshare.testing.faults import maybe_go_silent
 
         maybe_go_silent(rank, step)
 

@@ -36,14 +36,14 @@ from torch.distributed.algorithms.join import Join
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from distshare.accounting import account, account_epoch, distributed_sampler_indices
 from distshare.config import PlanConfig, RunConfig, load_config
+from distshare.data.accounting import account, account_epoch, distributed_sampler_indices
 from distshare.data.plan import GlobalBatchPlan
-from distshare.dist.spawn import run_distributed
-from distshare.dist.world import World
+from distshare.distributed.spawn import run_distributed
+from distshare.distributed.world import World
 from distshare.equivalence import ConfigTask, GridResult, UserTask, run_grid
-from distshare.rounding import bounds, excess
-from distshare.train import Run, loss_sum
+from distshare.numerics.rounding import bounds, excess
+from distshare.training import Run, loss_sum
 
 
 @dataclass

@@ -1,18 +1,4 @@
-"""The one training step and the loop around it, the same for every engine.
-
-Engines differ only in how processes start (a single process, spawned gloo ranks,
-torchrun) and which `GradSync` they use; the step below is all there is to training:
-
-    for each of this rank's k micro-batches:
-        loss = (sum of per-item losses) / (items in the WHOLE global batch)
-        loss.backward()                      # accumulates into .grad
-    synchronize gradients (sum over ranks)   # -> the large-batch gradient, on every rank
-    optimizer.step()                         # the same update of the same parameters everywhere
-
-Dividing by the global item count (torchtitan does the same) is what makes "W ranks x k
-micro-batches" the same computation as "one process, one big batch", even when
-micro-batches hold different numbers of tokens.
-"""
+"""The loop around the one step (distshare.training.step)."""
 
 from __future__ import annotations
 
@@ -25,140 +11,16 @@ from typing import IO, Any
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
-from torch import nn
 from tqdm import tqdm
 
-from distshare import resume
-from distshare.checksum import fingerprint_grads
 from distshare.config import RunConfig, dump_config
-from distshare.data import build_dataset
-from distshare.data.plan import GlobalBatchPlan
-from distshare.data.tensors import TensorTable
-from distshare.data.types import IGNORE_INDEX, Batch, DataInfo
-from distshare.dist.sync import GradSync, make_sync
-from distshare.dist.watchdog import note_step
-from distshare.dist.world import World
-from distshare.models import build_model
-from distshare.replicas import compare_replicas
-
-DTYPES = {"float32": torch.float32, "float64": torch.float64}
-
-
-@dataclass
-class Run:
-    """Everything the step needs, built identically on every rank from the same config."""
-
-    cfg: RunConfig
-    world: World
-    info: DataInfo
-    table: TensorTable
-    plan: GlobalBatchPlan
-    model: nn.Module  # the bare model: fingerprints and names come from here
-    wrapped: nn.Module  # what forward is called on (DDP wrapper or the model itself)
-    optimizer: torch.optim.Optimizer
-    sync: GradSync
-
-
-def build_run(cfg: RunConfig, world: World, sync: GradSync | None = None) -> Run:
-    """Data, plan, model, optimizer and sync for this rank; the same on every rank.
-
-    `sync` is the engine's, when the engine brings its own (accelerate); else from `cfg.sync`.
-    """
-    dtype = DTYPES[cfg.model.dtype]
-    dataset, info = build_dataset(cfg.data)
-    table = TensorTable.from_dataset(dataset, info, dtype)
-    plan = GlobalBatchPlan(
-        num_samples=len(table),
-        plan=cfg.plan.resolve(world.world_size),
-        seed=cfg.plan.seed,
-        drop_last=cfg.plan.drop_last,
-    )
-    model = build_model(cfg.model, info, seed=cfg.seed).to(world.device)
-    sync = sync or make_sync(cfg.sync, world.world_size)
-    wrapped, optimizer = sync.prepare(model, build_optimizer(cfg, model))
-    return Run(cfg, world, info, table, plan, model, wrapped, optimizer, sync)
-
-
-def build_optimizer(cfg: RunConfig, model: nn.Module) -> torch.optim.Optimizer:
-    o = cfg.optim
-    params = model.parameters()
-    if o.name == "sgd":
-        return torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
-    if o.name == "adam":
-        return torch.optim.Adam(params, lr=o.lr, weight_decay=o.weight_decay)
-    return torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay)
-
-
-def loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Summed (not averaged) cross-entropy over the non-ignored items of a micro-batch."""
-    return F.cross_entropy(
-        logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), reduction="sum", ignore_index=IGNORE_INDEX
-    )
-
-
-@dataclass
-class StepStats:
-    """What one rank saw in one step."""
-
-    loss_sum: float  # this rank's summed loss (before dividing by the global count)
-    global_items: int  # loss items in the whole global batch: the normalizer
-    indices: list[list[int]]  # global sample indices of each of this rank's micro-batches
-    local_grads: dict[str, str] | None = None  # grad fingerprints before the sync, if probed
-
-
-def train_step(run: Run, step: int, probe_local_grads: bool = False) -> StepStats:
-    """One optimizer step over this rank's k micro-batches of global batch `step`."""
-    micro = run.plan.rank_micro_batches(step, run.world.rank)
-    # Every rank knows the whole plan, so it counts the global batch's items locally:
-    # no collective needed to learn the normalizer.
-    global_indices = run.plan.global_batch(step)
-    global_items = run.table.count_items(global_indices)
-    run.optimizer.zero_grad(set_to_none=True)
-    run.sync.start_step(run.model, global_items, len(global_indices))
-    total = torch.zeros((), dtype=torch.float64)
-    local_grads = None
-    # What a rank computed alone is visible just before the sync. Under DDP the last
-    # backward already all-reduced, so only the no_sync micro-batches show it (k >= 2).
-    probe_at = len(micro) - 2 if run.sync.reduces_in_backward else len(micro) - 1
-    for i, indices in enumerate(micro):
-        last = i == len(micro) - 1
-        batch = run.table.select(indices).to(run.world.device)
-        if run.sync.per_sample:  # exact mode: the sync takes the samples, computed in finish()
-            run.sync.accumulate(run.model, {"inputs": batch.inputs, "labels": batch.labels}, sample_losses)
-            continue
-        with run.sync.micro_step(run.wrapped, last):
-            loss = _micro_loss(run, batch)
-            run.sync.backward(loss / global_items)
-        total += loss.detach().to(torch.float64).cpu()
-        if probe_local_grads and i == probe_at:
-            local_grads = fingerprint_grads(run.model)
-    run.sync.finish(run.model)
-    if run.sync.per_sample:
-        total += run.sync.step_loss
-    run.optimizer.step()
-    return StepStats(float(total), global_items, [m.tolist() for m in micro], local_grads)
-
-
-def sample_losses(model: nn.Module, sample: dict[str, Any]) -> torch.Tensor:
-    """Each sample's summed loss, [n], of `{"inputs", "labels"}`: what exact mode differentiates."""
-    logits = model(**sample["inputs"])
-    labels = sample["labels"]
-    per_item = F.cross_entropy(
-        logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), reduction="none", ignore_index=IGNORE_INDEX
-    )
-    return per_item.reshape(labels.shape[0], -1).sum(dim=1)  # ignored items are exactly 0
-
-
-def _micro_loss(run: Run, batch: Batch) -> torch.Tensor:
-    if len(batch) == 0:
-        # An empty slot (last incomplete global batch) must still join the gradient
-        # all-reduce, and DDP only reduces after a forward through its wrapper: run one
-        # sample and scale its loss by exactly zero, which contributes exactly zero.
-        stand_in = run.table.select([0]).to(run.world.device)
-        return loss_sum(run.wrapped(**stand_in.inputs), stand_in.labels) * 0.0
-    logits = run.wrapped(**batch.inputs)
-    return loss_sum(logits, batch.labels)
+from distshare.distributed.sync import GradSync
+from distshare.distributed.watchdog import note_step
+from distshare.distributed.world import World
+from distshare.integrity import resume
+from distshare.integrity.fingerprint import fingerprint_grads
+from distshare.integrity.replicas import compare_replicas
+from distshare.training.step import Run, build_run, train_step
 
 
 @dataclass
@@ -186,7 +48,7 @@ class TrainResult:
     # Exact mode: gradient contributions below its fixed-point resolution, rounded to 0 (all steps, all ranks)
     exact_underflows: int | None = None
     restart: int = 0  # the launcher's restart count of this worker (torchrun, Ray Train); 0: first attempt
-    resumed: dict[str, Any] | None = None  # the checkpoint this run continued from (distshare.resume)
+    resumed: dict[str, Any] | None = None  # the checkpoint this run continued from (distshare.integrity.resume)
 
     @property
     def replicas_in_sync(self) -> bool:

@@ -27,8 +27,8 @@ import yaml
 from safetensors.torch import load_file
 
 from distshare.config import RunConfig, dump_config
-from distshare.diff import diff
 from distshare.errors import DistshareError
+from distshare.numerics.diff import diff
 
 # The engines, in the order of the table; the first multi-rank one is the baseline.
 ENGINES = ("torch", "torchrun", "accelerate", "ray", "reference")

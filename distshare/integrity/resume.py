@@ -43,16 +43,16 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from distshare.checkpoint import (
+from distshare.config import RunConfig, to_dict
+from distshare.distributed.world import World
+from distshare.errors import UsageError, VerificationFailed
+from distshare.integrity.checkpoint import (
     VERSION,
     load_checkpoint,
     read_manifest,
     save_run_checkpoint,
     verify_checkpoint,
 )
-from distshare.config import RunConfig, to_dict
-from distshare.dist.world import World
-from distshare.errors import UsageError, VerificationFailed
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 _LEFTOVER = re.compile(r"^\.step-\d+\.(.+\.tmp|old-\d+)$")  # what an interrupted save leaves behind
@@ -171,7 +171,7 @@ def refuse_incompatible(found: Found, cfg: RunConfig, world_size: int, model: to
 
 
 def _refuse_other_tensors(found: Found, model: torch.nn.Module) -> None:
-    from distshare.checksum import unwrap
+    from distshare.integrity.fingerprint import unwrap
 
     stored = {
         e["key"]: (e["dtype"], e["shape"])

@@ -2,7 +2,7 @@
 
 Every fault is a function `fault(world, faulty_rank, inject_at) -> FaultOutcome` meant to run
 on every rank of a spawned world (`run_distributed(run_fault, 3, "bit_flip")`). It trains
-with the real loop (`distshare.train.train`, replicas checked at every step), injects the
+with the real loop (`distshare.training.train`, replicas checked at every step), injects the
 fault on one rank through the loop's `on_step` hook or its `sync`, and returns what the loop
 recorded: the first check that failed, its step, and the full `ReplicaReport`.
 
@@ -37,10 +37,10 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from distshare.config import RunConfig, load_config
-from distshare.dist.sync import AllReduceSync, DDPSync, sum_hook
-from distshare.dist.world import World
-from distshare.replicas import ReplicaReport
-from distshare.train import Run, train
+from distshare.distributed.sync import AllReduceSync, DDPSync, sum_hook
+from distshare.distributed.world import World
+from distshare.integrity.replicas import ReplicaReport
+from distshare.training import Run, train
 
 BIT_FLIP_TENSOR = "layers.0.attn.W_Q.weight"
 BIT_FLIP_ELEMENT = (3, 5)  # (row, column) of W_Q's weight
@@ -270,7 +270,7 @@ def worker_exit_hook(
 
 def _exit_in_save(nth: int) -> None:
     """Make this process exit between the files of its `nth` checkpoint save."""
-    from distshare import checkpoint
+    from distshare.integrity import checkpoint
 
     real = checkpoint.save_file
     saves = 0
@@ -307,7 +307,7 @@ __all__ = [
 # ---------------------------------------------------------------------------------------
 # A rank that hangs (issue 8, "a worker that hangs"): it stops taking part at one step and
 # never comes back. The others' collectives time out (`timeout_s`) and the survivors name
-# it (`distshare.dist.watchdog`): `RankSilent("rank 1 went silent at step 3 ...")`.
+# it (`distshare.distributed.watchdog`): `RankSilent("rank 1 went silent at step 3 ...")`.
 #
 # The switch is an environment variable so that it reaches every kind of rank, including
 # the ones torchrun starts: `DISTSHARE_FAULT_HANG=RANK:STEP distshare train ...`. The

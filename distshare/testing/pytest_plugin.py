@@ -8,7 +8,7 @@ Installed with distshare, it gives any project's test suite two fixtures:
 - `distshare_timeout`: the bound (seconds) on every collective inside those ranks, 60 by
   default; override the fixture, or pass `--distshare-timeout S`.
 
-Without the entry point (e.g. a source checkout), `pytest -p distshare.pytest_plugin` loads it.
+Without the entry point (e.g. a source checkout), `pytest -p distshare.testing.pytest_plugin` loads it.
 """
 
 from __future__ import annotations

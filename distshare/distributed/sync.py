@@ -9,7 +9,7 @@ large-batch gradient; averaging (DDP's default) would divide by W a second time.
 - `allreduce`: no wrapper at all, an explicit `all_reduce(SUM)` of every `.grad` after the
   last micro-batch: the most transparent form of "all-reduce gradients into one replicated
   parameter set".
-- `exact`: per-sample gradients added in integers (`distshare.exact`): bitwise the same
+- `exact`: per-sample gradients added in integers (`distshare.numerics.exact_sum`): bitwise the same
   gradient for every split of the global batch, W = 1 included.
 - single process (W = 1): nothing to synchronize.
 """
@@ -26,7 +26,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils._pytree import tree_map
 
-from distshare.exact import ExactGradSum, LossFn, per_sample_grads, refuse_split_dependent
+from distshare.numerics.exact_sum import ExactGradSum, LossFn, per_sample_grads, refuse_split_dependent
 
 
 class GradSync:
@@ -112,7 +112,7 @@ class ExactSync(GradSync):
     """Per-sample gradients summed exactly in integers across micro-batches and ranks.
 
     The micro-batches of a step are only collected here and computed together in `finish`,
-    in the fixed-size chunks `distshare.exact` needs anyway: a sample's result does not
+    in the fixed-size chunks `distshare.numerics.exact_sum` needs anyway: a sample's result does not
     depend on its micro-batch, so k costs nothing extra.
     """
 

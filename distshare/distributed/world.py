@@ -16,7 +16,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from distshare.dist import watchdog
+from distshare.distributed import watchdog
 
 
 @dataclass(frozen=True)
@@ -70,7 +70,7 @@ def init_world(
     With no arguments, reads the launcher's environment; a spawner passes rank, size and an
     `init_method` (a file:// rendezvous). The timeout bounds every later collective too,
     so a silent rank makes the others fail instead of waiting forever, and they name it
-    (`distshare.dist.watchdog`).
+    (`distshare.distributed.watchdog`).
     """
     if rank is None and launched():
         rank = int(os.environ["RANK"])

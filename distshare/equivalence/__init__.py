@@ -9,7 +9,7 @@ one batch of 40. Here every split of a global batch G = W x k x b trains the sam
 reference W = 1, k = 1 (b = G):
 
 - the synced gradient of each step against the large-batch gradient *at the same
-  parameters*, elementwise, with a predicted rounding bound (`distshare.rounding`: two
+  parameters*, elementwise, with a predicted rounding bound (`distshare.numerics.rounding`: two
   orders of one sum of n terms differ by at most 2 gamma(n-1) sum |x_i|, with sum |x_i|
   measured as the per-sample gradient magnitudes). This is the check that a pitfall fails
   by orders of magnitude, and the one that says *why* a split is not bitwise: the order of
@@ -43,18 +43,18 @@ import torch.distributed as dist
 from torch import nn
 from tqdm import tqdm
 
-from distshare.accounting import account_batches
 from distshare.config import PlanConfig, RunConfig
 from distshare.data import build_dataset
+from distshare.data.accounting import account_batches
 from distshare.data.plan import GlobalBatchPlan
-from distshare.diff import diff
-from distshare.dist.spawn import run_distributed
-from distshare.dist.sync import ExactSync, make_sync
-from distshare.dist.world import World
+from distshare.distributed.spawn import run_distributed
+from distshare.distributed.sync import ExactSync, make_sync
+from distshare.distributed.world import World
 from distshare.errors import UsageError
 from distshare.models import build_model
-from distshare.rounding import bounds, excess, norm_rel, unit_roundoff
-from distshare.train import Run, build_run, loss_sum, sample_losses, train_step
+from distshare.numerics.diff import diff
+from distshare.numerics.rounding import bounds, excess, norm_rel, unit_roundoff
+from distshare.training import Run, build_run, loss_sum, sample_losses, train_step
 
 Tensors = dict[str, torch.Tensor]
 

@@ -130,7 +130,7 @@ def _load_triton() -> None:
     fn = many = None
     if os.environ.get("DISTSHARE_NO_TRITON") != "1":
         try:
-            from distshare._dsh128_triton import dsh128_lanes_many_triton, dsh128_lanes_triton
+            from distshare.integrity.dsh128_triton import dsh128_lanes_many_triton, dsh128_lanes_triton
 
             gen = torch.Generator(device="cuda").manual_seed(0)
             # Odd byte counts (a zero-padded tail word), sizes around and across blocks, and a
