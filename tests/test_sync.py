@@ -103,7 +103,7 @@ def _grads_before_and_after_sync(world: World, sync: str) -> tuple[bool, bool]:
             before = compare_replicas(run.model, grads=True).in_sync
     if sync == "allreduce":
         before = compare_replicas(run.model, grads=True).in_sync
-    run.sync.finish(run.model)
+    run.sync.synchronize(run.model)
     after = compare_replicas(run.model, grads=True).in_sync
     return before, after
 

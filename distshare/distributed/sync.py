@@ -39,7 +39,7 @@ class GradSync:
     # True when the step hands over each micro-batch's samples (`accumulate`) instead of
     # calling backward on their summed loss (exact mode).
     per_sample = False
-    step_loss = 0.0  # per-sample syncs: this rank's summed loss of the last step (computed in finish)
+    step_loss = 0.0  # per-sample syncs: this rank's summed loss of the last step (computed in synchronize)
     underflows: int | None = None  # exact mode: contributions rounded to 0, summed over the run's steps
 
     def wrap(self, model: nn.Module) -> nn.Module:
@@ -62,7 +62,7 @@ class GradSync:
     def start_step(self, model: nn.Module, global_items: int, global_samples: int) -> None:
         """Called before a step's first micro-batch with the global batch's item and sample counts."""
 
-    def finish(self, model: nn.Module) -> None:
+    def synchronize(self, model: nn.Module) -> None:
         """Called once after the last micro-batch's backward, before the optimizer step."""
 
 
@@ -93,7 +93,7 @@ class AllReduceSync(GradSync):
 
     name = "allreduce"
 
-    def finish(self, model: nn.Module) -> None:
+    def synchronize(self, model: nn.Module) -> None:
         params = [p for p in model.parameters() if p.requires_grad]
         for p in params:
             if p.grad is None:
@@ -111,7 +111,7 @@ class AllReduceSync(GradSync):
 class ExactSync(GradSync):
     """Per-sample gradients summed exactly in integers across micro-batches and ranks.
 
-    The micro-batches of a step are only collected here and computed together in `finish`,
+    The micro-batches of a step are only collected here and computed together in `synchronize`,
     in the fixed-size chunks `distshare.numerics.exact_sum` needs anyway: a sample's result does not
     depend on its micro-batch, so k costs nothing extra.
     """
@@ -139,7 +139,7 @@ class ExactSync(GradSync):
         self.samples.append(batch)
         self.loss_fn = loss_fn
 
-    def finish(self, model: nn.Module) -> None:
+    def synchronize(self, model: nn.Module) -> None:
         acc = ExactGradSum(model, self.global_samples, self.world_size)
         if self.samples and self.loss_fn is not None:
             batch = tree_map(lambda *parts: torch.cat(parts), *self.samples)

@@ -142,7 +142,7 @@ class ConfigTask:
             sync = ExactSync()
             sync.start_step(model, run.table.count_items(indices), len(indices))
             sync.accumulate(model, sample, sample_losses)
-            sync.finish(model)
+            sync.synchronize(model)
 
         u = unit_roundoff(getattr(torch, model_cfg.dtype))
         return Trainee(
@@ -684,7 +684,7 @@ class UserTask:
                     loss = self.loss_fn(wrapped, self._collate(indices.tolist()))
                     sync.backward(loss / n)
                 total += float(loss.detach())
-            sync.finish(model)
+            sync.synchronize(model)
             opt.step()
             return total, [m.tolist() for m in micro]
 

@@ -120,7 +120,7 @@ class MicroMeanTask(ConfigTask):
                     # The pitfall: each micro-batch's own mean, then / k (HF transformers < 4.46).
                     run.sync.backward(loss / batch.num_items / k**self.k_power)
                 total += float(loss.detach())
-            run.sync.finish(run.model)
+            run.sync.synchronize(run.model)
             run.optimizer.step()
             return total, [m.tolist() for m in micro]
 

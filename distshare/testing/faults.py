@@ -112,13 +112,13 @@ class _SkipOnce(AllReduceSync):
     def __init__(self, rank: int, faulty_rank: int, skip_step: int):
         self.rank, self.faulty_rank, self.skip_step, self.calls = rank, faulty_rank, skip_step, 0
 
-    def finish(self, model: nn.Module) -> None:
+    def synchronize(self, model: nn.Module) -> None:
         step, self.calls = self.calls, self.calls + 1
         if step != self.skip_step or self.rank != self.faulty_rank:
-            super().finish(model)
+            super().synchronize(model)
             return
         local = [p.grad.clone() if p.grad is not None else None for p in model.parameters()]
-        super().finish(model)  # still takes part, so the other ranks are not left waiting
+        super().synchronize(model)  # still takes part, so the other ranks are not left waiting
         for p, g in zip(model.parameters(), local, strict=True):
             if g is not None:
                 p.grad.copy_(g)

@@ -106,9 +106,10 @@ def train(
         for step in bar:
             note_step(world.rank, step)  # for "rank R went silent at step N" (dist/watchdog.py)
             probe = step == 0
-            stats = train_step(run, step, probe_local_grads=probe)
+            local: dict[str, dict[str, str]] = {}
+            stats = train_step(run, step, (lambda: local.update(g=fingerprint_grads(run.model))) if probe else None)  # noqa: B023
             if probe:
-                result.local_grads = stats.local_grads
+                result.local_grads = local.get("g")
                 result.synced_grads = fingerprint_grads(run.model)
                 if keep_state:
                     result.first_grads = {

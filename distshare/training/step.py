@@ -16,6 +16,7 @@ micro-batches hold different numbers of tokens.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,7 +31,6 @@ from distshare.data.tensors import TensorTable
 from distshare.data.types import IGNORE_INDEX, Batch, DataInfo
 from distshare.distributed.sync import GradSync, make_sync
 from distshare.distributed.world import World
-from distshare.integrity.fingerprint import fingerprint_grads
 from distshare.models import build_model
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -95,40 +95,82 @@ class StepStats:
     loss_sum: float  # this rank's summed loss (before dividing by the global count)
     global_items: int  # loss items in the whole global batch: the normalizer
     indices: list[list[int]]  # global sample indices of each of this rank's micro-batches
-    local_grads: dict[str, str] | None = None  # grad fingerprints before the sync, if probed
 
 
-def train_step(run: Run, step: int, probe_local_grads: bool = False) -> StepStats:
-    """One optimizer step over this rank's k micro-batches of global batch `step`."""
+LossFn = Callable[[nn.Module, Any], torch.Tensor]
+
+
+def optimizer_step(
+    model: nn.Module,
+    wrapped: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    sync: GradSync,
+    micro_batches: Sequence[Any],
+    normalizer: float,
+    global_samples: int,
+    loss_fn: LossFn,
+    sample_loss_fn: LossFn | None = None,
+    on_local_grads: Callable[[], None] | None = None,
+) -> float:
+    """The one step, for any model and data: this rank's micro-batches, one optimizer step.
+
+    `micro_batches` are this rank's k micro-batches of the global batch, in order, in
+    whatever form `loss_fn(module, batch)` takes; it returns the micro-batch's *summed*
+    loss, and the step divides it by `normalizer`, the loss items of the WHOLE global
+    batch. `sample_loss_fn(model, batch)` gives each sample's summed loss ([n]); exact mode
+    differentiates that instead. `on_local_grads` is called once, when `.grad` holds what
+    this rank computed alone, before any sync. Returns this rank's summed loss.
+    """
+    optimizer.zero_grad(set_to_none=True)
+    sync.start_step(model, normalizer, global_samples)
+    total = torch.zeros((), dtype=torch.float64)
+    # What a rank computed alone is visible just before the sync. Under DDP the last
+    # backward already all-reduces, so only the no_sync micro-batches show it (k >= 2).
+    probe_at = len(micro_batches) - 2 if sync.reduces_in_backward else len(micro_batches) - 1
+    for i, batch in enumerate(micro_batches):
+        if sync.per_sample:  # exact mode: the sync takes the samples, computed in synchronize()
+            if sample_loss_fn is None:
+                raise ValueError(f"sync {sync.name!r} needs per-sample losses (sample_loss_fn)")
+            sync.accumulate(model, batch, sample_loss_fn)
+            continue
+        with sync.micro_step(wrapped, i == len(micro_batches) - 1):
+            loss = loss_fn(wrapped, batch)
+            sync.backward(loss / normalizer)
+        total += loss.detach().to(torch.float64).cpu()
+        if on_local_grads is not None and i == probe_at:
+            on_local_grads()
+    sync.synchronize(model)
+    if sync.per_sample:
+        total += sync.step_loss
+    optimizer.step()
+    return float(total)
+
+
+def train_step(run: Run, step: int, on_local_grads: Callable[[], None] | None = None) -> StepStats:
+    """One optimizer step of distshare's own training over this rank's k micro-batches of global batch `step`."""
     micro = run.plan.rank_micro_batches(step, run.world.rank)
     # Every rank knows the whole plan, so it counts the global batch's items locally:
     # no collective needed to learn the normalizer.
     global_indices = run.plan.global_batch(step)
     global_items = run.table.count_items(global_indices)
-    run.optimizer.zero_grad(set_to_none=True)
-    run.sync.start_step(run.model, global_items, len(global_indices))
-    total = torch.zeros((), dtype=torch.float64)
-    local_grads = None
-    # What a rank computed alone is visible just before the sync. Under DDP the last
-    # backward already all-reduced, so only the no_sync micro-batches show it (k >= 2).
-    probe_at = len(micro) - 2 if run.sync.reduces_in_backward else len(micro) - 1
-    for i, indices in enumerate(micro):
-        last = i == len(micro) - 1
-        batch = run.table.select(indices).to(run.world.device)
-        if run.sync.per_sample:  # exact mode: the sync takes the samples, computed in finish()
-            run.sync.accumulate(run.model, {"inputs": batch.inputs, "labels": batch.labels}, sample_losses)
-            continue
-        with run.sync.micro_step(run.wrapped, last):
-            loss = _micro_loss(run, batch)
-            run.sync.backward(loss / global_items)
-        total += loss.detach().to(torch.float64).cpu()
-        if probe_local_grads and i == probe_at:
-            local_grads = fingerprint_grads(run.model)
-    run.sync.finish(run.model)
-    if run.sync.per_sample:
-        total += run.sync.step_loss
-    run.optimizer.step()
-    return StepStats(float(total), global_items, [m.tolist() for m in micro], local_grads)
+    batches = [_as_sample(run.table.select(indices).to(run.world.device)) for indices in micro]
+    total = optimizer_step(
+        run.model,
+        run.wrapped,
+        run.optimizer,
+        run.sync,
+        batches,
+        global_items,
+        len(global_indices),
+        lambda module, batch: _micro_loss(run, module, batch),
+        sample_losses,
+        on_local_grads,
+    )
+    return StepStats(total, global_items, [m.tolist() for m in micro])
+
+
+def _as_sample(batch: Batch) -> dict[str, Any]:
+    return {"inputs": batch.inputs, "labels": batch.labels}
 
 
 def sample_losses(model: nn.Module, sample: dict[str, Any]) -> torch.Tensor:
@@ -141,12 +183,11 @@ def sample_losses(model: nn.Module, sample: dict[str, Any]) -> torch.Tensor:
     return per_item.reshape(labels.shape[0], -1).sum(dim=1)  # ignored items are exactly 0
 
 
-def _micro_loss(run: Run, batch: Batch) -> torch.Tensor:
-    if len(batch) == 0:
+def _micro_loss(run: Run, module: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
+    if batch["labels"].shape[0] == 0:
         # An empty slot (last incomplete global batch) must still join the gradient
         # all-reduce, and DDP only reduces after a forward through its wrapper: run one
         # sample and scale its loss by exactly zero, which contributes exactly zero.
         stand_in = run.table.select([0]).to(run.world.device)
-        return loss_sum(run.wrapped(**stand_in.inputs), stand_in.labels) * 0.0
-    logits = run.wrapped(**batch.inputs)
-    return loss_sum(logits, batch.labels)
+        return loss_sum(module(**stand_in.inputs), stand_in.labels) * 0.0
+    return loss_sum(module(**batch["inputs"]), batch["labels"])
