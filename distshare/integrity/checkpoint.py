@@ -34,6 +34,7 @@ import platform
 import shutil
 import struct
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -127,12 +128,14 @@ def save_checkpoint(
     extra: dict[str, Any] | None = None,
     overwrite: bool = True,
     state: dict[str, torch.Tensor] | None = None,
+    after_file: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Write a checkpoint directory atomically; return its manifest.
 
     `cfg` may be a RunConfig (or any dataclass / dict); `position` says where in the plan
     (see `plan_position`); `extra` is any JSON the caller wants kept; `state` any other
-    named tensors (RNG states, histories), verified like the model's.
+    named tensors (RNG states, histories), verified like the model's. `after_file(path)` is
+    called after each tensor file is written (tests interrupt a save there).
     """
     path = Path(path)
     if path.exists() and not overwrite:
@@ -179,11 +182,15 @@ def save_checkpoint(
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
     try:
-        save_file(model_tensors, str(tmp / MODEL_FILE))
-        if optimizer is not None:
-            save_file(optim_tensors, str(tmp / OPTIM_FILE))
-        if state_tensors:
-            save_file(state_tensors, str(tmp / STATE_FILE))
+        for file, group, wanted in (
+            (MODEL_FILE, model_tensors, True),
+            (OPTIM_FILE, optim_tensors, optimizer is not None),
+            (STATE_FILE, state_tensors, bool(state_tensors)),
+        ):
+            if wanted:
+                save_file(group, str(tmp / file))
+                if after_file is not None:
+                    after_file(str(tmp / file))
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, default=str) + "\n")
         _usual_permissions(tmp)
         _fsync_tree(tmp)  # the bytes are on disk before the name says the checkpoint exists
@@ -201,6 +208,7 @@ def save_run_checkpoint(
     step: int,
     extra: dict[str, Any] | None = None,
     state: dict[str, torch.Tensor] | None = None,
+    after_file: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Checkpoint a `distshare.training.Run` after `step`: its config, plan position, rank."""
     plan = run.plan
@@ -218,7 +226,15 @@ def save_run_checkpoint(
     )
     info = {"rank": run.world.rank, "world_size": run.world.world_size, **(extra or {})}
     return save_checkpoint(
-        path, run.model, run.optimizer, step=step, cfg=run.cfg, position=position, extra=info, state=state
+        path,
+        run.model,
+        run.optimizer,
+        step=step,
+        cfg=run.cfg,
+        position=position,
+        extra=info,
+        state=state,
+        after_file=after_file,
     )
 
 
