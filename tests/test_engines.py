@@ -139,14 +139,21 @@ def test_parity_table_every_engine_bitwise_float64(ray_cluster, tmp_path):
     proc = _distshare(args, timeout=480)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = _json(proc)
-    rows = {r["engine"]: r for r in result["rows"]}
-    assert set(rows) == {"torch", "torchrun", "accelerate", "ray", "reference"}
-    fingerprints = {r["final_fingerprint"] for name, r in rows.items() if name != "reference"}
+    rows = {r["name"]: r for r in result["rows"]}
+    assert set(rows) == {"torch (spawn)", "torch (torchrun)", "accelerate", "ray", "local (1 process)"}
+    assert {(r["engine"], r["launcher"]) for r in rows.values()} == {
+        ("torch", "spawn"),
+        ("torch", "torchrun"),
+        ("accelerate", "accelerate"),
+        ("ray", "ray"),
+        ("local", None),
+    }
+    fingerprints = {r["final_fingerprint"] for name, r in rows.items() if name != "local (1 process)"}
     assert len(fingerprints) == 1, rows
     assert result["engines_bitwise_equal"]
     # One process sums each global batch in another order: not bitwise, at rounding scale.
     assert result["max_abs_diff_vs_reference"] <= 1e-12
-    assert (tmp_path / "report.md").read_text().count("| torchrun |") == 1
+    assert (tmp_path / "report.md").read_text().count("| torch (torchrun) |") == 1
 
 
 @pytest.mark.parametrize(

@@ -231,7 +231,7 @@ def test_every_engine_and_one_process_agree_bitwise_in_exact_mode(tmp_path):
     )
     assert out.returncode == 0, out.stderr[-3000:]
     table = json.loads(out.stdout)
-    rows = {r["engine"]: r for r in table["rows"] if not r["skipped"]}
-    assert set(rows) == {"torch", "torchrun", "accelerate", "ray", "reference"}, table["rows"]
+    rows = {r["name"]: r for r in table["rows"] if not r["skipped"]}
+    assert set(rows) == {"torch (spawn)", "torch (torchrun)", "accelerate", "ray", "local (1 process)"}, table["rows"]
     assert len({r["final_fingerprint"] for r in rows.values()}) == 1
     assert table["engines_bitwise_equal"] and table["max_abs_diff_vs_reference"] == 0.0

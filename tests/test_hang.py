@@ -22,7 +22,7 @@ from distshare.distributed import watchdog
 from distshare.distributed.spawn import run_distributed
 from distshare.distributed.world import World
 from distshare.errors import RankSilent
-from distshare.testing.faults import HANG_ENV, hang, hang_point
+from distshare.testing.faults import HANG_ENV, fault_env, hang, hang_point
 
 pytestmark = pytest.mark.faults
 
@@ -33,7 +33,8 @@ BOUND_S = 60
 
 
 def test_the_cli_names_the_silent_rank_and_marks_the_run_incomplete(tmp_path, capsys, monkeypatch):
-    monkeypatch.setenv(HANG_ENV, "1:3")  # spawned ranks inherit it: rank 1 stops at step 3
+    for key, value in fault_env(hang_at="1:3").items():  # spawned ranks inherit it: rank 1 stops at step 3
+        monkeypatch.setenv(key, value)
     run = tmp_path / "run"
     argv = ["train", "--nproc", "2", "--steps", "6", "--timeout", str(TIMEOUT), "--no-progress", "--out", str(run)]
     start = time.monotonic()
@@ -117,7 +118,7 @@ def _launch(launcher: str) -> list[str]:
 @pytest.mark.slow
 @pytest.mark.parametrize("launcher", ["torchrun", "accelerate", "ray"])
 def test_every_launcher_names_the_silent_rank(tmp_path, launcher):
-    env = {**_env(), HANG_ENV: "1:3"}
+    env = {**_env(), **fault_env(hang_at="1:3")}
     cmd = _launch(launcher) + ["--config", "configs/train/transformer.yaml", "--steps", "6", "--timeout", str(TIMEOUT)]
     cmd += ["--no-progress", "--out", str(tmp_path)]
     start = time.monotonic()

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from small_split import SMALL_SPLIT
 
-from distshare.testing.faults import EXIT_AT_STEP
+from distshare.testing.faults import fault_env
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = [pytest.mark.faults, pytest.mark.launcher, pytest.mark.slow]
@@ -33,7 +33,7 @@ RUN = [
     "--no-progress",
     "--json",
 ]
-KILL = {EXIT_AT_STEP: "1:12"}  # rank 1 dies right after step 12; the newest checkpoint then is step 10
+KILL = fault_env(exit_at="1:12")  # rank 1 dies right after step 12; the newest checkpoint then is step 10
 CHECKPOINTS = ["--checkpoint-every", "5"]
 
 
@@ -94,7 +94,7 @@ def test_torchrun_restarts_a_dead_worker_from_the_last_checkpoint(uninterrupted,
     cmd = _torchrun("--standalone", "--nproc_per_node", "2", "--max-restarts", "1", "-m", "distshare", "train")
     proc = _run([*cmd, *RUN, *CHECKPOINTS, "--checkpoint-dir", str(ck), "--out", str(out)], **KILL)
     result = _assert_restarted_and_exact(proc, uninterrupted, out)
-    assert result["engine"] == "torchrun"
+    assert result["engine"] == "torch" and result["launcher"] == "torchrun"
 
 
 def test_without_a_restart_budget_the_dead_worker_ends_the_run(tmp_path):
@@ -126,5 +126,5 @@ def test_a_spawned_checkpoint_resumes_under_torchrun_bitwise(uninterrupted, tmp_
     proc = _run([*cmd, *RUN, "--checkpoint-dir", str(ck), "--resume", str(ck), "--out", str(tmp_path / "b")])
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = _json(proc)
-    assert result["engine"] == "torchrun" and result["resume"]["from_step"] == 10 and result["restarts"] == 0
+    assert result["launcher"] == "torchrun" and result["resume"]["from_step"] == 10 and result["restarts"] == 0
     assert result["final_fingerprint"] == uninterrupted["final_fingerprint"]

@@ -36,7 +36,7 @@ from distshare.integrity.checkpoint import (
 )
 from distshare.integrity.resume import Found, list_checkpoints, refuse_incompatible, rng_state, set_rng_state
 from distshare.models import build_model
-from distshare.testing.faults import EXIT_IN_SAVE, FAULT_EXIT_CODE
+from distshare.testing.faults import FAULT_EXIT_CODE, fault_env
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.faults
@@ -267,7 +267,7 @@ def test_resume_auto_starts_fresh_then_continues(one_straight, tmp_path):
 
 def test_a_save_cut_short_leaves_the_previous_checkpoint_the_newest_valid_one(one_straight, tmp_path):
     ck = tmp_path / "ckpt"
-    env = dict(os.environ, HF_HUB_OFFLINE="1", **{EXIT_IN_SAVE: "2"})
+    env = dict(os.environ, HF_HUB_OFFLINE="1", **fault_env(exit_in_save=2))
     env.pop("RANK", None)
     proc = subprocess.run(
         [

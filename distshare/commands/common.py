@@ -19,7 +19,7 @@ from distshare.data import build_dataset
 from distshare.data.accounting import Accounting, account
 from distshare.data.plan import GlobalBatchPlan
 from distshare.data.types import DataInfo
-from distshare.distributed.world import launched
+from distshare.distributed import launchers
 from distshare.errors import UsageError
 from distshare.integrity.replicas import ReplicaReport
 from distshare.report import write_atomic, write_result
@@ -168,9 +168,8 @@ def output_file(text: str, flag: str) -> Path:
 
 def world_size_for(args: argparse.Namespace) -> int | None:
     """The launcher's world size when launched, else --nproc if given, else None (the config's)."""
-    if launched():
-        return int(os.environ["WORLD_SIZE"])
-    return args.nproc
+    place = launchers.launched_place()
+    return place.world_size if place is not None else args.nproc
 
 
 def preflight(cfg: RunConfig) -> tuple[GlobalBatchPlan, DataInfo]:
@@ -188,7 +187,7 @@ def preflight(cfg: RunConfig) -> tuple[GlobalBatchPlan, DataInfo]:
 
 
 def is_main_process() -> bool:
-    return not launched() or os.environ.get("RANK", "0") == "0"
+    return launchers.is_launched_main()
 
 
 def exact_line(underflows: int) -> str:
@@ -211,6 +210,7 @@ def training_summary(cfg: RunConfig, results: list[TrainResult], plan: GlobalBat
         "world_size": main.world_size,
         "steps": main.steps,
         "engine": main.engine,
+        "launcher": main.launcher,
         "device": main.device,
         "plan": to_dict(cfg, main.world_size)["plan"],
         "sync": main.sync if main.world_size > 1 or main.sync == "exact" else "none (single process)",

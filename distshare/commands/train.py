@@ -6,7 +6,7 @@ torchrun --standalone --nproc_per_node 2 -m distshare train --config configs/tra
 accelerate launch --config_file configs/accelerate/cpu.yaml -m distshare train --engine accelerate
 distshare train --engine ray --nproc 2                                   # Ray Train, local Ray
 
-Checkpoints, resume and restarts (distshare/resume.py):
+Checkpoints, resume and restarts (distshare/training/checkpointer.py):
 
 distshare train --nproc 2 --steps 10 --checkpoint-dir ckpt --checkpoint-every 5   # ckpt/step-000005, -000010
 distshare train --nproc 2 --steps 20 --checkpoint-dir ckpt --resume ckpt          # continues with step 10
@@ -36,9 +36,10 @@ from distshare.commands.common import (
     training_summary,
 )
 from distshare.config import RunConfig
+from distshare.distributed.launchers import restart_count
 from distshare.engines import resolve_engine, run_engine
 from distshare.errors import UsageError
-from distshare.integrity.resume import find_resume, restart_count, with_absolute_paths
+from distshare.integrity.resume import find_resume, with_absolute_paths
 from distshare.report import markdown_table, plot_losses, run_dir, usable_dir
 
 

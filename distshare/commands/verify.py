@@ -34,13 +34,15 @@ from distshare.commands.common import (
 )
 from distshare.config import RunConfig
 from distshare.data.types import DataInfo
-from distshare.distributed.world import World, launched
+from distshare.distributed.launchers import launched
+from distshare.distributed.world import World
 from distshare.engines import resolve_engine, run_engine
 from distshare.engines.parity import PARITY_HEADER, render_rows, require_all_ran, run_parity
 from distshare.errors import UsageError
+from distshare.integrity.fingerprint import fingerprint_grads
 from distshare.numerics.diff import Diff, diff
 from distshare.report import markdown_table, plot_losses, run_dir
-from distshare.training import TrainResult, train
+from distshare.training import Component, Loop, TrainResult, train
 
 # The embedded default: small enough to finish in well under a minute on 2 cores, large
 # enough that W ranks x k micro-batches is a real split (G = 48 = 2 x 2 x 12; W = 3, 4 divide too).
@@ -53,6 +55,39 @@ DEFAULTS = [
     "steps=30",
     "check_every=1",
 ]
+
+
+class FirstStepProbe(Component):
+    """Verify's look at step 0: each rank's own gradient before the sync, the synced one after.
+
+    Digests on every rank (they travel to rank 0, 16 bytes a tensor); the synced gradient's
+    values on rank 0 only, to compare with one process.
+    """
+
+    KEY = "first_step"
+
+    def begin(self, loop: Loop) -> None:
+        loop.result.extras[self.KEY] = {"local_grads": None, "synced_grads": None, "grads": None}
+
+    def wants_local_grads(self, step: int) -> bool:
+        return step == 0
+
+    def on_local_grads(self, loop: Loop, step: int) -> None:
+        loop.result.extras[self.KEY]["local_grads"] = fingerprint_grads(loop.run.model)
+
+    def after_step(self, loop: Loop, step: int, row: dict[str, Any]) -> None:
+        if step != 0:
+            return
+        probe = loop.result.extras[self.KEY]
+        probe["synced_grads"] = fingerprint_grads(loop.run.model)
+        if loop.world.is_main:
+            probe["grads"] = {
+                n: p.grad.detach().cpu().clone() for n, p in loop.run.model.named_parameters() if p.grad is not None
+            }
+
+    @classmethod
+    def of(cls, result: TrainResult) -> dict[str, Any]:
+        return result.extras.get(cls.KEY) or {"local_grads": None, "synced_grads": None, "grads": None}
 
 
 def verify_command_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -88,7 +123,9 @@ def verify_command(args: argparse.Namespace) -> int:
     main = is_main_process()
     out = run_dir(args.out, "verify") if main else None
     progress = not args.no_progress
-    results = run_engine(engine, cfg, out, progress, keep_state=True, ray_address=args.ray_address)
+    results = run_engine(
+        engine, cfg, out, progress, keep_state=True, ray_address=args.ray_address, components=[FirstStepProbe()]
+    )
     if results is None:
         return 0
     assert out is not None
@@ -132,7 +169,7 @@ def _single_process(cfg: RunConfig, progress: bool) -> TrainResult:
     """The same training as one process taking each global batch whole (W = 1, k = 1)."""
     plan = dataclasses.replace(cfg.plan, world_size=1, accum_steps=1, micro_batch=None)
     ref_cfg = dataclasses.replace(cfg, plan=plan, check_every=0)
-    return train(ref_cfg, World(), out_dir=None, progress=progress, keep_state=True)
+    return train(ref_cfg, World(), out_dir=None, progress=progress, keep_state=True, components=[FirstStepProbe()])
 
 
 def _checks(cfg: RunConfig, results: list[TrainResult], ref: TrainResult, summary: dict, info: DataInfo) -> list[dict]:
@@ -148,8 +185,8 @@ def _checks(cfg: RunConfig, results: list[TrainResult], ref: TrainResult, summar
     acc = summary["accounting"]
     checks.append({"name": "each sample once", "ok": acc["ok"], "detail": acc["summary"]})
 
-    local = [r.local_grads for r in results]
-    synced = [r.synced_grads for r in results]
+    local = [FirstStepProbe.of(r)["local_grads"] for r in results]
+    synced = [FirstStepProbe.of(r)["synced_grads"] for r in results]
     observable = all(g is not None for g in local)
     differed = observable and len({tuple(sorted(g.items())) for g in local}) == len(local)  # type: ignore[union-attr]
     agreed = len({tuple(sorted((s or {}).items())) for s in synced}) == 1
@@ -170,8 +207,9 @@ def _checks(cfg: RunConfig, results: list[TrainResult], ref: TrainResult, summar
     )
 
     assert main.state is not None and ref.state is not None
-    assert main.first_grads is not None and ref.first_grads is not None
-    grads = diff(main.first_grads, ref.first_grads)
+    main_grads, ref_grads = FirstStepProbe.of(main)["grads"], FirstStepProbe.of(ref)["grads"]
+    assert main_grads is not None and ref_grads is not None
+    grads = diff(main_grads, ref_grads)
     final = diff(main.state, ref.state)
     # The number of terms summed into one gradient element is at most the global batch's
     # loss items times the sequence length (a weight is reused at every position).

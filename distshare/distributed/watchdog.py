@@ -18,9 +18,10 @@ silent one. Why not a heartbeat written every step: a rank can be alive (threads
 and still absent from the collective; the check-in asks the question that matters, "are
 you here, at the point where the others are stuck?", and costs nothing while all is well.
 
-The step comes from `note_step`, which the training loop calls once per step: a plain
-attribute write, no communication. All survivors stopped at the collective where the
-silent rank was missing, so their step is where it went silent.
+The step comes from `note_step`, which the per-rank runner's step marker (a training-loop
+component) calls once per step: a plain attribute write, no communication. All survivors
+stopped at the collective where the silent rank was missing, so their step is where it went
+silent.
 
 The grace is the one assumption: survivors reach the failed collective within it of each
 other (entry times differ by at most the compute between two collectives, milliseconds for
@@ -32,16 +33,12 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import time
 
 import torch.distributed as dist
 
+from distshare.distributed import launchers
 from distshare.errors import RankSilent
-
-# The fault injection's switch (distshare.testing.faults.HANG_ENV): checked here, in the one place
-# every rank passes each step, so a launched run (torchrun) can be made to hang from outside.
-_HANG_ENV = "DISTSHARE_FAULT_HANG"
 
 # Words of gloo's (and the store's) messages for a collective that a peer never completed:
 # a timeout, or the connection a peer dropped when it gave up or died.
@@ -101,7 +98,7 @@ def watch(rank: int, world_size: int, timeout_s: float) -> Watchdog:
     with contextlib.suppress(Exception):  # no store to ask: failures keep gloo's own message
         base = dist.distributed_c10d._get_default_store()
         # torchrun's store outlives a restart; a key from the last attempt must not answer.
-        restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        restart = launchers.restart_count()
         store = dist.PrefixStore(f"distshare/watchdog/{restart}/{_generation}/", base)
     _active = Watchdog(rank, world_size, timeout_s, store)
     return _active
@@ -113,14 +110,17 @@ def forget() -> None:
     _active = None
 
 
-def note_step(rank: int, step: int) -> None:
-    """The training loop is at `step` on this rank: remembered for a later "went silent at step"."""
+def ensure_watching(rank: int, world_size: int, timeout_s: float) -> None:
+    """Watch the default process group unless it is watched already (`init_world` watches the
+    groups it makes; accelerate and Ray Train make their own)."""
+    if _active is None:
+        watch(rank, world_size, timeout_s)
+
+
+def note_step(step: int) -> None:
+    """This rank is at `step`: remembered for a later "went silent at step"."""
     if _active is not None:
         _active.step = step
-    if _HANG_ENV in os.environ:  # fault injection only; see distshare.testing.faults.HANG_ENV
-        from distshare.testing.faults import maybe_go_silent
-
-        maybe_go_silent(rank, step)
 
 
 def is_collective_failure(exc: BaseException) -> bool:

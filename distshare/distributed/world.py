@@ -1,22 +1,21 @@
 """Who am I in the run: rank, world size, device; and how the process group was made.
 
 One training code path serves every launcher. The world is found from the environment the
-way nanoGPT does it: `RANK` and `WORLD_SIZE` set means a launcher (torchrun, accelerate
-launch) started us and `MASTER_ADDR`/`MASTER_PORT` say where to meet; otherwise we are a
-single process, unless a spawner hands us a rendezvous explicitly.
+way nanoGPT does it (`distshare.distributed.launchers` reads it): a launcher (torchrun,
+accelerate launch) says where to meet; otherwise we are a single process, unless a spawner
+hands us a rendezvous explicitly.
 """
 
 from __future__ import annotations
 
 import gc
-import os
 from dataclasses import dataclass
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 
-from distshare.distributed import watchdog
+from distshare.distributed import launchers, watchdog
 
 
 @dataclass(frozen=True)
@@ -44,16 +43,6 @@ class World:
         return self.device if self.backend == "nccl" else torch.device("cpu")
 
 
-def launched() -> bool:
-    """True inside torchrun / accelerate launch (they set RANK and WORLD_SIZE)."""
-    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
-
-
-def launched_by_accelerate() -> bool:
-    """True inside `accelerate launch` (it exports its settings as ACCELERATE_* variables)."""
-    return "ACCELERATE_MIXED_PRECISION" in os.environ
-
-
 def default_backend(device: torch.device) -> str:
     return "nccl" if device.type == "cuda" else "gloo"
 
@@ -72,13 +61,13 @@ def init_world(
     so a silent rank makes the others fail instead of waiting forever, and they name it
     (`distshare.distributed.watchdog`).
     """
-    if rank is None and launched():
-        rank = int(os.environ["RANK"])
-        world_size = int(os.environ["WORLD_SIZE"])
+    place = launchers.launched_place() if rank is None else None
+    if place is not None:
+        rank, world_size = place.rank, place.world_size
         init_method = init_method or "env://"
     if rank is None or world_size is None:
         return World(device=device or torch.device("cpu"))
-    local_rank = int(os.environ.get("LOCAL_RANK", rank))
+    local_rank = place.local_rank if place is not None else rank
     if device is None:
         device = torch.device("cpu")
     if device.type == "cuda" and device.index is None:
@@ -109,7 +98,7 @@ def _per_attempt_store(init_method: str | None, timeout_s: float) -> dist.Store 
     peer's address from the last attempt and fail ("Connection refused") or wait. Measured
     here: 2 of 3 restarts under `torchrun --max-restarts 1` failed so, none with the prefix.
     """
-    restart = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    restart = launchers.elastic_restart()
     if init_method != "env://" or restart is None:
         return None
     store, _, _ = next(dist.rendezvous("env://", timeout=timedelta(seconds=timeout_s)))

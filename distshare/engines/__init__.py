@@ -14,12 +14,14 @@ surface as a hang or a world of the wrong size.
 from __future__ import annotations
 
 import importlib.util
+from collections.abc import Sequence
 from pathlib import Path
 
 from distshare.config import RunConfig
-from distshare.distributed.world import launched, launched_by_accelerate
+from distshare.distributed.launchers import launched, launched_by_accelerate
+from distshare.engines.runner import RankJob
 from distshare.errors import UsageError
-from distshare.training import TrainResult
+from distshare.training import Component, TrainResult
 
 ACCELERATE_CPU = "accelerate launch --config_file configs/accelerate/cpu.yaml --num_processes {n} -m distshare {cmd}"
 
@@ -74,9 +76,11 @@ def run_engine(
     keep_state: bool = False,
     ray_address: str | None = None,
     max_failures: int | None = None,
+    components: Sequence[Component] = (),
 ) -> list[TrainResult] | None:
     """Train with `engine` (from `resolve_engine`); every rank's result on the main process.
 
+    `components` are added to every rank's loop after the standard ones (verify's probe).
     `max_failures` is Ray Train's restart budget; other engines are restarted by their
     launcher (`torchrun --max-restarts N`), so for them it is refused.
     """
@@ -85,17 +89,18 @@ def run_engine(
             f"--max-failures restarts Ray Train workers (--engine ray); the {engine} engine is restarted "
             "by its launcher: torchrun --max-restarts N ... -m distshare train --checkpoint-dir DIR"
         )
+    job = RankJob(cfg, out_dir, progress, keep_state, tuple(components))
     if engine == "accelerate":
         from distshare.engines.accelerate import run_training as accelerate_training
 
-        return accelerate_training(cfg, out_dir, progress, keep_state)
+        return accelerate_training(job)
     if engine == "ray":
         from distshare.engines.ray import run_training as ray_training
 
-        return ray_training(cfg, out_dir, progress, keep_state, address=ray_address, max_failures=max_failures or 0)
+        return ray_training(job, address=ray_address, max_failures=max_failures or 0)
     from distshare.engines.torch import run_training as torch_training
 
-    return torch_training(cfg, out_dir, progress, keep_state)
+    return torch_training(job, engine)
 
 
 def _acc(n: int, command: str) -> str:

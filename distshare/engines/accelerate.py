@@ -21,18 +21,16 @@ parameters by 2.8e-16). Here the two are cancelled separately, each exactly:
   for some (k = 41 in float32, 49 in float64) k itself leaves the last bit off.
 
 So the gradient is bitwise the one the torch engine computes, for every W and k, and
-everything else — the plan, the micro-batches, the optimizer step, the checks — is
-`distshare.training`, unchanged.
+everything else — the plan, the micro-batches, the optimizer step, the checks — is the one
+per-rank runner (`distshare.engines.runner`), unchanged.
 """
 
 from __future__ import annotations
 
 import contextlib
 import gc
-import os
 from collections.abc import Iterator
 from datetime import timedelta
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -40,12 +38,11 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from distshare.config import RunConfig
-from distshare.distributed import watchdog
+from distshare.distributed import launchers
 from distshare.distributed.sync import ExactSync, GradSync, sum_hook
 from distshare.distributed.world import World
-from distshare.engines.gather import gather_to_main, with_world_size
-from distshare.training import DTYPES, TrainResult, train
+from distshare.engines.runner import RankJob, run_rank
+from distshare.training import DTYPES, TrainResult
 
 
 class AccelerateSync(GradSync):
@@ -102,12 +99,7 @@ def exact_unscale(k: int, dtype: torch.dtype) -> float:
     return float(k)
 
 
-def run_training(
-    cfg: RunConfig,
-    out_dir: Path | None = None,
-    progress: bool = True,
-    keep_state: bool = False,
-) -> list[TrainResult] | None:
+def run_training(job: RankJob, engine: str = "accelerate") -> list[TrainResult] | None:
     """Train under accelerate; every rank's result on rank 0, None on the others.
 
     The process group is accelerate's own (`Accelerator()` creates it from the launcher's
@@ -116,8 +108,9 @@ def run_training(
     from accelerate import Accelerator
     from accelerate.utils import InitProcessGroupKwargs
 
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    cfg = with_world_size(cfg, world_size)
+    place = launchers.launched_place()
+    job = job.with_world_size(place.world_size if place is not None else 1)
+    cfg = job.cfg
     k = cfg.plan.resolve().accum_steps
     accelerator = Accelerator(
         gradient_accumulation_steps=k,
@@ -127,8 +120,6 @@ def run_training(
         kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.timeout_s))],
     )
     distributed = accelerator.num_processes > 1
-    if distributed:  # a timed-out collective then names the silent rank, as under torchrun
-        watchdog.watch(accelerator.process_index, accelerator.num_processes, cfg.timeout_s)
     world = World(
         rank=accelerator.process_index,
         world_size=accelerator.num_processes,
@@ -142,9 +133,7 @@ def run_training(
         ExactSync(world.world_size) if cfg.sync == "exact" else AccelerateSync(accelerator, k, DTYPES[cfg.model.dtype])
     )
     try:
-        result = train(cfg, world, out_dir, progress and world.is_main, keep_state, sync=sync)
-        result.engine = "accelerate"
-        results = gather_to_main(result, world) if distributed else [result]
+        return run_rank(job, world, engine, "accelerate", sync=sync, restart=launchers.restart_count())
     finally:
         # accelerate keeps the prepared (DDP) model alive; its reducer holds gloo work objects
         # that, destroyed only at interpreter exit, abort the process ("terminate called
@@ -155,4 +144,3 @@ def run_training(
         accelerator.end_training()  # destroys the process group
         if distributed and dist.is_initialized():
             dist.destroy_process_group()
-    return results

@@ -30,8 +30,16 @@ from distshare.config import RunConfig, dump_config
 from distshare.errors import DistshareError
 from distshare.numerics.diff import diff
 
-# The engines, in the order of the table; the first multi-rank one is the baseline.
-ENGINES = ("torch", "torchrun", "accelerate", "ray", "reference")
+# The runs of the table, in order: (engine, launcher), named as `--engine` and result.json's
+# `engine` and `launcher` name them. The first is the baseline; the last, one process taking
+# each global batch whole (engine local, no launcher), is the reference.
+RUNS: tuple[tuple[str, str | None], ...] = (
+    ("torch", "spawn"),
+    ("torch", "torchrun"),
+    ("accelerate", "accelerate"),
+    ("ray", "ray"),
+    ("local", None),
+)
 
 # accelerate's config for several CPU processes (configs/accelerate/cpu.yaml, without the
 # comments): a MULTI_GPU config with use_cpu, since `accelerate launch --cpu` is one process.
@@ -53,6 +61,7 @@ class EngineRun:
     """One engine's run: how it was started, its fingerprint, its final parameters."""
 
     engine: str
+    launcher: str | None
     command: list[str]
     world_size: int
     ok: bool = False
@@ -62,9 +71,20 @@ class EngineRun:
     seconds: float = 0.0
     params: dict[str, Any] = field(default_factory=dict, repr=False)
 
+    @property
+    def name(self) -> str:
+        """How the table names the run: the engine, and its launcher where one engine has several."""
+        return run_name(self.engine, self.launcher)
+
+    @property
+    def is_reference(self) -> bool:
+        return self.launcher is None
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "engine": self.engine,
+            "launcher": self.launcher,
+            "name": self.name,
             "command": " ".join(self.command),
             "world_size": self.world_size,
             "ok": self.ok,
@@ -75,41 +95,50 @@ class EngineRun:
         }
 
 
+def run_name(engine: str, launcher: str | None) -> str:
+    """"torch (spawn)", "torch (torchrun)", "accelerate", "ray", "local (1 process)"."""
+    if launcher is None:
+        return f"{engine} (1 process)"
+    return engine if launcher == engine else f"{engine} ({launcher})"
+
+
 def run_parity(
     cfg: RunConfig,
     out_dir: Path,
     ray_address: str | None = None,
     progress: bool = True,
-    engines: tuple[str, ...] = ENGINES,
+    runs: tuple[tuple[str, str | None], ...] = RUNS,
 ) -> dict[str, Any]:
-    """Run `cfg` under every engine; the parity table as a dict (rows in `engines` order)."""
+    """Run `cfg` under every (engine, launcher); the parity table as a dict (rows in `runs` order)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     world_size = cfg.plan.world_size
     config_path = out_dir / "parity-config.yaml"
     dump_config(replace(cfg, engine="auto"), config_path, world_size)
-    runs: list[EngineRun] = []
-    for engine in engines:
-        run = _run_engine(engine, config_path, cfg, out_dir / engine, ray_address)
+    done: list[EngineRun] = []
+    for engine, launcher in runs:
+        run = _run_engine(engine, launcher, config_path, cfg, out_dir / (launcher or engine), ray_address)
         if progress:
             state = run.skipped or (f"{run.seconds:.1f} s" if run.ok else f"FAILED: {run.error}")
-            print(f"parity: {engine:<10} {state}", file=sys.stderr, flush=True)
-        runs.append(run)
-    return _table(cfg, runs)
+            print(f"parity: {run.name:<18} {state}", file=sys.stderr, flush=True)
+        done.append(run)
+    return _table(cfg, done)
 
 
-def _run_engine(engine: str, config_path: Path, cfg: RunConfig, out: Path, ray_address: str | None) -> EngineRun:
+def _run_engine(
+    engine: str, launcher: str | None, config_path: Path, cfg: RunConfig, out: Path, ray_address: str | None
+) -> EngineRun:
     w = cfg.plan.world_size
     train = ["-m", "distshare", "train", "--config", str(config_path), "--no-progress", "--json"]
     files = ["--out", str(out), "--save-params", str(out / "params.safetensors")]
     py = [sys.executable]
-    if engine == "torch":
+    if launcher == "spawn":
         cmd = py + train + ["--engine", "torch", "--nproc", str(w)]
-    elif engine == "torchrun":
+    elif launcher == "torchrun":
         cmd = py + ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(w)] + train
         cmd += ["--engine", "torch"]
     elif engine == "accelerate":
         if not _installed("accelerate"):
-            return EngineRun(engine, [], w, skipped="accelerate not installed")
+            return EngineRun(engine, launcher, [], w, skipped="accelerate not installed")
         acc_config = out.parent / "accelerate-cpu.yaml"
         acc_config.write_text(yaml.safe_dump({**ACCELERATE_CPU_CONFIG, "num_processes": w}))
         cmd = py + ["-m", "accelerate.commands.launch", "--config_file", str(acc_config)]
@@ -117,7 +146,7 @@ def _run_engine(engine: str, config_path: Path, cfg: RunConfig, out: Path, ray_a
         cmd += ["--engine", "accelerate"]
     elif engine == "ray":
         if not _installed("ray"):
-            return EngineRun(engine, [], w, skipped="ray not installed")
+            return EngineRun(engine, launcher, [], w, skipped="ray not installed")
         cmd = py + train + ["--engine", "ray", "--nproc", str(w)]
         if ray_address:
             cmd += ["--ray-address", ray_address]
@@ -125,7 +154,7 @@ def _run_engine(engine: str, config_path: Path, cfg: RunConfig, out: Path, ray_a
         cmd = py + train + ["--engine", "local", "--nproc", "1"]
         cmd += ["--set", "plan.accum_steps=1", "--set", "plan.micro_batch=null"]
         w = 1
-    run = EngineRun(engine, cmd + files, w)
+    run = EngineRun(engine, launcher, cmd + files, w)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     env.pop("RANK", None)
     env.pop("WORLD_SIZE", None)
@@ -152,8 +181,8 @@ def _run_engine(engine: str, config_path: Path, cfg: RunConfig, out: Path, ray_a
 
 def _table(cfg: RunConfig, runs: list[EngineRun]) -> dict[str, Any]:
     ran = [r for r in runs if r.params]
-    baseline = next((r for r in ran if r.engine != "reference"), None)
-    reference = next((r for r in ran if r.engine == "reference"), None)
+    baseline = next((r for r in ran if not r.is_reference), None)
+    reference = next((r for r in ran if r.is_reference), None)
     rows = []
     for run in runs:
         row = run.to_dict()
@@ -163,7 +192,7 @@ def _table(cfg: RunConfig, runs: list[EngineRun]) -> dict[str, Any]:
             row["vs_reference"] = diff(run.params, reference.params).to_dict()
         row["why"] = _why(cfg, run, baseline, row)
         rows.append(row)
-    distributed = [r for r in rows if r["engine"] != "reference" and not r["skipped"]]
+    distributed = [r for r in rows if r["launcher"] is not None and not r["skipped"]]
     all_ran = all(r["ok"] for r in rows if not r["skipped"])
     engines_bitwise = all_ran and all(r.get("vs_torch", {}).get("bitwise_equal") for r in distributed)
     return {
@@ -185,7 +214,7 @@ def _why(cfg: RunConfig, run: EngineRun, baseline: EngineRun | None, row: dict[s
         if run is baseline:
             return "baseline"
         return "exact mode: per-sample gradients added in integers, in any order"
-    if run.engine == "reference":
+    if run.is_reference:
         if row.get("vs_torch", {}).get("bitwise_equal"):
             return "same sums in the same order"
         return "one process sums each global batch in one matrix product; ranks sum micro-batches, then each other"
@@ -201,14 +230,14 @@ def render_rows(table: dict[str, Any]) -> list[tuple[str, ...]]:
     out = []
     for r in table["rows"]:
         if r["skipped"]:
-            out.append((r["engine"], str(r["world_size"]), "-", r["skipped"], "", "", ""))
+            out.append((r["name"], str(r["world_size"]), "-", r["skipped"], "", "", ""))
             continue
         if not r["ok"] and not r.get("final_fingerprint"):
-            out.append((r["engine"], str(r["world_size"]), "FAIL", r["error"], "", "", ""))
+            out.append((r["name"], str(r["world_size"]), "FAIL", r["error"], "", "", ""))
             continue
         out.append(
             (
-                r["engine"],
+                r["name"],
                 str(r["world_size"]),
                 "ok" if r["ok"] else "FAIL",
                 r["final_fingerprint"],
@@ -220,7 +249,7 @@ def render_rows(table: dict[str, Any]) -> list[tuple[str, ...]]:
     return out
 
 
-PARITY_HEADER = ("engine", "W", "run", "final fingerprint", "vs torch", "vs 1 process", "why")
+PARITY_HEADER = ("engine (launcher)", "W", "run", "final fingerprint", "vs torch", "vs 1 process", "why")
 
 
 def _cell(d: dict[str, Any] | None) -> str:
@@ -247,4 +276,4 @@ def require_all_ran(table: dict[str, Any]) -> None:
     """A parity run in which an engine failed to run proves nothing: say which and why."""
     failed = [r for r in table["rows"] if not r["skipped"] and not r.get("final_fingerprint")]
     if failed:
-        raise DistshareError("; ".join(f"engine {r['engine']} did not run: {r['error']}" for r in failed))
+        raise DistshareError("; ".join(f"engine {r['name']} did not run: {r['error']}" for r in failed))

@@ -4,14 +4,15 @@
     distshare train --engine ray --nproc 4 --ray-address auto    # join a running cluster
 
 Ray Train starts the workers and makes their torch.distributed group (gloo on CPU, nccl on
-GPU); each worker then runs `distshare.training.train`, unchanged, with the run's own sync
-(DDP with a SUM hook, or an explicit all-reduce). So the arithmetic is the torch engine's,
-and so is the final fingerprint.
+GPU); each worker then runs the one per-rank runner (`distshare.engines.runner`), unchanged,
+with the run's own sync (DDP with a SUM hook, or an explicit all-reduce). So the arithmetic
+is the torch engine's, and so is the final fingerprint.
 
 The ranks' accounts travel to the driver the way every engine brings them to rank 0 (one
 `all_gather_object` of digests, indices and losses); rank 0 hands the list to a small
 collector actor the driver owns, so nothing depends on a file system shared between nodes.
-The driver writes the run directory, as the other engines' rank 0 does.
+Rank 0's metrics rows reach the driver the same way, as they are logged; the driver writes
+the run directory (config.yaml, metrics.jsonl), as the other engines' rank 0 does.
 
     distshare train --engine ray --nproc 2 --max-failures 1 --checkpoint-dir ckpt
 
@@ -24,32 +25,22 @@ or file system is needed for that.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import sys
 import tempfile
-from pathlib import Path
 from typing import Any
 
-from distshare.config import RunConfig, dump_config
+from distshare.config import dump_config
+from distshare.distributed import launchers
+from distshare.engines.runner import RankJob, forwarded_environment, run_rank
 from distshare.errors import DistshareError, UsageError
-from distshare.testing.faults import exit_spec_from_env
 from distshare.training import TrainResult
-
-
-def ray_address(cli_address: str | None) -> str | None:
-    """The cluster to join: --ray-address, else RAY_ADDRESS, else None (start a local Ray)."""
-    return cli_address or os.environ.get("RAY_ADDRESS") or None
+from distshare.training.metrics import METRICS_FILE, FileSink
 
 
 def run_training(
-    cfg: RunConfig,
-    out_dir: Path | None = None,
-    progress: bool = True,
-    keep_state: bool = False,
-    address: str | None = None,
-    max_failures: int = 0,
+    job: RankJob, engine: str = "ray", address: str | None = None, max_failures: int = 0
 ) -> list[TrainResult]:
     """Train on `cfg.plan.world_size` Ray Train workers; every worker's result, rank order.
 
@@ -60,8 +51,9 @@ def run_training(
     from ray.train import RunConfig as RayRunConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    cfg = job.cfg
     world_size = cfg.plan.world_size
-    started_here = _connect(ray, address)
+    started_here = _connect(ray, launchers.ray_address(address))
     try:
         collector = ray.remote(num_cpus=0)(_Collector).remote()
         cpus = ray.cluster_resources().get("CPU", 1.0)
@@ -71,16 +63,18 @@ def run_training(
         use_gpu = cfg.device == "cuda"
         _refuse_what_cannot_be_scheduled(ray, world_size, per_worker, use_gpu)
         resources = {"CPU": per_worker} if not use_gpu else {"CPU": per_worker, "GPU": 1.0}
-        if progress:
+        if job.progress:
             print(f"ray: {world_size} Ray Train worker(s) on {_where(ray, started_here)}", file=sys.stderr)
+        # Workers write nothing and show nothing: the driver writes the run directory.
+        worker_job = RankJob(cfg, None, progress=False, keep_state=job.keep_state, components=job.components)
         with tempfile.TemporaryDirectory(prefix="distshare-ray-") as storage:
             trainer = TorchTrainer(
                 _worker,
                 train_loop_config={
-                    "cfg": cfg,
-                    "keep_state": keep_state,
+                    "job": worker_job,
+                    "engine": engine,
                     "collector": collector,
-                    "faults": exit_spec_from_env(),
+                    "env": forwarded_environment(),
                 },
                 scaling_config=ScalingConfig(num_workers=world_size, use_gpu=use_gpu, resources_per_worker=resources),
                 torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo", timeout_s=int(cfg.timeout_s)),
@@ -95,13 +89,16 @@ def run_training(
             except Exception as exc:  # Ray wraps a worker's error; say it in one line
                 raise DistshareError(f"Ray Train run failed: {_first_line(exc)}") from exc
         results: list[TrainResult] = ray.get(collector.get.remote(), timeout=cfg.timeout_s)
+        rows: list[dict[str, Any]] = ray.get(collector.rows.remote(), timeout=cfg.timeout_s)
     finally:
         if started_here:
             ray.shutdown()
-    for r in results:
-        r.engine = "ray"
-    if out_dir is not None:
-        _write_run_files(cfg, results[0], out_dir)
+    if job.out_dir is not None:
+        job.out_dir.mkdir(parents=True, exist_ok=True)
+        dump_config(cfg, job.out_dir / "config.yaml", results[0].world_size)
+        sink = FileSink(job.out_dir / METRICS_FILE)
+        sink.write(rows)
+        sink.close()
     return results
 
 
@@ -149,19 +146,17 @@ def _first_line(exc: BaseException) -> str:
 
 
 def _worker(config: dict[str, Any]) -> None:
-    """One Ray Train worker: the torch engine's rank, in a process Ray started."""
+    """One Ray Train worker: a rank of the one per-rank runner, in a process Ray started."""
     import ray.train
     import torch
 
-    from distshare.distributed import watchdog
     from distshare.distributed.world import World
-    from distshare.engines.gather import gather_to_main
-    from distshare.testing.faults import HANG_ENV, worker_exit_hook
-    from distshare.training import train
 
-    cfg: RunConfig = config["cfg"]
+    os.environ.update(config["env"])  # the driver's DISTSHARE_* settings (plugins) reach every node
+    job: RankJob = config["job"]
+    collector = config["collector"]
     ctx = ray.train.get_context()
-    device = ray.train.torch.get_device() if cfg.device == "cuda" else torch.device("cpu")
+    device = ray.train.torch.get_device() if job.cfg.device == "cuda" else torch.device("cpu")
     world = World(
         rank=ctx.get_world_rank(),
         world_size=ctx.get_world_size(),
@@ -172,54 +167,48 @@ def _worker(config: dict[str, Any]) -> None:
     if world.world_size == 1:
         world = World(device=device)
     # Ray Train restarts the whole group: every rank's count is the same.
-    attempt = ray.get(config["collector"].started.remote(world.rank), timeout=cfg.timeout_s)
-    faults = config.get("faults") or {}
-    hook = worker_exit_hook(world, attempt, faults)
-    if world.distributed:  # a timed-out collective then names the silent rank, as under torchrun
-        if attempt == 0 and HANG_ENV in faults:
-            os.environ[HANG_ENV] = faults[HANG_ENV]
-        watchdog.watch(world.rank, world.world_size, cfg.timeout_s)
-    try:
-        result = train(
-            cfg,
-            world,
-            None,
-            progress=False,
-            keep_state=config["keep_state"] and world.is_main,
-            on_step=hook,
-            restart=attempt,
-        )
-    except Exception as exc:
-        explained = watchdog.explain(exc)
-        if explained is exc:
-            raise
-        raise explained from exc  # its one line ends Ray's message, which the driver reports
-    results = gather_to_main(result, world) if world.distributed else [result]
+    attempt = ray.get(collector.started.remote(world.rank), timeout=job.cfg.timeout_s)
+    sink = _CollectorSink(collector) if world.is_main else None
+    results = run_rank(job, world, config["engine"], "ray", restart=attempt, metrics=sink)
     if world.is_main:
-        ray.get(config["collector"].put.remote(results))
+        ray.get(collector.put.remote(results))
 
 
-def _write_run_files(cfg: RunConfig, main: TrainResult, out_dir: Path) -> None:
-    """config.yaml and metrics.jsonl, as rank 0 writes them under the other engines."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    dump_config(cfg, out_dir / "config.yaml", main.world_size)
-    with (out_dir / "metrics.jsonl").open("w") as f:
-        for step, loss in enumerate(main.losses):
-            f.write(json.dumps({"step": step, "loss": loss}) + "\n")
+class _CollectorSink:
+    """Rank 0's metrics rows, sent to the driver's collector as they are logged."""
+
+    def __init__(self, collector: Any) -> None:
+        self.collector = collector
+
+    def write(self, rows: list[dict[str, Any]]) -> None:
+        if rows:
+            self.collector.add_rows.remote(rows)
+
+    def close(self) -> None:
+        pass
 
 
 class _Collector:
-    """Holds rank 0's list of results until the driver takes it (a Ray actor, made in `run_training`)."""
+    """Holds rank 0's results and metrics rows until the driver takes them (a Ray actor, made in `run_training`)."""
 
     def __init__(self) -> None:
         self.results: list[TrainResult] | None = None
         self.starts: dict[int, int] = {}
+        self.metrics: dict[int, dict[str, Any]] = {}
 
     def started(self, rank: int) -> int:
         """Count a start of `rank`'s worker; return how many came before (0: the first attempt)."""
         before = self.starts.get(rank, 0)
         self.starts[rank] = before + 1
         return before
+
+    def add_rows(self, rows: list[dict[str, Any]]) -> None:
+        # By step: a restarted attempt rewrites the steps it repeats, so each step is kept once.
+        for row in rows:
+            self.metrics[row["step"]] = row
+
+    def rows(self) -> list[dict[str, Any]]:
+        return [self.metrics[s] for s in sorted(self.metrics)]
 
     def put(self, results: list[TrainResult]) -> None:
         self.results = results

@@ -1,4 +1,7 @@
-"""Checkpoints inside a training run, and resuming from them bit for bit.
+"""What a run may continue from: its checkpoint directories, which one verifies, whether it fits.
+
+The checkpointer component (`distshare.training.checkpointer`) writes and restores them
+inside the loop; this module holds what needs no running loop.
 
     distshare train --steps 10 --checkpoint-dir ckpt --checkpoint-every 5    # ckpt/step-000005, step-000010
     distshare train --steps 20 --checkpoint-dir ckpt --resume ckpt           # continues with step 10
@@ -31,7 +34,6 @@ another data set or optimizer, a step beyond `steps`, or no checkpoint that veri
 from __future__ import annotations
 
 import dataclasses
-import os
 import random
 import re
 import shutil
@@ -41,29 +43,17 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 from distshare.config import RunConfig, to_dict
-from distshare.distributed.world import World
 from distshare.errors import UsageError, VerificationFailed
 from distshare.integrity.checkpoint import (
     VERSION,
-    load_checkpoint,
     read_manifest,
-    save_run_checkpoint,
     verify_checkpoint,
 )
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 _LEFTOVER = re.compile(r"^\.step-\d+\.(.+\.tmp|old-\d+)$")  # what an interrupted save leaves behind
-
-
-def restart_count() -> int:
-    """How often the launcher restarted this worker: torchrun (and accelerate launch) say so."""
-    try:
-        return max(0, int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")))
-    except ValueError:
-        return 0
 
 
 def step_dir(root: str | Path, steps_done: int) -> Path:
@@ -281,115 +271,7 @@ def set_rng_state(state: dict[str, torch.Tensor], device: torch.device) -> None:
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
-# ---------------------------------------------------------------- inside the loop
-
-
-@dataclass
-class Resumed:
-    """What a resumed run continues: reported in result.json as `resume`."""
-
-    path: str
-    steps_done: int  # the first step this run trains
-    losses: list[float]
-    checks: int
-    first_divergence: dict[str, Any] | None
-    restart: int  # 0: resumed on request; n > 0: the launcher's n-th restart of the workers
-    skipped: list[str]  # newer checkpoints passed over because they did not verify
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "path": self.path,
-            "from_step": self.steps_done,
-            "restart": self.restart,
-            "skipped": self.skipped,
-        }
-
-
-def choose(run: Any, restart: int) -> Found | None:
-    """`find_resume` decided once, by rank 0, and told to every rank (a collective).
-
-    One decision for all: ranks that looked for themselves could pick different checkpoints
-    (one written between two looks), and a refusal must stop every rank, not one.
-    """
-    world: World = run.world
-    ck = run.cfg.checkpoint
-    if ck.dir is None and ck.resume is None:  # the same config on every rank: no one needs asking
-        return None
-    decision: list[Any] = [None]
-    if world.is_main:
-        try:
-            found = find_resume(run.cfg, world.world_size, restart, run.model)
-            decision[0] = ("ok", None if found is None else (str(found.path), found.skipped))
-        except UsageError as exc:
-            decision[0] = ("refused", str(exc))
-    if world.distributed:
-        dist.broadcast_object_list(decision, src=0)
-    status, payload = decision[0]
-    if status == "refused":
-        raise UsageError(payload)
-    if payload is None:
-        return None
-    path, skipped = payload
-    return Found(Path(path), read_manifest(path), skipped)
-
-
-def restore(run: Any, found: Found, restart: int) -> Resumed:
-    """Load parameters, optimizer state and this rank's RNG states; return the run's history.
-
-    Every rank reads the checkpoint itself (verifying every digest again), so the directory
-    must be visible to every rank: one machine, or a shared file system.
-    """
-    state: dict[str, torch.Tensor] = {}
-    manifest = load_checkpoint(found.path, run.model, run.optimizer, state=state)
-    prefix = f"rng/rank{run.world.rank}/"
-    mine = {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
-    if not mine:
-        raise UsageError(f"{found.path}: holds no RNG state for rank {run.world.rank}")
-    set_rng_state(mine, run.world.device)
-    extra = manifest.get("extra") or {}
-    return Resumed(
-        path=str(found.path),
-        steps_done=int(manifest["step"]) + 1,
-        losses=state["run/losses"].tolist(),
-        checks=int(state["run/checks"][0]),
-        first_divergence=extra.get("first_divergence"),
-        restart=restart,
-        skipped=found.skipped,
-    )
-
-
-def due(cfg: RunConfig, step: int) -> bool:
-    """Is a checkpoint written after `step`? Every `checkpoint.every` steps, and after the last."""
-    ck = cfg.checkpoint
-    if ck.dir is None:
-        return False
-    return step == cfg.steps - 1 or (ck.every > 0 and (step + 1) % ck.every == 0)
-
-
-def save(run: Any, step: int, losses: list[float], checks: int, first_divergence: dict | None) -> Path | None:
-    """Checkpoint the run after `step` (a collective: every rank hands rank 0 its RNG states).
-
-    Returns the path on rank 0, None elsewhere. Then keeps the newest `checkpoint.keep`.
-    """
-    world: World = run.world
-    mine = rng_state(world.device)
-    every: list[Any] = [mine]
-    if world.distributed:
-        every = [None] * world.world_size
-        dist.all_gather_object(every, mine)
-    if not world.is_main:
-        return None
-    ck = run.cfg.checkpoint
-    state = {f"rng/rank{r}/{k}": v for r, s in enumerate(every) for k, v in s.items()}
-    state["run/losses"] = torch.tensor(losses, dtype=torch.float64)
-    state["run/checks"] = torch.tensor([checks], dtype=torch.int64)
-    root = Path(ck.dir)
-    _clear_leftovers(root)
-    path = step_dir(root, step + 1)
-    extra = {"first_divergence": first_divergence, "scheduler": None, "rng_ranks": world.world_size}
-    save_run_checkpoint(path, run, step, extra=extra, state=state)
-    prune(root, ck.keep, step + 1)
-    return path
+# ---------------------------------------------------------------- keeping the directory tidy
 
 
 def prune(root: Path, keep: int, upto: int) -> list[Path]:
@@ -404,7 +286,7 @@ def prune(root: Path, keep: int, upto: int) -> list[Path]:
     return older
 
 
-def _clear_leftovers(root: Path) -> None:
+def clear_leftovers(root: Path) -> None:
     # An interrupted save leaves a hidden temp directory (never a step-NNNNNN one): it never
     # verifies, is never resumed from, and is removed by the next save.
     if not root.is_dir():

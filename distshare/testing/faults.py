@@ -39,8 +39,11 @@ from torch.nn.parallel import DistributedDataParallel
 from distshare.config import RunConfig, load_config
 from distshare.distributed.sync import AllReduceSync, DDPSync, sum_hook
 from distshare.distributed.world import World
+from distshare.engines.runner import StepMarker
+from distshare.integrity.checkpoint import MODEL_FILE
 from distshare.integrity.replicas import ReplicaReport
-from distshare.training import Run, train
+from distshare.training import Component, Loop, Run, train
+from distshare.training.checkpointer import Checkpointer
 
 BIT_FLIP_TENSOR = "layers.0.attn.W_Q.weight"
 BIT_FLIP_ELEMENT = (3, 5)  # (row, column) of W_Q's weight
@@ -218,118 +221,123 @@ def clean_checks(world: World, steps: int = 70) -> list[tuple[str, int, ReplicaR
     return out
 
 
-# ---------------------------------------------------------------- a worker that dies
+# ---------------------------------------------------------------- faults switched on from outside
 #
 # The faults above leave every process alive. These end one, the way a machine or an OOM
-# killer does: `os._exit`, no exception, no cleanup, no goodbye to the peers. They are
-# switched on by environment variables so that a real launcher's workers (torchrun, Ray
-# Train) can be told to die without any test code inside them, and only on the first
-# attempt, so that the restarted workers get through:
+# killer does (`os._exit`: no exception, no cleanup, no goodbye to the peers), or make it
+# stop taking part. They are switched on by environment variables, so that a real
+# launcher's workers (torchrun, accelerate launch, Ray Train) can be told to fail without any
+# test code inside them, and only on the first attempt, so that restarted workers get through:
 #
+#     DISTSHARE_PLUGINS=distshare.testing.faults   load this module as a plugin on every rank
 #     DISTSHARE_FAULT_EXIT=1:12           rank 1 exits right after step 12
 #     DISTSHARE_FAULT_EXIT_IN_SAVE=2      rank 0 exits halfway through its 2nd checkpoint save
 #                                         (model file written, optimizer file not, no manifest)
+#     DISTSHARE_FAULT_HANG=1:3            rank 1 goes silent at the start of step 3
+#
+# The per-rank runner (`distshare.engines.runner`) imports the modules named in
+# DISTSHARE_PLUGINS and adds what their `distshare_components` returns; no production
+# module imports this one. `fault_env(...)` builds the variables.
 
+PLUGIN = "distshare.testing.faults"
 EXIT_AT_STEP = "DISTSHARE_FAULT_EXIT"
 EXIT_IN_SAVE = "DISTSHARE_FAULT_EXIT_IN_SAVE"
+HANG_ENV = "DISTSHARE_FAULT_HANG"
 FAULT_EXIT_CODE = 43  # what a killed worker exits with, so a test can tell it from a crash
 
 
-def exit_spec_from_env() -> dict[str, str]:
-    """The process-killing faults asked for in this environment (for engines that must pass
-    them to workers on other machines, such as Ray's)."""
-    return {k: os.environ[k] for k in (EXIT_AT_STEP, EXIT_IN_SAVE, "DISTSHARE_FAULT_HANG") if os.environ.get(k)}
+def fault_env(
+    exit_at: str | None = None, exit_in_save: int | None = None, hang_at: str | None = None
+) -> dict[str, str]:
+    """The environment that switches faults on for every rank of a launched run.
 
-
-def worker_exit_hook(
-    world: World, attempt: int, spec: dict[str, str] | None = None
-) -> Callable[[Run, int], None] | None:
-    """An `on_step` hook that ends this process as the spec says, or None if nothing is asked.
-
-    Only on attempt 0 (the launcher's first start): a restarted worker must get through.
-    A save fault is installed here too, on rank 0, the rank that writes checkpoints.
+    `exit_at` / `hang_at` are "RANK:STEP"; `exit_in_save` the number of the save to interrupt.
     """
-    spec = exit_spec_from_env() if spec is None else spec
-    if attempt != 0 or not spec:
-        return None
-    if EXIT_IN_SAVE in spec and world.is_main:
-        _exit_in_save(int(spec[EXIT_IN_SAVE]))
-    if EXIT_AT_STEP not in spec:
-        return None
-    rank_text, _, step_text = spec[EXIT_AT_STEP].partition(":")
-    rank, at = int(rank_text), int(step_text)
-
-    def hook(run: Run, step: int) -> None:
-        if step == at and world.rank == rank:
-            print(f"[rank {rank}] fault injected: exiting after step {step} ({EXIT_AT_STEP})", file=sys.stderr)
-            sys.stderr.flush()
-            os._exit(FAULT_EXIT_CODE)
-
-    return hook
+    env = {"DISTSHARE_PLUGINS": PLUGIN}
+    if exit_at is not None:
+        env[EXIT_AT_STEP] = exit_at
+    if exit_in_save is not None:
+        env[EXIT_IN_SAVE] = str(exit_in_save)
+    if hang_at is not None:
+        env[HANG_ENV] = hang_at
+    return env
 
 
-def _exit_in_save(nth: int) -> None:
-    """Make this process exit between the files of its `nth` checkpoint save."""
-    from distshare.integrity import checkpoint
-
-    real = checkpoint.save_file
-    saves = 0
-
-    def save_file(tensors: dict[str, torch.Tensor], filename: str, *args: Any, **kwargs: Any) -> None:
-        nonlocal saves
-        real(tensors, filename, *args, **kwargs)
-        if filename.endswith(checkpoint.MODEL_FILE):
-            saves += 1
-            if saves == nth:
-                print(
-                    f"fault injected: exiting in the middle of checkpoint save {nth} ({EXIT_IN_SAVE})", file=sys.stderr
-                )
-                sys.stderr.flush()
-                os._exit(FAULT_EXIT_CODE)
-
-    checkpoint.save_file = save_file  # type: ignore[assignment]
+def distshare_components(cfg: RunConfig, world: World, attempt: int) -> list[Component]:
+    """The plugin entry: the faults this environment asks for, on the first attempt only."""
+    if attempt != 0:
+        return []
+    out: list[Component] = []
+    point = _rank_step(EXIT_AT_STEP)
+    if point is not None:
+        out.append(ExitAfterStep(*point))
+    if os.environ.get(EXIT_IN_SAVE, "").strip().isdigit() and world.is_main:
+        out.append(ExitInSave(int(os.environ[EXIT_IN_SAVE])))
+    point = hang_point()
+    if point is not None:
+        out.append(GoSilent(*point))
+    return out
 
 
-__all__ = [
-    "EXIT_AT_STEP",
-    "EXIT_IN_SAVE",
-    "FAULTS",
-    "FAULT_EXIT_CODE",
-    "FaultOutcome",
-    "clean_checks",
-    "exit_spec_from_env",
-    "run_all_faults",
-    "run_fault",
-    "worker_exit_hook",
-]
-
-
-# ---------------------------------------------------------------------------------------
-# A rank that hangs (issue 8, "a worker that hangs"): it stops taking part at one step and
-# never comes back. The others' collectives time out (`timeout_s`) and the survivors name
-# it (`distshare.distributed.watchdog`): `RankSilent("rank 1 went silent at step 3 ...")`.
-#
-# The switch is an environment variable so that it reaches every kind of rank, including
-# the ones torchrun starts: `DISTSHARE_FAULT_HANG=RANK:STEP distshare train ...`. The
-# training loop asks `maybe_go_silent` at the start of every step (via the watchdog).
-
-HANG_ENV = "DISTSHARE_FAULT_HANG"
-
-
-def hang_point() -> tuple[int, int] | None:
-    """(rank, step) from `DISTSHARE_FAULT_HANG=RANK:STEP`, or None when unset or malformed."""
-    text = os.environ.get(HANG_ENV, "")
-    rank, sep, step = text.partition(":")
+def _rank_step(var: str) -> tuple[int, int] | None:
+    """(rank, step) from `VAR=RANK:STEP`, or None when unset or malformed."""
+    rank, sep, step = os.environ.get(var, "").partition(":")
     if not sep or not rank.strip().isdigit() or not step.strip().isdigit():
         return None
     return int(rank), int(step)
 
 
-def maybe_go_silent(rank: int, step: int) -> None:
-    """If this is the hang point, stop taking part: sleep until killed, holding no lock."""
-    if hang_point() == (rank, step):
-        while True:  # the survivors' timeout and the parent (or torchrun) end this process
-            time.sleep(3600)
+def _die(message: str) -> None:
+    print(message, file=sys.stderr)
+    sys.stderr.flush()
+    os._exit(FAULT_EXIT_CODE)
+
+
+class ExitAfterStep(Component):
+    """Rank `rank` ends its process right after step `at` (after that step's checkpoint, if any)."""
+
+    def __init__(self, rank: int, at: int) -> None:
+        self.rank, self.at = rank, at
+
+    def step_end(self, loop: Loop, step: int) -> None:
+        if step == self.at and loop.world.rank == self.rank:
+            _die(f"[rank {self.rank}] fault injected: exiting after step {step} ({EXIT_AT_STEP})")
+
+
+class ExitInSave(Component):
+    """This rank ends its process between the files of its `nth` checkpoint save."""
+
+    def __init__(self, nth: int) -> None:
+        self.nth, self.saves = nth, 0
+
+    def begin(self, loop: Loop) -> None:
+        checkpointer = loop.find(Checkpointer)
+        if checkpointer is not None:
+            checkpointer.after_file = self._after_file
+
+    def _after_file(self, path: str) -> None:
+        if path.endswith(MODEL_FILE):
+            self.saves += 1
+            if self.saves == self.nth:
+                _die(f"fault injected: exiting in the middle of checkpoint save {self.nth} ({EXIT_IN_SAVE})")
+
+
+class GoSilent(Component):
+    """Rank `rank` stops taking part at the start of step `at`: it sleeps, holding no lock,
+    until the survivors' timeout and the parent (or the launcher) end it."""
+
+    def __init__(self, rank: int, at: int) -> None:
+        self.rank, self.at = rank, at
+
+    def before_step(self, loop: Loop, step: int) -> None:
+        if step == self.at and loop.world.rank == self.rank:
+            while True:
+                time.sleep(3600)
+
+
+def hang_point() -> tuple[int, int] | None:
+    """(rank, step) from `DISTSHARE_FAULT_HANG=RANK:STEP`, or None when unset or malformed."""
+    return _rank_step(HANG_ENV)
 
 
 def hang(world: World, faulty_rank: int = 1, inject_at: int = 3, steps: int = 6, timeout_s: float = 3.0) -> Any:
@@ -338,9 +346,26 @@ def hang(world: World, faulty_rank: int = 1, inject_at: int = 3, steps: int = 6,
     Never returns normally on a healthy run: the survivors raise `RankSilent` naming the
     faulty rank, which `run_distributed` re-raises in the caller.
     """
-    os.environ[HANG_ENV] = f"{faulty_rank}:{inject_at}"  # this rank process only
     cfg = base_config(world.world_size, steps, [f"timeout_s={timeout_s}", "check_every=0"])
-    return train(cfg, world, progress=False)
+    return train(cfg, world, progress=False, components=[StepMarker(), GoSilent(faulty_rank, inject_at)])
 
 
-__all__ += ["HANG_ENV", "hang", "hang_point", "maybe_go_silent"]
+__all__ = [
+    "EXIT_AT_STEP",
+    "EXIT_IN_SAVE",
+    "FAULTS",
+    "FAULT_EXIT_CODE",
+    "HANG_ENV",
+    "PLUGIN",
+    "ExitAfterStep",
+    "ExitInSave",
+    "FaultOutcome",
+    "GoSilent",
+    "clean_checks",
+    "distshare_components",
+    "fault_env",
+    "hang",
+    "hang_point",
+    "run_all_faults",
+    "run_fault",
+]
