@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Union
 
+import torch
 import yaml
 
 from distshare.errors import ConfigError, UsageError
@@ -30,7 +31,7 @@ DATASETS = ("svo", "shapes", "digits", "pydoc", "file")
 ENGINES = ("auto", "local", "torch", "accelerate", "ray")
 DEVICES = ("cpu", "cuda")
 SYNC_MODES = ("ddp", "allreduce", "exact")
-DTYPES = ("float32", "float64")
+DTYPES = {"float32": torch.float32, "float64": torch.float64}  # model.dtype: the name and the torch dtype
 NORMS = ("none", "batch", "group")
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SVO_TASKS = ("subject", "roles")
@@ -164,7 +165,7 @@ class RunConfig:
     def validate(self) -> RunConfig:
         """Check every field that a type alone cannot; raise `ConfigError` naming the first bad one."""
         _choice("model.name", self.model.name, MODELS)
-        _choice("model.dtype", self.model.dtype, DTYPES)
+        _choice("model.dtype", self.model.dtype, tuple(DTYPES))
         _choice("model.norm", self.model.norm, NORMS)
         _choice("data.name", self.data.name, DATASETS)
         _choice("data.task", self.data.task, SVO_TASKS)

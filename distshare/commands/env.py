@@ -8,6 +8,7 @@ import os
 import platform
 
 from distshare.commands.common import versions
+from distshare.distributed import launchers
 
 
 def env_command_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -30,9 +31,7 @@ def environment() -> dict:
         "nccl": dist.is_available() and dist.is_nccl_available(),
         "mpi": dist.is_available() and dist.is_mpi_available(),
     }
-    info["launcher_env"] = {
-        k: os.environ[k] for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT") if k in os.environ
-    }
+    info["launcher_env"] = launchers.launcher_environment()
     return info
 
 

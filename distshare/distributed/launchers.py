@@ -71,6 +71,12 @@ def restart_count() -> int:
     return elastic_restart() or 0
 
 
+def launcher_environment() -> dict[str, str]:
+    """The variables a launcher sets that say where this process is (for bug reports)."""
+    keys = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RESTART_COUNT")
+    return {k: os.environ[k] for k in keys if k in os.environ}
+
+
 def ray_address(cli_address: str | None) -> str | None:
     """The Ray cluster to join: --ray-address, else RAY_ADDRESS, else None (start a local Ray)."""
     return cli_address or os.environ.get("RAY_ADDRESS") or None

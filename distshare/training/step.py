@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from distshare.config import RunConfig
+from distshare.config import DTYPES, RunConfig
 from distshare.data import build_dataset
 from distshare.data.plan import GlobalBatchPlan
 from distshare.data.tensors import TensorTable
@@ -32,8 +32,6 @@ from distshare.data.types import IGNORE_INDEX, Batch, DataInfo
 from distshare.distributed.sync import GradSync, make_sync
 from distshare.distributed.world import World
 from distshare.models import build_model
-
-DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
 @dataclass
