@@ -49,7 +49,7 @@ def test_torchrun_standalone_two_ranks(tmp_path):
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
     assert len(lines) == 1, "only rank 0 speaks"
     result = json.loads(lines[0])
-    assert result["engine"] == "torchrun" and result["world_size"] == 2
+    assert result["engine"] == "torch" and result["launcher"] == "torchrun" and result["world_size"] == 2
     assert result["replicas_in_sync"] and result["accounting"]["ok"]
     assert len(set(result["final_fingerprints_by_rank"])) == 1
     assert json.loads((tmp_path / "result.json").read_text())["final_fingerprint"] == result["final_fingerprint"]
