@@ -1,0 +1,314 @@
+"""The grid: every partition W x k of a global batch against its precision's reference.
+
+Each world size is spawned once and runs every k (and dtype) inside it; W = 1 runs in this
+process. Each partition is then judged (`compare`): its synced gradient of every step
+against the big-batch gradient at the same parameters, elementwise, with the predicted
+rounding bound; its parameters against the reference trajectory and the envelope; its
+samples by the accounting (every sample of every global batch counted exactly once).
+`assert_accumulation_equivalent` is the grid for a user's own model, loss and data.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from distshare.data.accounting import account_batches
+from distshare.distributed.spawn import run_distributed
+from distshare.distributed.world import World
+from distshare.equivalence.reference import Reference, run_reference
+from distshare.equivalence.runs import PartitionRun, Tensors, grid_rank
+from distshare.equivalence.tasks import GridTask, UserTask
+from distshare.errors import UsageError
+from distshare.numerics.diff import diff
+from distshare.numerics.rounding import excess, norm_rel
+
+
+@dataclass
+class PartitionResult:
+    """One partition's comparison with the reference; `to_dict` is what result.json holds."""
+
+    world_size: int
+    accum_steps: int
+    micro_batch: int
+    dtype: str
+    unit_roundoff: float  # u of the precision gradients are accumulated in
+    bitwise_equal: bool  # every step's parameters (and gradient) identical to the reference's
+    max_abs_diff: float  # over every step's parameters
+    max_rel_diff: float  # elementwise max |a - b| / |b|, over every step's parameters
+    norm_rel_diff: float  # normwise ||a - b|| / ||b||, worst step
+    max_ulp: int
+    grad_bitwise_equal: bool  # every step's gradient identical to the big-batch gradient at the same parameters
+    grad_max_abs_diff: float
+    grad_excess: float  # max over elements and steps of |observed - reference| / predicted bound (<= 1: rounding)
+    grad_bound_norm_rel: float  # the predicted bound, normwise relative (worst step)
+    grad_norm_rel_diff: float  # the observed gradient difference, normwise relative (worst step)
+    envelope_excess: float  # max over steps of observed normwise parameter diff / envelope (<= 1: rounding)
+    state_ints_equal: bool  # integer buffers (BatchNorm's batch counter) equal
+    accounting_ok: bool
+    accounting: str
+    within_rounding: bool
+    losses: list[float]
+    max_loss_diff: float
+    steps: list[dict[str, Any]]  # per step: bitwise, max abs/rel, norm rel, envelope, max ULP, grad excess, loss
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @property
+    def label(self) -> str:
+        return f"{self.dtype} W={self.world_size} k={self.accum_steps} b={self.micro_batch}"
+
+    def summary(self) -> str:
+        if self.bitwise_equal:
+            head = "bitwise equal at every step"
+        else:
+            head = (
+                f"params norm rel {self.norm_rel_diff:.1e} (max {self.max_ulp} ULP), "
+                f"gradient {self.grad_excess:.2g} x its rounding bound"
+            )
+        if not self.accounting_ok:
+            head += f"; accounting: {self.accounting}"
+        if not self.state_ints_equal:
+            head += "; integer buffers differ"
+        return head
+
+
+def _floats(state: Tensors) -> Tensors:
+    return {n: t for n, t in state.items() if t.is_floating_point()}
+
+
+def _ints_equal(a: Tensors, b: Tensors) -> bool:
+    return all(torch.equal(a[n], b[n]) for n in a if not a[n].is_floating_point())
+
+
+def compare(run: PartitionRun, ref: Reference) -> PartitionResult:
+    """Judge one partition: gradients against the bound, parameters against the envelope."""
+    steps = []
+    u = ref.run.u
+    bitwise = grad_bitwise = ints_equal = True
+    max_abs = max_rel = norm_rel_worst = grad_abs = grad_excess = bound_rel = grad_rel = env_excess = 0.0
+    max_ulp = 0
+    for s, state in enumerate(run.states):
+        d = diff(_floats(state), _floats(ref.run.states[s]))
+        g = diff(run.grads[s], run.ref_grads[s])
+        ex = excess(run.grads[s], run.ref_grads[s], ref.bounds[s])
+        env = diff(_floats(ref.envelope_states[s]), _floats(ref.run.states[s])).norm_rel_diff
+        # Both runs round every stored parameter once per step: (s + 1) x 2u of room besides.
+        allowed = env + 2 * u * (s + 1)
+        e_ex = d.norm_rel_diff / allowed
+        ints = _ints_equal(state, ref.run.states[s])
+        bitwise &= d.bitwise_equal and g.bitwise_equal and ints
+        grad_bitwise &= g.bitwise_equal
+        ints_equal &= ints
+        max_abs, max_rel = max(max_abs, d.max_abs_diff), max(max_rel, d.max_rel_diff)
+        norm_rel_worst, max_ulp = max(norm_rel_worst, d.norm_rel_diff), max(max_ulp, d.max_ulp)
+        grad_abs, grad_excess = max(grad_abs, g.max_abs_diff), max(grad_excess, ex)
+        grad_rel = max(grad_rel, g.norm_rel_diff)
+        bound_rel = max(bound_rel, norm_rel(ref.bounds[s], ref.run.grads[s]))
+        env_excess = max(env_excess, e_ex)
+        steps.append(
+            {
+                "step": s,
+                "bitwise_equal": d.bitwise_equal,
+                "max_abs_diff": d.max_abs_diff,
+                "max_rel_diff": d.max_rel_diff,
+                "norm_rel_diff": d.norm_rel_diff,
+                "envelope_norm_rel": allowed,
+                "max_ulp": d.max_ulp,
+                "grad_excess": ex,
+                "grad_norm_rel_diff": g.norm_rel_diff,
+                "loss_diff": abs(run.losses[s] - ref.run.losses[s]),
+            }
+        )
+    acc = account_batches(run.global_batches, run.samples_by_rank)
+    ok = acc.ok and ints_equal and grad_excess <= 1 and env_excess <= 1
+    return PartitionResult(
+        world_size=run.world_size,
+        accum_steps=run.accum_steps,
+        micro_batch=run.micro_batch,
+        dtype=run.dtype,
+        unit_roundoff=u,
+        bitwise_equal=bitwise,
+        max_abs_diff=max_abs,
+        max_rel_diff=max_rel,
+        norm_rel_diff=norm_rel_worst,
+        max_ulp=max_ulp,
+        grad_bitwise_equal=grad_bitwise,
+        grad_max_abs_diff=grad_abs,
+        grad_excess=grad_excess,
+        grad_bound_norm_rel=bound_rel,
+        grad_norm_rel_diff=grad_rel,
+        envelope_excess=env_excess,
+        state_ints_equal=ints_equal,
+        accounting_ok=acc.ok,
+        accounting=acc.summary(),
+        within_rounding=ok,
+        losses=run.losses,
+        max_loss_diff=max(st["loss_diff"] for st in steps) if steps else 0.0,
+        steps=steps,
+    )
+
+
+@dataclass
+class GridResult:
+    """Every partition of the grid, compared with its dtype's reference."""
+
+    global_batch: int
+    steps: int
+    n_terms: int  # terms per gradient element assumed by the bound: G x uses per sample
+    partitions: list[PartitionResult]
+    reference_losses: dict[str, list[float]]  # dtype -> reference loss curve
+    bound_notes: dict[str, list[str]] = field(default_factory=dict)  # dtype -> fallbacks of the bound
+
+    @property
+    def ok(self) -> bool:
+        return all(p.within_rounding for p in self.partitions)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "ok": self.ok,
+            "global_batch": self.global_batch,
+            "steps": self.steps,
+            "n_terms": self.n_terms,
+            "reference_losses": self.reference_losses,
+            "bound_notes": self.bound_notes,
+            "partitions": [p.to_dict() for p in self.partitions],
+        }
+
+    def text(self) -> str:
+        """A plain table, the message of a failed `assert_accumulation_equivalent`."""
+        lines = [f"G={self.global_batch}, {self.steps} steps; each partition vs W=1, k=1 (b=G):"]
+        for p in self.partitions:
+            lines.append(f"  {'ok  ' if p.within_rounding else 'FAIL'}  {p.label:<28}  {p.summary()}")
+        for dtype, notes in self.bound_notes.items():
+            lines.append(f"  ({dtype}: per-sample magnitudes unavailable, bound from |gradient|: {'; '.join(notes)})")
+        return "\n".join(lines)
+
+
+def check_partitions(global_batch: int, world_sizes: Sequence[int], accum_steps: Sequence[int]) -> None:
+    """Refuse, in one line, a grid in which some W x k does not divide G."""
+    if not world_sizes or not accum_steps:
+        raise UsageError("the grid needs at least one world size and one accumulation step count")
+    for w in world_sizes:
+        for k in accum_steps:
+            if w < 1 or k < 1:
+                raise UsageError(f"world sizes and accumulation steps must be positive, got W={w}, k={k}")
+            if global_batch % (w * k):
+                raise UsageError(
+                    f"global batch {global_batch} is not divisible by W x k = {w} x {k} = {w * k}; "
+                    "pick a G that every partition divides (e.g. 32 for W in 1,2,4 and k in 1,2,4,8)"
+                )
+
+
+def run_grid(
+    task: GridTask,
+    world_sizes: Sequence[int],
+    accum_steps: Sequence[int],
+    dtypes: Sequence[str | None],
+    steps: int,
+    progress: bool = True,
+    timeout_s: float = 120.0,
+) -> GridResult:
+    """Run every partition, each world size spawned once, and compare each with the reference."""
+    check_partitions(task.global_batch, world_sizes, accum_steps)
+    # The runs in this process seed torch's RNG (dropout must start alike everywhere); the
+    # caller's stream is left as it was.
+    with torch.random.fork_rng(devices=[]):
+        return _run_grid(task, world_sizes, accum_steps, dtypes, steps, progress, timeout_s)
+
+
+def _run_grid(
+    task: GridTask,
+    world_sizes: Sequence[int],
+    accum_steps: Sequence[int],
+    dtypes: Sequence[str | None],
+    steps: int,
+    progress: bool,
+    timeout_s: float,
+) -> GridResult:
+    n_terms = task.global_batch * task.terms_per_sample()
+    total = len(dtypes) * (1 + len(world_sizes) * len(accum_steps))
+    bar = tqdm(total=total, desc="equivalence", unit="partition", disable=not progress, leave=False)
+    refs: dict[str, Reference] = {}
+    ref_by_dtype: dict[str | None, Reference] = {}
+    for dtype in dtypes:
+        bar.set_postfix_str(f"reference {dtype or ''}".strip())
+        ref = run_reference(task, dtype, steps, n_terms)
+        refs[ref.run.dtype] = ref_by_dtype[dtype] = ref
+        bar.update(1)
+    runs: list[PartitionRun] = []
+    for w in world_sizes:
+        bar.set_postfix_str(f"W={w}")
+        if w == 1:
+            per_rank = [grid_rank(World(), task, accum_steps, dtypes, steps)]
+        else:
+            per_rank = run_distributed(grid_rank, w, task, list(accum_steps), list(dtypes), steps, timeout_s=timeout_s)
+        for i, main in enumerate(per_rank[0]):
+            main.samples_by_rank = [rank_runs[i].samples for rank_runs in per_rank]
+            runs.append(main)
+        bar.update(len(dtypes) * len(accum_steps))
+    bar.close()
+    order = {d: i for i, d in enumerate(refs)}
+    partitions = sorted(
+        (compare(r, refs[r.dtype]) for r in runs), key=lambda p: (order[p.dtype], p.world_size, p.accum_steps)
+    )
+    return GridResult(
+        global_batch=task.global_batch,
+        steps=steps,
+        n_terms=n_terms,
+        partitions=partitions,
+        reference_losses={d: r.run.losses for d, r in refs.items()},
+        bound_notes={d: r.notes for d, r in refs.items() if r.notes},
+    )
+
+
+def assert_accumulation_equivalent(
+    model_fn: Callable[[], nn.Module],
+    loss_fn: Callable[[nn.Module, Any], torch.Tensor],
+    dataset: Any,
+    world_sizes: Sequence[int] = (1, 2),
+    accum_steps: Sequence[int] = (1, 2, 4),
+    global_batch: int | None = None,
+    steps: int = 3,
+    optimizer: str = "sgd",
+    lr: float = 0.1,
+    sync: str = "ddp",
+    seed: int = 0,
+    uses_per_sample: int = 1,
+    timeout_s: float = 120.0,
+    progress: bool = False,
+) -> GridResult:
+    """Assert that every W x k split trains `model_fn()` like one process on the whole batch.
+
+    `model_fn()` returns a fresh model (module-level: spawned ranks import it; it is called
+    under a fixed seed); `loss_fn(model, batch)` returns the *summed* loss of a batch (the
+    step divides by the global batch size); `dataset` is a `TensorDataset`, a tensor, or a
+    sequence of samples that `default_collate` can batch. Each world size W > 1 runs on W
+    spawned CPU ranks (real gloo groups). `uses_per_sample` is how often one weight is used
+    per sample (positions, pixels): it widens the rounding bound's term count.
+
+    Returns the `GridResult`; raises AssertionError with the grid's table when a partition
+    differs from the big batch by more than rounding.
+    """
+    if global_batch is None:
+        lcm = math.lcm(*(w * k for w in world_sizes for k in accum_steps))
+        global_batch = lcm * max(1, -(-8 // lcm))
+    if len(dataset) < global_batch:
+        raise ValueError(f"the data set has {len(dataset)} samples, fewer than one global batch of {global_batch}")
+    if sync == "exact":
+        raise ValueError("sync='exact' is for distshare's own models: run `distshare equivalence --sync exact`")
+    if optimizer not in ("sgd", "adamw"):
+        raise ValueError(f"optimizer must be 'sgd' or 'adamw', got {optimizer!r}")
+    task = UserTask(model_fn, loss_fn, dataset, global_batch, optimizer, lr, sync, seed, uses_per_sample)
+    result = run_grid(task, world_sizes, accum_steps, [None], steps, progress=progress, timeout_s=timeout_s)
+    if not result.ok:
+        raise AssertionError("gradient accumulation is not equivalent to one big batch:\n" + result.text())
+    return result
