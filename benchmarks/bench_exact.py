@@ -70,7 +70,7 @@ def timing(model: str, nproc: int, steps: int, repeats: int, warmup: int) -> dic
     if nproc == 1:
         per_rank = [_time_rank(World(), cfg, repeats, warmup)]
     else:
-        per_rank = run_distributed(_time_rank, nproc, cfg, repeats, warmup, timeout_s=600)
+        per_rank = run_distributed(_time_rank, nproc, cfg, repeats, warmup, timeout_s=600, deadline_s=None)
     med = per_rank[0]
     ratios = [e / n for e, n in zip(med["exact"], med["ddp"], strict=True)]
     plan = cfg.plan.resolve(nproc)

@@ -300,6 +300,7 @@ def main(argv: list[str] | None = None) -> int:
         not args.no_progress,
         not args.no_files,
         timeout_s=cfg.timeout_s,
+        deadline_s=None,
     )
     result = summarize(per_rank[0], cfg, args, (load_before, os.getloadavg()[0]))
     text = json.dumps(result, indent=2)

@@ -99,7 +99,7 @@ def run(out_dir: Path, seed: int = 0) -> Finding:
     initial = params_fingerprint(build_model(cfg.model, info, seed=cfg.seed))
     single = _trail(cfg, World())
     wcfg = config([*OVERRIDES, f"plan.world_size={RANKS}"], seed)
-    ranks = run_distributed(_rank_trails, RANKS, wcfg, timeout_s=wcfg.timeout_s)
+    ranks = run_distributed(_rank_trails, RANKS, wcfg, timeout_s=wcfg.timeout_s, deadline_s=None)
     per_batch = _copy_per_batch(cfg)
 
     updates = len(single["trail"])

@@ -28,18 +28,19 @@ from distshare.errors import DistshareError, RankError, RankSilent
 
 def run_distributed(
     fn: Callable[..., Any],
-    world_size: int,
+    world_size: int = 2,
     *args: Any,
-    timeout_s: float = 120.0,
-    deadline_s: float | None = None,
+    timeout_s: float = 60.0,
+    deadline_s: float | None = 300.0,
     **kwargs: Any,
 ) -> list[Any]:
     """Run `fn(world, *args, **kwargs)` on `world_size` gloo ranks; return results by rank.
 
     `fn` must be importable by name (a module-level function): ranks are fresh processes.
     `timeout_s` bounds every collective inside the ranks, so a rank that stops taking part
-    makes its peers fail, naming it (`RankSilent`); `deadline_s` (optional) bounds the whole
-    run from outside, for code that might hang outside a collective. Ranks still silent
+    makes its peers fail, naming it (`RankSilent`); `deadline_s` bounds the whole run from
+    outside, for code that might hang outside a collective (the defaults suit a test; a
+    training run of unknown length passes `deadline_s=None`). Ranks still silent
     `timeout_s` (plus a grace) after a peer returned are named too: no collective is left to
     time out for them.
     """

@@ -48,7 +48,7 @@ def run_training(job: RankJob, engine: str = "torch") -> list[TrainResult] | Non
             f"spawned ranks run on the CPU; for {nproc} GPU ranks run "
             f"torchrun --standalone --nproc_per_node {nproc} -m distshare train --set device=cuda ..."
         )
-    return run_distributed(_spawned_rank, nproc, job, engine, timeout_s=cfg.timeout_s)[0]
+    return run_distributed(_spawned_rank, nproc, job, engine, timeout_s=cfg.timeout_s, deadline_s=None)[0]
 
 
 def _spawned_rank(world: World, job: RankJob, engine: str) -> list[TrainResult] | None:

@@ -250,7 +250,9 @@ def _run_grid(
         if w == 1:
             per_rank = [grid_rank(World(), task, accum_steps, dtypes, steps)]
         else:
-            per_rank = run_distributed(grid_rank, w, task, list(accum_steps), list(dtypes), steps, timeout_s=timeout_s)
+            per_rank = run_distributed(
+                grid_rank, w, task, list(accum_steps), list(dtypes), steps, timeout_s=timeout_s, deadline_s=None
+            )
         for i, main in enumerate(per_rank[0]):
             main.samples_by_rank = [rank_runs[i].samples for rank_runs in per_rank]
             runs.append(main)

@@ -17,14 +17,14 @@ the state (parameters, buffers, optimizer state) differs; its message names the 
 the ranks and the first differing element. A rank's error reaches the test as a
 `RankError` carrying that message. The same helpers are pytest fixtures too
 (`distshare_run`, see `distshare.testing.pytest_plugin`).
+
+Also here, for distshare's own tests: `distshare.testing.faults` (fault injection: in-process
+faults, and a plugin that makes launched ranks die or hang). No production module imports it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
-
-from distshare.distributed import spawn
+from distshare.distributed.spawn import run_distributed
 from distshare.distributed.world import World
 from distshare.equivalence import assert_accumulation_equivalent
 from distshare.errors import RankError
@@ -34,23 +34,6 @@ from distshare.integrity.replicas import (
     assert_replicas_in_sync,
     compare_replicas,
 )
-
-
-def run_distributed(
-    fn: Callable[..., Any],
-    world_size: int = 2,
-    *args: Any,
-    timeout_s: float = 60.0,
-    deadline_s: float | None = 300.0,
-    **kwargs: Any,
-) -> list[Any]:
-    """Run `fn(world, *args, **kwargs)` on `world_size` CPU ranks; each rank's return value.
-
-    `timeout_s` bounds every collective inside the ranks; `deadline_s` the whole run, so a
-    test never hangs (a test suite's defaults: tighter than `distshare.distributed.spawn`'s).
-    """
-    return spawn.run_distributed(fn, world_size, *args, timeout_s=timeout_s, deadline_s=deadline_s, **kwargs)
-
 
 __all__ = [
     "RankError",

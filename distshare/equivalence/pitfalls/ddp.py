@@ -190,7 +190,7 @@ def _measure_join(out: dict[str, Any], key: str, model: nn.Module, x: torch.Tens
 
 
 def ddp_pitfalls(timeout_s: float = 120.0) -> list[Pitfall]:
-    m = run_distributed(_ddp_rank, 2, timeout_s=timeout_s)[0]
+    m = run_distributed(_ddp_rank, 2, timeout_s=timeout_s, deadline_s=None)[0]
     inside, outside, outside_avg = m["no_sync_inside_sum"], m["no_sync_outside_sum"], m["no_sync_outside_average"]
     summed, avg = m["summed_sum_hook"], m["summed_ddp_average"]
     j_init, j_active = m["join_initial_world_size"], m["join_active_ranks"]
