@@ -14,6 +14,7 @@ import pytest
 import torch
 from torch import nn
 
+from distshare.integrity import dsh128
 from distshare.integrity import fingerprint as checksum
 from distshare.integrity.fingerprint import (
     ALGORITHMS,
@@ -140,7 +141,7 @@ def test_dsh128_does_not_depend_on_how_the_words_are_split(monkeypatch):
     # The sum is over words, so chunking (and the kernel's blocks) cannot change it.
     t = torch.randn(10_001)  # 5000 whole 64-bit words and a 4-byte tail
     whole = dsh128_lanes_torch(t)
-    monkeypatch.setattr(checksum, "_CHUNK_WORDS", 97)
+    monkeypatch.setattr(dsh128, "_CHUNK_WORDS", 97)
     assert torch.equal(dsh128_lanes_torch(t), whole)
 
 

@@ -45,7 +45,8 @@ from safetensors.torch import save_file
 from torch import nn
 
 from distshare.errors import UsageError, VerificationFailed
-from distshare.integrity.fingerprint import ALGORITHM, combined_fingerprint, fingerprint, unwrap
+from distshare.integrity.fingerprint import ALGORITHM, combined_fingerprint, fingerprint
+from distshare.integrity.state import unwrap
 
 FORMAT = "distshare-checkpoint"
 VERSION = 1

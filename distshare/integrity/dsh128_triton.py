@@ -1,7 +1,7 @@
 """The dsh128 lane sums as fused Triton kernels for CUDA tensors.
 
 Imported only by `distshare.integrity.fingerprint._load_triton`, and only when a CUDA tensor is
-fingerprinted: CPU installs have no triton. The math is exactly `checksum._mix` over 64-bit
+fingerprinted: CPU installs have no triton. The math is exactly `dsh128._mix` over 64-bit
 words (int64 arithmetic wraps mod 2^64 in both, and `>>` plus a mask is the logical shift in
 both), so the digests equal those of the plain torch ops; `checksum` checks that before using it.
 The plain torch ops make one pass over memory per operation (about ten, on int64
@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from distshare.integrity.fingerprint import LANES, _signed, _words
+from distshare.integrity.dsh128 import LANES, signed, words
 
 BLOCK = 2048  # 64-bit words per block: 16 KB read per program per loop step
 NUM_WARPS = 4  # 16 words per thread per step (measured on an H100: 8 warps with this BLOCK was 1.5x slower)
@@ -36,9 +36,9 @@ _sm_count: dict[int, int] = {}
 # per launch (host time is most of a small tensor's cost). STEP = BLOCK * K mod 2^64.
 (_k0, _a0, _b0, _s01, _s02, _s03), (_k1, _a1, _b1, _s11, _s12, _s13) = LANES
 _BLOCK = tl.constexpr(BLOCK)
-K0, A0, B0 = tl.constexpr(_signed(_k0)), tl.constexpr(_signed(_a0)), tl.constexpr(_signed(_b0))
-K1, A1, B1 = tl.constexpr(_signed(_k1)), tl.constexpr(_signed(_a1)), tl.constexpr(_signed(_b1))
-STEP0, STEP1 = tl.constexpr(_signed(_k0 * BLOCK % (1 << 64))), tl.constexpr(_signed(_k1 * BLOCK % (1 << 64)))
+K0, A0, B0 = tl.constexpr(signed(_k0)), tl.constexpr(signed(_a0)), tl.constexpr(signed(_b0))
+K1, A1, B1 = tl.constexpr(signed(_k1)), tl.constexpr(signed(_a1)), tl.constexpr(signed(_b1))
+STEP0, STEP1 = tl.constexpr(signed(_k0 * BLOCK % (1 << 64))), tl.constexpr(signed(_k1 * BLOCK % (1 << 64)))
 S01, S02, S03 = tl.constexpr(_s01), tl.constexpr(_s02), tl.constexpr(_s03)
 S11, S12, S13 = tl.constexpr(_s11), tl.constexpr(_s12), tl.constexpr(_s13)
 
@@ -117,7 +117,7 @@ def dsh128_lanes_triton(t: torch.Tensor, programs: int | None = None, out: torch
     `programs` caps the grid (default: a few per SM); any value gives the same sums.
     `out`: int64[2] zeros (contiguous, on the tensor's device) to add the sums into and return.
     """
-    _, body, tail = _words(t)
+    _, body, tail = words(t)
     if out is None:
         out = torch.zeros(2, dtype=torch.int64, device=t.device)
     n, n_tail = body.numel(), tail.numel()

@@ -25,7 +25,7 @@ Two algorithms, one per place a tensor lives:
   Mixing 64-bit words (not 32-bit ones) halves the integer work per byte, which is what
   bounds the GPU kernel. Integer addition is associative, so the sum is the same in any
   order: plain torch ops on the CPU, the same ops on CUDA, and the fused Triton kernel
-  (`distshare/_dsh128_triton.py`, used on CUDA when triton imports and passes a self-check)
+  (`distshare/integrity/dsh128_triton.py`, used on CUDA when triton imports and passes a self-check)
   give the same digest, and the CPU tests are the specification of all of them. The header
   (dtype, shape, byte count) and the two lane sums are finally hashed with xxh3-128 on the
   host: 16 bytes, not the tensor.
@@ -44,75 +44,12 @@ import torch
 import xxhash
 from torch import nn
 
+from distshare.integrity.dsh128 import LANES, dsh128_lanes_torch  # noqa: F401 - the spec, re-exported
+from distshare.integrity.state import named_state_tensors, unwrap
+
 ALGORITHM = "xxh3_128"  # the CPU algorithm, and the one combined digests use
 DEVICE_ALGORITHM = "dsh128"
 ALGORITHMS = (ALGORITHM, DEVICE_ALGORITHM)
-
-
-def _signed(u: int) -> int:
-    """A 64-bit unsigned constant as the int64 torch arithmetic uses (same bits)."""
-    return u - (1 << 64) if u >= 1 << 63 else u
-
-
-# Per lane: position key K (odd), multipliers M1, M2 (odd: multiplying by them is a bijection
-# mod 2^64) and xor-shift amounts. Constants from splitmix64 / Stafford's mix13 and xxHash.
-LANES = (
-    (0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB, 30, 27, 31),
-    (0xC2B2AE3D27D4EB4F, 0xFF51AFD7ED558CCD, 0xC4CEB9FE1A85EC53, 33, 33, 33),
-)
-_CHUNK_WORDS = 1 << 22  # 64-bit words per torch-op pass: bounds the int64 temporaries at 32 MB each
-WORD_BYTES = 8
-
-
-def _logical_shift_right(x: torch.Tensor, s: int) -> torch.Tensor:
-    # torch's >> on int64 is arithmetic (copies the sign bit); masking the copied bits makes
-    # it the logical shift that the xor-shift bijection needs.
-    return (x >> s) & ((1 << (64 - s)) - 1)
-
-
-def _mix(words: torch.Tensor, start: int, lane: tuple[int, ...]) -> torch.Tensor:
-    """f_lane(i, w) for 64-bit words w (int64, any bits) at indices start, start + 1, ..."""
-    k, m1, m2, s1, s2, s3 = lane
-    idx = torch.arange(start + 1, start + 1 + words.numel(), dtype=torch.int64, device=words.device)
-    x = words + idx * _signed(k)
-    x = x ^ _logical_shift_right(x, s1)
-    x = x * _signed(m1)
-    x = x ^ _logical_shift_right(x, s2)
-    x = x * _signed(m2)
-    return x ^ _logical_shift_right(x, s3)
-
-
-def _words(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The bytes of a contiguous tensor: (all bytes as uint8, the whole 64-bit words as int64,
-    the 0-7 bytes after the last whole word as uint8). The tail is one more word, zero-padded
-    to 8 bytes (the byte count is in the header, so padding is unambiguous)."""
-    raw = t.reshape(-1).view(torch.uint8)
-    if raw.storage_offset() % WORD_BYTES or raw.data_ptr() % WORD_BYTES:
-        raw = raw.clone()  # a view starting mid-word (e.g. bf16[1:], float32[1:]) cannot be read as int64 in place
-    whole = raw.numel() // WORD_BYTES * WORD_BYTES
-    return raw, raw[:whole].view(torch.int64), raw[whole:]
-
-
-def _tail_word(tail: torch.Tensor) -> torch.Tensor:
-    """The 0-7 trailing bytes as one zero-padded little-endian int64 word: int64[1]."""
-    padded = torch.zeros(WORD_BYTES, dtype=torch.uint8, device=tail.device)
-    padded[: tail.numel()] = tail
-    return padded.view(torch.int64)
-
-
-def dsh128_lanes_torch(t: torch.Tensor) -> torch.Tensor:
-    """The two lane sums of `dsh128` with plain torch ops, on the tensor's device: int64[2]."""
-    _, body, tail = _words(t.detach().contiguous())
-    acc = torch.zeros(2, dtype=torch.int64, device=t.device)
-    parts = [body] + ([_tail_word(tail)] if tail.numel() else [])
-    start = 0
-    for part in parts:
-        for lo in range(0, part.numel(), _CHUNK_WORDS):
-            w = part[lo : lo + _CHUNK_WORDS]
-            for j, lane in enumerate(LANES):
-                acc[j] += _mix(w, start + lo, lane).sum()  # int64 sums wrap: arithmetic mod 2^64
-        start += part.numel()
-    return acc
 
 
 _triton_state: dict[str, object] = {}
@@ -258,58 +195,6 @@ def check_comparable(digests: Iterable[str | None]) -> None:
     seen = {d.partition(":")[0] for d in digests if d is not None}
     if len(seen) > 1:
         raise MixedAlgorithms(f"cannot compare digests of different algorithms: {', '.join(sorted(seen))}")
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The module inside a DDP (or similar) wrapper, so names carry no `module.` prefix."""
-    inner = getattr(model, "module", None)
-    return inner if isinstance(inner, nn.Module) else model
-
-
-def _hyperparameters(group: dict) -> Iterable[tuple[str, torch.Tensor]]:
-    # Numbers only (lr, betas, eps, weight decay, ...): a learning-rate schedule that drifts on
-    # one rank is optimizer state that differs, even though no tensor of `optimizer.state` does.
-    for key in sorted(group):
-        value = group[key]
-        if key == "params" or value is None or isinstance(value, str):
-            continue
-        if isinstance(value, torch.Tensor):
-            yield key, value
-        elif isinstance(value, bool | int | float) or (
-            isinstance(value, tuple | list) and value and all(isinstance(v, bool | int | float) for v in value)
-        ):
-            yield key, torch.tensor(value, dtype=torch.float64)
-
-
-def named_state_tensors(
-    model: nn.Module, optimizer: torch.optim.Optimizer | None = None, grads: bool = False
-) -> Iterable[tuple[str, torch.Tensor]]:
-    """Every tensor of the training state, under stable names.
-
-    Names: `param/<name>`, `buffer/<name>`, `grad/<name>` (optional),
-    `optim/<param name>/<state key>` (momenta, Adam moments, step counts) and
-    `optim/group<i>/<hyperparameter>` (learning rate, betas, ...).
-    """
-    model = unwrap(model)
-    for name, p in model.named_parameters():
-        yield f"param/{name}", p
-    for name, b in model.named_buffers():
-        yield f"buffer/{name}", b
-    if grads:
-        for name, p in model.named_parameters():
-            if p.grad is not None:
-                yield f"grad/{name}", p.grad  # the same names as fingerprint_grads
-    if optimizer is not None:
-        names = {id(p): name for name, p in model.named_parameters()}
-        for p, state in optimizer.state.items():
-            pname = names.get(id(p), f"<unnamed {id(p)}>")
-            for key, value in sorted(state.items()):
-                if not isinstance(value, torch.Tensor):
-                    value = torch.tensor(value)
-                yield f"optim/{pname}/{key}", value
-        for i, group in enumerate(optimizer.param_groups):
-            for key, value in _hyperparameters(group):
-                yield f"optim/group{i}/{key}", value
 
 
 def _device_lanes(tensors: list[torch.Tensor], device: torch.device) -> torch.Tensor:

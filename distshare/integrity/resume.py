@@ -161,7 +161,7 @@ def refuse_incompatible(found: Found, cfg: RunConfig, world_size: int, model: to
 
 
 def _refuse_other_tensors(found: Found, model: torch.nn.Module) -> None:
-    from distshare.integrity.fingerprint import unwrap
+    from distshare.integrity.state import unwrap
 
     stored = {
         e["key"]: (e["dtype"], e["shape"])
