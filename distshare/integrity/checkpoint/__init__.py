@@ -1,0 +1,59 @@
+"""Checkpoints that prove their own integrity: safetensors files plus a manifest of fingerprints.
+
+    format.py   file names, the manifest's digests, what a check reports
+    write.py    save_checkpoint, save_run_checkpoint: atomic
+    read.py     the manifest and the tolerant safetensors reader
+    verify.py   verify_checkpoint, load_checkpoint
+    compare.py  compare_checkpoints
+
+    save_checkpoint("ckpt/step-100", model, optimizer, step=100, cfg=cfg)
+    load_checkpoint("ckpt/step-100", model, optimizer)     # refuses any tensor whose digest is off
+    verify_checkpoint("ckpt/step-100")                     # -> CheckpointCheck, per tensor
+
+A checkpoint is a directory:
+
+- `model.safetensors`: `model.state_dict()` (parameters and buffers), under their names;
+- `optimizer.safetensors`: every tensor of `optimizer.state_dict()["state"]`, as
+  `state/<param index>/<key>` (Adam moments, step counts), stored losslessly so that a
+  resume continues bit for bit;
+- `state.safetensors` (optional): any other state a resume needs, under its own names
+  (`distshare.integrity.resume` keeps every rank's RNG states and the run's loss history there);
+- `manifest.json`: per tensor its file, dtype, shape and fingerprint; the combined digest;
+  the optimizer's non-tensor parts (param groups, non-tensor state); the step, the position
+  in the global batch plan, the run config and library versions; and a digest of those
+  non-tensor parts, so a hand-edited learning rate or step is caught like a changed tensor.
+"""
+
+from distshare.integrity.checkpoint.compare import CheckpointComparison, compare_checkpoints
+from distshare.integrity.checkpoint.format import (
+    FORMAT,
+    MANIFEST,
+    MODEL_FILE,
+    OPTIM_FILE,
+    STATE_FILE,
+    VERSION,
+    CheckpointCheck,
+    CheckpointCorrupted,
+)
+from distshare.integrity.checkpoint.read import read_manifest
+from distshare.integrity.checkpoint.verify import load_checkpoint, verify_checkpoint
+from distshare.integrity.checkpoint.write import plan_position, save_checkpoint, save_run_checkpoint
+
+__all__ = [
+    "FORMAT",
+    "MANIFEST",
+    "MODEL_FILE",
+    "OPTIM_FILE",
+    "STATE_FILE",
+    "VERSION",
+    "CheckpointCheck",
+    "CheckpointComparison",
+    "CheckpointCorrupted",
+    "compare_checkpoints",
+    "load_checkpoint",
+    "plan_position",
+    "read_manifest",
+    "save_checkpoint",
+    "save_run_checkpoint",
+    "verify_checkpoint",
+]

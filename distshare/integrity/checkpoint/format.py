@@ -1,0 +1,94 @@
+"""The checkpoint format: file names, the manifest's version and digests, and what a check reports."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from distshare.errors import VerificationFailed
+
+FORMAT = "distshare-checkpoint"
+VERSION = 1
+MANIFEST = "manifest.json"
+MODEL_FILE = "model.safetensors"
+OPTIM_FILE = "optimizer.safetensors"
+STATE_FILE = "state.safetensors"
+
+SAFETENSORS_DTYPES = {  # safetensors dtype names
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+class CheckpointCorrupted(VerificationFailed):
+    """A checkpoint whose stored tensors do not match its manifest; names every bad tensor."""
+
+    def __init__(self, path: Path, problems: dict[str, str]) -> None:
+        shown = "; ".join(f"{name}: {why}" for name, why in sorted(problems.items())[:5])
+        more = f"; and {len(problems) - 5} more" if len(problems) > 5 else ""
+        super().__init__(f"checkpoint {path} is damaged in {len(problems)} tensor(s): {shown}{more}")
+        self.path = path
+        self.problems = problems
+
+
+@dataclass
+class CheckpointCheck:
+    """The result of verifying one checkpoint (or one bare safetensors file)."""
+
+    path: str
+    digests: dict[str, str]  # tensor -> digest of the bytes as stored now
+    recorded: dict[str, str]  # tensor -> digest the manifest recorded (empty for a bare file)
+    combined: str  # combined digest of the stored tensors
+    problems: dict[str, str] = field(default_factory=dict)  # tensor (or file) -> what is wrong
+    info: dict[str, Any] = field(default_factory=dict)  # tensor -> {"dtype", "shape", "file"}
+    step: int | None = None
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "path": self.path,
+            "ok": self.ok,
+            "step": self.step,
+            "combined": self.combined,
+            "tensors": {
+                name: {**self.info.get(name, {}), "digest": self.digests.get(name), "problem": self.problems.get(name)}
+                for name in sorted(set(self.digests) | set(self.recorded) | set(self.info))
+            },
+            "problems": self.problems,
+        }
+
+
+_META_KEYS = ("step", "position", "optimizer", "config", "extra")
+
+
+def meta_digest(manifest: dict[str, Any]) -> str:
+    """A digest of the manifest's non-tensor parts, as they read back from the JSON file."""
+    meta = json.loads(json.dumps({k: manifest.get(k) for k in _META_KEYS}, default=str))
+    return "sha256:" + hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()
+
+
+def entry_name(file: str, key: str, index_names: dict[int, str] | None = None) -> str:
+    """The name a stored tensor is reported under: `model/<state_dict key>`, or
+    `optim/<parameter name>/<state key>` (the names `fingerprint_state` uses too)."""
+    if file == MODEL_FILE:
+        return f"model/{key}"
+    if file == STATE_FILE:
+        return key
+    _, idx, state_key = key.split("/", 2)
+    return f"optim/{(index_names or {}).get(int(idx), idx)}/{state_key}"
