@@ -17,8 +17,8 @@ from distshare.integrity.replicas import (
     assert_replicas_in_sync,
     compare_digests,
     compare_replicas,
-    localize,
 )
+from distshare.numerics.diff import localize
 from distshare.training import build_run, train_step
 
 PERTURBED = "layers.0.attn.W_Q.weight"

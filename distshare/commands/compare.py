@@ -18,7 +18,7 @@ import sys
 
 from distshare.commands.common import add_command
 from distshare.integrity.checkpoint import compare_checkpoints
-from distshare.integrity.replicas import TensorDiff
+from distshare.numerics.diff import describe
 
 
 def compare_command_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -29,19 +29,6 @@ def compare_command_parser(subparsers: argparse._SubParsersAction) -> argparse.A
     parser.add_argument("b", metavar="B", help="checkpoint directory or .safetensors file")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     return parser
-
-
-def describe(d: TensorDiff) -> str:
-    """One differing tensor, B against A, in words."""
-    if d.note:
-        return d.note
-    where = "[" + ", ".join(str(i) for i in d.first_index or []) + "]"
-    text = f"{d.differing} of {d.numel} element(s) differ, first at {where} (A {d.reference:.9g}, B {d.mine:.9g})"
-    if d.max_abs_diff is not None:
-        text += f", max abs {d.max_abs_diff:.3g}"
-    if d.max_ulp is not None:
-        text += f", max {d.max_ulp} ULP"
-    return text
 
 
 def compare_command(args: argparse.Namespace) -> int:
@@ -59,7 +46,9 @@ def compare_command(args: argparse.Namespace) -> int:
                     "b": args.b,
                     "combined": {"a": cmp.a.combined, "b": cmp.b.combined},
                     "tensors": total,
-                    "differing": {n: {**d.__dict__, "description": describe(d)} for n, d in cmp.differing.items()},
+                    "differing": {
+                        n: {**d.__dict__, "description": describe(d, ("A", "B"))} for n, d in cmp.differing.items()
+                    },
                     "only_in_a": cmp.only_in_a,
                     "only_in_b": cmp.only_in_b,
                     "damaged": damaged,
@@ -69,7 +58,7 @@ def compare_command(args: argparse.Namespace) -> int:
         sys.stdout.flush()
         return 0 if cmp.same else 1
     rows = [(n, "DAMAGED", why) for n, why in sorted(damaged.items())]
-    rows += [(n, "differ", describe(d)) for n, d in cmp.differing.items()]
+    rows += [(n, "differ", describe(d, ("A", "B"))) for n, d in cmp.differing.items()]
     rows += [(n, "only A", "missing in B") for n in cmp.only_in_a]
     rows += [(n, "only B", "missing in A") for n in cmp.only_in_b]
     width = max((len(r[0]) for r in rows), default=0)

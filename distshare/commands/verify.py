@@ -222,7 +222,7 @@ def _checks(cfg: RunConfig, results: list[TrainResult], ref: TrainResult, summar
         else (grads.bitwise_equal or grads.norm_rel_diff <= bound)
     )
     detail = (
-        f"step-0 gradient {_describe(grads)} (bound {bound:.1e}); after {main.steps} steps params {_describe(final)}"
+        f"step-0 gradient {grads.describe()} (bound {bound:.1e}); after {main.steps} steps params {final.describe()}"
     )
     checks.append(
         {
@@ -243,12 +243,6 @@ def _positions(info: DataInfo) -> int:
         return info.max_len
     _, h, w = info.image_shape
     return h * w
-
-
-def _describe(d: Diff) -> str:
-    if d.bitwise_equal:
-        return "bitwise equal"
-    return f"max abs {d.max_abs_diff:.2e}, norm rel {d.norm_rel_diff:.2e}, max {d.max_ulp} ULP"
 
 
 def _report(result: dict, table: list[tuple[str, str, str]]) -> str:

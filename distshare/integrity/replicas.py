@@ -17,7 +17,6 @@ Every rank ends with the same report, so every rank takes the same decision (rai
 
 from __future__ import annotations
 
-import math
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -33,37 +32,7 @@ from distshare.integrity.fingerprint import (
     fingerprint_state,
     named_state_tensors,
 )
-from distshare.numerics.diff import ulp_distance
-
-
-@dataclass
-class TensorDiff:
-    """Where one rank's copy of a tensor departs from the reference rank's copy."""
-
-    rank: int
-    reference_rank: int
-    differing: int  # elements whose bits differ
-    numel: int
-    first_index: list[int] | None  # multi-index of the first differing element (row-major)
-    max_abs_diff: float | None  # None for non-numeric comparisons (shape or dtype differ)
-    max_ulp: int | None
-    mine: float | None = None  # this rank's value at first_index
-    reference: float | None = None  # the reference rank's value there
-    note: str = ""  # e.g. "shape [3] vs [4]", "missing on this rank"
-
-    def describe(self) -> str:
-        if self.note:
-            return f"rank {self.rank}: {self.note} (vs rank {self.reference_rank})"
-        where = "[" + ", ".join(str(i) for i in self.first_index or []) + "]"
-        text = (
-            f"rank {self.rank}: {self.differing} of {self.numel} element(s) differ from rank {self.reference_rank}, "
-            f"first at {where} ({_num(self.mine)} vs {_num(self.reference)})"
-        )
-        if self.max_abs_diff is not None:
-            text += f", max abs {self.max_abs_diff:.3g}"
-        if self.max_ulp is not None:
-            text += f", max {self.max_ulp} ULP"
-        return text
+from distshare.numerics.diff import TensorDiff, localize
 
 
 @dataclass
@@ -173,52 +142,6 @@ def compare_digests(per_rank: list[dict[str, str]], step: int | None = None) -> 
     )
 
 
-def localize(mine: torch.Tensor | None, reference: torch.Tensor | None, rank: int, reference_rank: int) -> TensorDiff:
-    """Compare one rank's tensor with the reference rank's, element by element (bits, not values)."""
-    if mine is None or reference is None:
-        where = "this rank" if mine is None else f"rank {reference_rank}"
-        return TensorDiff(rank, reference_rank, 0, 0, None, None, None, note=f"missing on {where}")
-    a, b = mine.detach().cpu(), reference.detach().cpu()
-    if a.shape != b.shape or a.dtype != b.dtype:
-        return TensorDiff(
-            rank,
-            reference_rank,
-            max(a.numel(), b.numel()),
-            max(a.numel(), b.numel()),
-            None,
-            None,
-            None,
-            note=f"{a.dtype} {list(a.shape)} vs {b.dtype} {list(b.shape)}",
-        )
-    flat_a, flat_b = a.reshape(-1), b.reshape(-1)
-    if a.is_floating_point():
-        # Differ means different bits, as for the digest: +0.0 and -0.0 are different state
-        # even though they are 0 ULP apart, and a NaN equals itself here when its bits do.
-        off = _bits(flat_a) != _bits(flat_b)
-        max_ulp: int | None = int(ulp_distance(flat_a[off], flat_b[off]).max()) if off.any() else 0
-        diffs = (flat_a.double() - flat_b.double()).abs()[off]
-        finite = diffs[torch.isfinite(diffs)]
-        max_abs: float | None = float(finite.max()) if finite.numel() else (math.inf if off.any() else 0.0)
-    else:
-        off = flat_a != flat_b
-        max_ulp = None
-        max_abs = float((flat_a.double() - flat_b.double()).abs().max()) if off.any() else 0.0
-    positions = off.nonzero().flatten()
-    first = int(positions[0]) if positions.numel() else None
-    index = list(_unravel(first, list(a.shape))) if first is not None else None
-    return TensorDiff(
-        rank=rank,
-        reference_rank=reference_rank,
-        differing=int(positions.numel()),
-        numel=a.numel(),
-        first_index=index,
-        max_abs_diff=max_abs,
-        max_ulp=max_ulp,
-        mine=float(flat_a[first]) if first is not None else None,
-        reference=float(flat_b[first]) if first is not None else None,
-    )
-
-
 def compare_replicas(
     model: nn.Module,
     optimizer: torch.optim.Optimizer | None = None,
@@ -307,26 +230,8 @@ def assert_replicas_in_sync(
     return report
 
 
-def _bits(t: torch.Tensor) -> torch.Tensor:
-    """The raw bits of a float tensor as integers of the same width."""
-    width = {8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.int8}[t.element_size()]
-    return t.contiguous().view(width)
-
-
 def _global_rank(group_rank: int, group: dist.ProcessGroup | None) -> int:
     return group_rank if group is None else dist.get_global_rank(group, group_rank)
-
-
-def _unravel(flat: int, shape: list[int]) -> list[int]:
-    out = []
-    for size in reversed(shape):
-        out.append(flat % size)
-        flat //= size
-    return list(reversed(out))
-
-
-def _num(v: float | None) -> str:
-    return "none" if v is None else f"{v:.9g}"
 
 
 def _ranks(ranks: list[int]) -> str:

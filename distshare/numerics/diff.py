@@ -1,12 +1,17 @@
-"""How far apart two sets of tensors are: bitwise, max abs, max rel, max ULP.
+"""How far apart tensors are, and where: the one place differences are measured and described.
 
-Equivalence is reported as measured, never rounded away: `bitwise` when every bit agrees,
-otherwise the largest absolute, relative and ULP (units in the last place) distances.
-ULPs make float32 and float64 differences comparable: 1 ULP is one rounding step.
+- `diff(a, b)` -> `Diff`: two collections of tensors, as a whole: bitwise, or the largest
+  absolute, relative and ULP (units in the last place) distances and the normwise one.
+  Equivalence is reported as measured, never rounded away. ULPs make float32 and float64
+  differences comparable: 1 ULP is one rounding step.
+- `localize(mine, reference)` -> `TensorDiff`: one tensor, element by element (bits, not
+  values): how many elements differ, the first one, the largest distances.
+- `Diff.describe()`, `describe(tensor_diff)`: the one-line descriptions every report uses.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 
@@ -33,6 +38,12 @@ class Diff:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def describe(self) -> str:
+        """"bitwise equal", or the distances in one line."""
+        if self.bitwise_equal:
+            return "bitwise equal"
+        return f"max abs {self.max_abs_diff:.2e}, norm rel {self.norm_rel_diff:.2e}, max {self.max_ulp} ULP"
 
 
 def ulp_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -85,3 +96,114 @@ def diff(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -> Diff:
         sq_ref += float(y.double().pow(2).sum())
     norm_rel = (sq_diff**0.5) / (sq_ref**0.5) if sq_ref else (0.0 if sq_diff == 0 else float("inf"))
     return Diff(bitwise, max_abs, max_rel, norm_rel, max_ulp, worst)
+
+
+@dataclass
+class TensorDiff:
+    """Where one rank's copy of a tensor departs from the reference rank's copy."""
+
+    rank: int
+    reference_rank: int
+    differing: int  # elements whose bits differ
+    numel: int
+    first_index: list[int] | None  # multi-index of the first differing element (row-major)
+    max_abs_diff: float | None  # None for non-numeric comparisons (shape or dtype differ)
+    max_ulp: int | None
+    mine: float | None = None  # this rank's value at first_index
+    reference: float | None = None  # the reference rank's value there
+    note: str = ""  # e.g. "shape [3] vs [4]", "missing on this rank"
+
+    def describe(self) -> str:
+        """Between ranks: "rank 2: 1 of 1024 element(s) differ from rank 0, first at [3, 5] (...)"."""
+        return describe(self)
+
+
+def describe(d: TensorDiff, sides: tuple[str, str] | None = None) -> str:
+    """One differing tensor in one line: between ranks, or between two named sides.
+
+    `sides` = (reference's name, other's name), e.g. ("A", "B") for two checkpoints: then
+    the ranks are not mentioned and both values are labelled.
+    """
+    if d.note:
+        return d.note if sides else f"rank {d.rank}: {d.note} (vs rank {d.reference_rank})"
+    where = "[" + ", ".join(str(i) for i in d.first_index or []) + "]"
+    if sides:
+        ref_name, other_name = sides
+        text = (
+            f"{d.differing} of {d.numel} element(s) differ, first at {where} "
+            f"({ref_name} {_num(d.reference)}, {other_name} {_num(d.mine)})"
+        )
+    else:
+        text = (
+            f"rank {d.rank}: {d.differing} of {d.numel} element(s) differ from rank {d.reference_rank}, "
+            f"first at {where} ({_num(d.mine)} vs {_num(d.reference)})"
+        )
+    if d.max_abs_diff is not None:
+        text += f", max abs {d.max_abs_diff:.3g}"
+    if d.max_ulp is not None:
+        text += f", max {d.max_ulp} ULP"
+    return text
+
+
+def localize(mine: torch.Tensor | None, reference: torch.Tensor | None, rank: int, reference_rank: int) -> TensorDiff:
+    """Compare one rank's tensor with the reference rank's, element by element (bits, not values)."""
+    if mine is None or reference is None:
+        where = "this rank" if mine is None else f"rank {reference_rank}"
+        return TensorDiff(rank, reference_rank, 0, 0, None, None, None, note=f"missing on {where}")
+    a, b = mine.detach().cpu(), reference.detach().cpu()
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return TensorDiff(
+            rank,
+            reference_rank,
+            max(a.numel(), b.numel()),
+            max(a.numel(), b.numel()),
+            None,
+            None,
+            None,
+            note=f"{a.dtype} {list(a.shape)} vs {b.dtype} {list(b.shape)}",
+        )
+    flat_a, flat_b = a.reshape(-1), b.reshape(-1)
+    if a.is_floating_point():
+        # Differ means different bits, as for the digest: +0.0 and -0.0 are different state
+        # even though they are 0 ULP apart, and a NaN equals itself here when its bits do.
+        off = _bits(flat_a) != _bits(flat_b)
+        max_ulp: int | None = int(ulp_distance(flat_a[off], flat_b[off]).max()) if off.any() else 0
+        diffs = (flat_a.double() - flat_b.double()).abs()[off]
+        finite = diffs[torch.isfinite(diffs)]
+        max_abs: float | None = float(finite.max()) if finite.numel() else (math.inf if off.any() else 0.0)
+    else:
+        off = flat_a != flat_b
+        max_ulp = None
+        max_abs = float((flat_a.double() - flat_b.double()).abs().max()) if off.any() else 0.0
+    positions = off.nonzero().flatten()
+    first = int(positions[0]) if positions.numel() else None
+    index = list(_unravel(first, list(a.shape))) if first is not None else None
+    return TensorDiff(
+        rank=rank,
+        reference_rank=reference_rank,
+        differing=int(positions.numel()),
+        numel=a.numel(),
+        first_index=index,
+        max_abs_diff=max_abs,
+        max_ulp=max_ulp,
+        mine=float(flat_a[first]) if first is not None else None,
+        reference=float(flat_b[first]) if first is not None else None,
+    )
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    """The raw bits of a float tensor as integers of the same width."""
+    width = {8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.int8}[t.element_size()]
+    return t.contiguous().view(width)
+
+
+def _unravel(flat: int, shape: list[int]) -> list[int]:
+    out = []
+    for size in reversed(shape):
+        out.append(flat % size)
+        flat //= size
+    return list(reversed(out))
+
+
+def _num(v: float | None) -> str:
+    return "none" if v is None else f"{v:.9g}"

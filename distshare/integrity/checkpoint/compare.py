@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from distshare.integrity.checkpoint.format import CheckpointCheck
 from distshare.integrity.checkpoint.verify import verify_checkpoint
+from distshare.numerics.diff import TensorDiff, localize
 
 
 @dataclass
@@ -18,7 +18,7 @@ class CheckpointComparison:
 
     a: CheckpointCheck
     b: CheckpointCheck
-    differing: dict[str, Any] = field(default_factory=dict)  # tensor -> TensorDiff (b vs a)
+    differing: dict[str, TensorDiff] = field(default_factory=dict)  # tensor -> where b departs from a
     only_in_a: list[str] = field(default_factory=list)
     only_in_b: list[str] = field(default_factory=list)
 
@@ -29,8 +29,6 @@ class CheckpointComparison:
 
 def compare_checkpoints(a: str | Path, b: str | Path) -> CheckpointComparison:
     """Verify both, then compare tensor by tensor; differing tensors are localized element-wise."""
-    from distshare.integrity.replicas import localize
-
     ta: dict[str, torch.Tensor] = {}
     tb: dict[str, torch.Tensor] = {}
     ca, cb = verify_checkpoint(a, keep=ta), verify_checkpoint(b, keep=tb)
