@@ -25,8 +25,9 @@ from distshare.distributed.spawn import run_distributed
 from distshare.equivalence import ConfigTask, run_grid
 from distshare.errors import UsageError
 from distshare.models import build_model
-from distshare.numerics import exact_sum as exact
-from distshare.numerics.exact_sum import CHUNK, ExactGradSum, ExactOverflow, per_sample_grads, refuse_split_dependent
+from distshare.numerics import per_sample
+from distshare.numerics.exact_sum import ExactGradSum, ExactOverflow
+from distshare.numerics.per_sample import CHUNK, per_sample_grads, refuse_split_dependent
 from distshare.training import sample_losses
 
 
@@ -84,7 +85,7 @@ def test_a_samples_gradient_does_not_depend_on_its_batch(method, monkeypatch):
     # The premise: BLAS picks kernels by size, so a batch of 1 and a batch of 12 compute a
     # sample's rows differently; exact mode's fixed-size chunks do not, by either method.
     if method == "vmap":
-        monkeypatch.setattr(exact, "_expandable", lambda model: False)
+        monkeypatch.setattr(per_sample, "_expandable", lambda model: False)
     cfg = _cfg()
     from distshare.data import build_dataset
     from distshare.data.tensors import TensorTable

@@ -22,8 +22,6 @@ import argparse
 import dataclasses
 from typing import Any
 
-import torch
-
 from distshare.commands.common import (
     config_from_args,
     finish,
@@ -32,7 +30,7 @@ from distshare.commands.common import (
     register,
     training_summary,
 )
-from distshare.config import RunConfig
+from distshare.config import DTYPES, RunConfig
 from distshare.data.types import DataInfo
 from distshare.distributed.launchers import launched
 from distshare.distributed.world import World
@@ -41,6 +39,7 @@ from distshare.engines.parity import PARITY_HEADER, render_rows, require_all_ran
 from distshare.errors import UsageError
 from distshare.integrity.fingerprint import fingerprint_grads
 from distshare.numerics.diff import Diff, diff
+from distshare.numerics.rounding import reorder_norm_bound
 from distshare.report import markdown_table, plot_losses, run_dir
 from distshare.training import Component, Loop, TrainResult, train
 
@@ -103,15 +102,9 @@ def verify_command_parser(subparsers: argparse._SubParsersAction) -> argparse.Ar
 
 
 def rounding_bound(cfg: RunConfig, diff_terms: int) -> float:
-    """Normwise relative difference that reordering a sum of `diff_terms` terms can cause.
-
-    Summing n terms in two different orders differs by at most about 2 (n - 1) u times the
-    sum of magnitudes (Higham, Accuracy and Stability, section 4.2), u the unit roundoff.
-    Normalized by the magnitude of the result this assumes no heavy cancellation; the
-    report shows the observed value beside this bound, so a reader can judge the margin.
-    """
-    u = torch.finfo(torch.float32 if cfg.model.dtype == "float32" else torch.float64).eps / 2
-    return 2 * (diff_terms - 1) * u
+    """Normwise relative difference that reordering a sum of `diff_terms` terms can cause
+    in the run's dtype (`distshare.numerics.rounding.reorder_norm_bound`)."""
+    return reorder_norm_bound(DTYPES[cfg.model.dtype], diff_terms)
 
 
 def verify_command(args: argparse.Namespace) -> int:

@@ -24,7 +24,6 @@ from distshare.data.tensors import TensorTable
 from distshare.data.types import DataInfo
 from distshare.distributed.world import World
 from distshare.models import build_model
-from distshare.numerics import rounding
 from distshare.training import DTYPES, TrainResult, train
 
 # The tiny transformer on subject-verb-object sentences: learns "who is the subject" in about
@@ -81,24 +80,6 @@ def data(cfg: RunConfig) -> tuple[DataInfo, TensorTable]:
     """The configured data set as tensors, exactly as the training loop sees it."""
     dataset, info = build_dataset(cfg.data)
     return info, TensorTable.from_dataset(dataset, info, DTYPES[cfg.model.dtype])
-
-
-def reorder_bound(dtype: torch.dtype, terms: int) -> float:
-    """Normwise relative difference two summation orders of `terms` terms can cause.
-
-    The scalar form of `distshare.numerics.rounding.reorder_bound`, for demos that have no per-term
-    magnitudes to measure: any order of a sum of n terms is within gamma(n - 1) (sum of
-    |terms|) of the exact sum (Higham, Accuracy and Stability of Numerical Algorithms, 4.2);
-    two orders are within twice that of each other. Normalizing by the result assumes no
-    heavy cancellation; the findings print the measured value beside this bound, so the
-    margin is visible.
-    """
-    return 2 * rounding.gamma(terms - 1, rounding.unit_roundoff(dtype))
-
-
-def gamma(dtype: torch.dtype, terms: int) -> float:
-    """gamma_n = n u / (1 - n u) in `dtype`: the elementwise error factor of an n-term dot product."""
-    return rounding.gamma(terms, rounding.unit_roundoff(dtype))
 
 
 @contextlib.contextmanager

@@ -25,8 +25,9 @@ import torch.nn.functional as F
 
 from distshare.data.corpus import NOUNS, VERBS, encode_sentence
 from distshare.data.types import DataInfo
-from distshare.demos.common import TRANSFORMER, Trained, pyplot, reorder_bound, save, trained
+from distshare.demos.common import TRANSFORMER, Trained, pyplot, save, trained
 from distshare.demos.finding import Finding, verdict
+from distshare.numerics.rounding import reorder_norm_bound
 from distshare.training import DTYPES
 
 NAME = "context"
@@ -93,7 +94,7 @@ def run(out_dir: Path, seed: int = 0) -> Finding:
     m = with_pe.cfg.model
     # The no-position sentences run the same sums in another order: per layer the longest sum
     # is over d_ff (feed-forward) or d_model terms; the layers compound it.
-    bound = m.n_layers * reorder_bound(DTYPES[m.dtype], max(m.d_model, m.d_ff))
+    bound = m.n_layers * reorder_norm_bound(DTYPES[m.dtype], max(m.d_model, m.d_ff))
     pe, ctrl = measure(with_pe), measure(without)
 
     def tells_apart(r: dict) -> bool:

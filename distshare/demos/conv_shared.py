@@ -24,8 +24,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from distshare.data.shapes import PATTERN_NAMES, PATTERN_SIZE, render
-from distshare.demos.common import CNN, gamma, pyplot, save, seeded, trained
+from distshare.demos.common import CNN, pyplot, save, seeded, trained
 from distshare.demos.finding import Finding, verdict
+from distshare.numerics.rounding import gamma_for
 
 NAME = "conv-shared"
 QUESTION = "Just like our good old image classification"  # the seed's Qn 2, verbatim
@@ -70,7 +71,7 @@ def equivariance(layer: object, x: Tensor) -> dict[str, float]:
     every border never sees them (nor the zero padding), so there the exact results agree.
     """
     n_terms = x.shape[1] * KERNEL * KERNEL + 1
-    g = gamma(x.dtype, n_terms)
+    g = gamma_for(x.dtype, n_terms)
     f = layer if not isinstance(layer, nn.Conv2d) else (lambda t, absolute=False: _conv(layer, t, absolute))
     worst_err, worst_ratio = 0.0, 0.0
     with torch.no_grad():

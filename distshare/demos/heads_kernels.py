@@ -21,9 +21,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from distshare.demos.common import CNN, TRANSFORMER, gamma, pyplot, reorder_bound, save, trained
+from distshare.demos.common import CNN, TRANSFORMER, pyplot, save, trained
 from distshare.demos.context import grammar, sentence_ids
 from distshare.demos.finding import Finding, verdict
+from distshare.numerics.rounding import gamma_for, reorder_norm_bound
 
 NAME = "heads-kernels"
 QUESTION = (
@@ -75,7 +76,7 @@ def heads(model: nn.Module, ids: Tensor) -> dict:
     with torch.no_grad():
         _, maps = model.encode(ids)
     d_head = model.layers[0].attn.d_head
-    tol = reorder_bound(maps[0].dtype, d_head)
+    tol = reorder_norm_bound(maps[0].dtype, d_head)
     out = []
     for layer, m in enumerate(maps):  # m: [B, H, T, T]
         per_head = m.transpose(0, 1)  # [H, B, T, T]
@@ -96,7 +97,7 @@ def filters(conv: nn.Conv2d, images: Tensor) -> dict:
         acts = F.conv2d(images, conv.weight, conv.bias, padding=conv.padding)  # [N, C, H, W]
         magnitude = F.conv2d(images.abs(), conv.weight.abs(), conv.bias.abs(), padding=conv.padding)
     n_terms = conv.in_channels * conv.kernel_size[0] * conv.kernel_size[1] + 1
-    tol = 2 * gamma(acts.dtype, n_terms) * float(magnitude.max())
+    tol = 2 * gamma_for(acts.dtype, n_terms) * float(magnitude.max())
     per_filter = acts.transpose(0, 1).flatten(1)  # [C, N*H*W]
     unit = F.normalize(per_filter.double(), dim=1)
     cos = (unit @ unit.T).abs()

@@ -24,10 +24,11 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
-from distshare.demos.common import config, data, params_used, pyplot, reorder_bound, save, seeded
+from distshare.demos.common import config, data, params_used, pyplot, save, seeded
 from distshare.demos.finding import Finding, verdict
 from distshare.models import build_model
 from distshare.numerics.diff import Diff, diff
+from distshare.numerics.rounding import reorder_norm_bound
 from distshare.training import DTYPES, loss_sum
 
 NAME = "qkv-shared"
@@ -113,7 +114,7 @@ def run(out_dir: Path, seed: int = 0) -> Finding:
     control_diff = diff(summed, control_grads)
 
     # The sum runs over BATCH samples x max_len positions of every weight element.
-    bound = reorder_bound(DTYPES[cfg.model.dtype], BATCH * info.max_len)
+    bound = reorder_norm_bound(DTYPES[cfg.model.dtype], BATCH * info.max_len)
     all_ids, all_mask = table.inputs["input_ids"], table.inputs["pad_mask"]
     shared_counts, copy_counts = [], []
     for n in SIZES:

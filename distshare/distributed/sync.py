@@ -26,7 +26,8 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils._pytree import tree_map
 
-from distshare.numerics.exact_sum import ExactGradSum, LossFn, per_sample_grads, refuse_split_dependent
+from distshare.numerics.exact_sum import ExactGradSum
+from distshare.numerics.per_sample import LossFn, per_sample_grads, refuse_split_dependent
 
 
 class GradSync:

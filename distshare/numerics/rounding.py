@@ -39,6 +39,22 @@ def gamma(m: int, u: float) -> float:
     return mu / (1 - mu)
 
 
+def gamma_for(dtype: torch.dtype, m: int) -> float:
+    """gamma_m in `dtype`: the elementwise error factor of an m-term dot product (or sum)."""
+    return gamma(m, unit_roundoff(dtype))
+
+
+def reorder_norm_bound(dtype: torch.dtype, n_terms: int) -> float:
+    """Normwise relative difference that two summation orders of `n_terms` terms can cause.
+
+    The scalar form of `reorder_bound`, where no per-term magnitudes are measured: two
+    orders are each within gamma(n - 1) sum |x_i| of the exact sum, so within twice that of
+    each other. Normalized by the result, this assumes no heavy cancellation: every report
+    prints the measured value beside the bound, so the margin is visible.
+    """
+    return 2 * gamma_for(dtype, n_terms - 1)
+
+
 def reorder_bound(
     abs_sum: torch.Tensor, value: torch.Tensor, n_terms: int, u: float | None = None, slice_u: float = 0.0
 ) -> torch.Tensor:
