@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import subprocess
 import sys
@@ -51,8 +52,13 @@ def test_verify_passes_and_says_so_in_json(verified):
         assert key in result
     assert result["ok"] and result["world_size"] == 2 and result["replicas_in_sync"]
     assert {c["name"] for c in result["checks"] if c["ok"]} == {c["name"] for c in result["checks"]}
-    assert result["max_abs_diff_vs_single_process"] >= 0.0
     sp = result["single_process"]
+    # The headline number is the final parameters' measured difference, finite (a NaN would
+    # compare false everywhere), and zero exactly when the states are bitwise equal.
+    final = sp["final_params"]
+    assert result["max_abs_diff_vs_single_process"] == final["max_abs_diff"]
+    assert math.isfinite(final["max_abs_diff"]) and math.isfinite(final["norm_rel_diff"])
+    assert result["bitwise_equal_to_single_process"] == final["bitwise_equal"] == (final["max_abs_diff"] == 0.0)
     # The equivalence is reported as measured, with the bound beside it.
     assert sp["step0_grads"]["bitwise_equal"] or sp["step0_grads"]["norm_rel_diff"] <= sp["rounding_bound"]
 
@@ -104,12 +110,14 @@ def test_train_on_cnn_with_allreduce(tmp_path, capsys):
 
 def test_the_equivalence_check_can_fail(verified):
     """A gradient twice too large (dividing by W one time too few) must fail check 4."""
+    from distshare.commands.verify import FirstStepProbe
     from distshare.distributed.world import World
     from distshare.training import train
 
     cfg = load_config(None, ["plan.global_batch=12", "plan.accum_steps=1", "steps=2", "model.dtype=float64"])
-    good = train(cfg, World(), progress=False, keep_state=True)
-    bad = dataclasses.replace(good, first_grads={k: 2 * v for k, v in good.first_grads.items()})
+    good = train(cfg, World(), progress=False, keep_state=True, components=[FirstStepProbe()])
+    doubled = {k: 2 * v for k, v in FirstStepProbe.of(good)["grads"].items()}
+    bad = dataclasses.replace(good, extras={FirstStepProbe.KEY: {**FirstStepProbe.of(good), "grads": doubled}})
     summary = {
         "replicas_in_sync": True,
         "replicas_summary": "",

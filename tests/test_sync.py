@@ -9,15 +9,15 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
-import torch
 
-from distshare.commands.verify import rounding_bound
+from distshare.commands.verify import FirstStepProbe, rounding_bound
 from distshare.config import RunConfig, load_config
 from distshare.distributed.spawn import run_distributed
+from distshare.distributed.sync import AllReduceSync
 from distshare.distributed.world import World
 from distshare.integrity.replicas import compare_replicas
 from distshare.numerics.diff import diff
-from distshare.training import build_run, train
+from distshare.training import build_run, train, train_step
 
 G, K = 12, 2  # divisible by W x k for W in {1, 2, 3}
 
@@ -46,14 +46,15 @@ def _train_all_modes(world: World) -> dict:
     out = {}
     for dtype in ("float64", "float32"):
         for sync in ("ddp", "allreduce"):
-            r = train(_config(dtype, sync, world.world_size), world, progress=False, keep_state=True)
-            out[(dtype, sync)] = (r.first_grads, r.state, r.replicas_in_sync, r.final_fingerprint)
+            cfg = _config(dtype, sync, world.world_size)
+            r = train(cfg, world, progress=False, keep_state=True, components=[FirstStepProbe()])
+            out[(dtype, sync)] = (FirstStepProbe.of(r)["grads"], r.state, r.replicas_in_sync, r.final_fingerprint)
     return out
 
 
 def _single(dtype: str):
-    r = train(_config(dtype, "ddp", 1, k=1), World(), progress=False, keep_state=True)
-    return r.first_grads, r.state
+    r = train(_config(dtype, "ddp", 1, k=1), World(), progress=False, keep_state=True, components=[FirstStepProbe()])
+    return FirstStepProbe.of(r)["grads"], r.state
 
 
 @pytest.fixture(scope="module")
@@ -81,31 +82,15 @@ def test_ranks_match_one_process_on_the_global_batch(world_size, references):
             assert g.norm_rel_diff <= rounding_bound(cfg, G * 5), (sync, g)
 
 
-def _grads_before_and_after_sync(world: World, sync: str) -> tuple[bool, bool]:
-    """(gradients identical across ranks before the sync?, ... after the sync?)."""
+def _grads_before_and_after_sync(world: World, sync: str) -> tuple[bool | None, bool]:
+    """(gradients identical across ranks before the sync?, ... after the sync?), on the real
+    step (`train_step`) with the real sync of `make_sync`: the step calls back when `.grad`
+    holds what this rank computed alone."""
     run = build_run(_config("float64", sync, world.world_size), world)
-    micro = run.plan.rank_micro_batches(0, world.rank)
-    n = run.table.count_items(run.plan.global_batch(0))
-    before = None
-    for i, indices in enumerate(micro):
-        last = i == len(micro) - 1
-        with run.sync.micro_step(run.wrapped, last):
-            batch = run.table.select(indices)
-            logits = run.wrapped(**batch.inputs)
-            loss = torch.nn.functional.cross_entropy(
-                logits.reshape(-1, logits.shape[-1]),
-                batch.labels.reshape(-1),
-                reduction="sum",
-                ignore_index=-100,
-            )
-            (loss / n).backward()
-        if sync == "ddp" and i == 0:  # inside no_sync: what this rank computed alone
-            before = compare_replicas(run.model, grads=True).in_sync
-    if sync == "allreduce":
-        before = compare_replicas(run.model, grads=True).in_sync
-    run.sync.synchronize(run.model)
+    before: list[bool] = []
+    train_step(run, 0, lambda: before.append(compare_replicas(run.model, grads=True).in_sync))
     after = compare_replicas(run.model, grads=True).in_sync
-    return before, after
+    return (before[0] if before else None), after
 
 
 @pytest.mark.parametrize("sync", ["ddp", "allreduce"])
@@ -114,6 +99,24 @@ def test_gradients_differ_before_the_sync_and_agree_after(sync):
     for before, after in results:
         assert before is False, "ranks saw different samples, so their local gradients must differ"
         assert after is True, "after the all-reduce every rank must hold the same gradient"
+
+
+class _SkippedAllReduce(AllReduceSync):
+    """The mutant: the explicit all-reduce, except that it never reduces."""
+
+    def synchronize(self, model):
+        pass
+
+
+def _grads_without_sync(world: World) -> bool:
+    run = build_run(_config("float64", "allreduce", world.world_size), world, sync=_SkippedAllReduce())
+    train_step(run, 0)
+    return compare_replicas(run.model, grads=True).in_sync
+
+
+def test_the_check_sees_a_sync_that_does_nothing():
+    # The control: the same check on a sync that skips the all-reduce finds the ranks apart.
+    assert run_distributed(_grads_without_sync, 2, timeout_s=60, deadline_s=120) == [False, False]
 
 
 def test_single_process_plan_is_the_reference():
