@@ -9,29 +9,19 @@ two algorithms' digests of the same tensor differ, which must never read as "rep
 
 Two algorithms, one per place a tensor lives:
 
-- `xxh3_128` (CPU tensors): xxHash's XXH3 over `dtype|shape|` and the bytes; about 15x the
-  throughput of SHA-256 (benchmarks/bench_checksum.py).
-- `dsh128` (CUDA tensors): a position-keyed integer hash computed where the tensor is, so
-  the tensor never travels to the host; only two 64-bit sums do. The bytes are read as
-  64-bit words w_i (little-endian, the last partial word zero-padded: the byte count is in
-  the header, so padding is unambiguous); each word and its index go through a bijection of
-  Z/2^64,
-
-      f_lane(i, w) = mix_lane(w + (i + 1) * K_lane)      (mix: odd multiplies, xor-shifts)
-
-  and each lane is the sum of f over all words, mod 2^64. Because `w -> f(i, w)` is
-  injective for every i, changing any one word (one flipped bit, any dtype) changes exactly
-  one term of the sum, so it changes the sum: a single-word difference can never cancel.
-  Mixing 64-bit words (not 32-bit ones) halves the integer work per byte, which is what
-  bounds the GPU kernel. Integer addition is associative, so the sum is the same in any
-  order: plain torch ops on the CPU, the same ops on CUDA, and the fused Triton kernel
-  (`distshare/integrity/dsh128_triton.py`, used on CUDA when triton imports and passes a self-check)
-  give the same digest, and the CPU tests are the specification of all of them. The header
-  (dtype, shape, byte count) and the two lane sums are finally hashed with xxh3-128 on the
-  host: 16 bytes, not the tensor.
+- `xxh3_128` (CPU tensors): xxHash's XXH3 over `dtype|shape|` and the bytes, a fast
+  non-cryptographic hash (benchmarks/bench_checksum.py compares it with SHA-256).
+- `dsh128` (CUDA tensors): computed where the tensor is, so the tensor never travels to the
+  host; only two 64-bit lane sums do. The spec, with the plain torch ops that are its
+  reference, is `distshare.integrity.dsh128`; the fused Triton kernel beside it
+  (`distshare.integrity.dsh128_triton`) is used on CUDA when triton imports and agrees with
+  the torch ops on a self-check, so every path gives the same digest and the CPU tests are
+  the specification of all of them. The header (dtype, shape, byte count) and the two lane
+  sums are finally hashed with xxh3-128 on the host: 16 bytes, not the tensor.
 
 Neither is cryptographic: they detect accidents (drift, corruption, a missed all-reduce),
-not an adversary.
+not an adversary. What "the training state" is (which tensors, under which names) is
+`distshare.integrity.state`; `fingerprint_state` digests it.
 """
 
 from __future__ import annotations
@@ -44,7 +34,7 @@ import torch
 import xxhash
 from torch import nn
 
-from distshare.integrity.dsh128 import LANES, dsh128_lanes_torch  # noqa: F401 - the spec, re-exported
+from distshare.integrity.dsh128 import LANES, WORD_BYTES, dsh128_lanes_torch  # noqa: F401 - the spec, re-exported
 from distshare.integrity.state import named_state_tensors, unwrap
 
 ALGORITHM = "xxh3_128"  # the CPU algorithm, and the one combined digests use

@@ -40,7 +40,7 @@ class Diff:
         return asdict(self)
 
     def describe(self) -> str:
-        """"bitwise equal", or the distances in one line."""
+        """The difference in one line: "bitwise equal", or the distances."""
         if self.bitwise_equal:
             return "bitwise equal"
         return f"max abs {self.max_abs_diff:.2e}, norm rel {self.norm_rel_diff:.2e}, max {self.max_ulp} ULP"

@@ -1,4 +1,10 @@
-"""How far apart may two orders of the same sum be? A bound from measured magnitudes.
+"""Every rounding bound: the unit roundoff, Higham's gamma(n), and how far two orders of one sum may be apart.
+
+`unit_roundoff`, `gamma` and `gamma_for` are the building blocks; `reorder_norm_bound` is the
+normwise bound where no per-term magnitudes are measured (verify, the demos);
+`reorder_bound` / `bounds` are the elementwise bounds from measured magnitudes, `excess` and
+`norm_rel` read an observed difference against them. (Distances in ULPs are measured with
+the other differences, in `distshare.numerics.diff`.)
 
 A gradient is a sum: over the samples of the global batch, and inside a sample over every
 position where the weight is used. One process sums all of it in one matrix product; W
