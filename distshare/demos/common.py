@@ -1,5 +1,4 @@
-"""What the demos share: seeded training through the one training loop, scalar rounding
-bounds (from `distshare.numerics.rounding`), and figures.
+"""What the demos share: seeded training through the one training loop, data, and figures.
 
 Demos train with `distshare.training.train` (the same step every engine runs), so what a
 demo shows about weights is what training with distshare does. Trained models are cached

@@ -1,7 +1,9 @@
-"""The one training step and the loop around it, the same for every engine.
+"""The one training step, the same for every engine, every model and every check.
 
 Engines differ only in how processes start (a single process, spawned gloo ranks,
-torchrun) and which `GradSync` they use; the step below is all there is to training:
+torchrun, accelerate, Ray) and which `GradSync` they use; the step below is all there is
+to training (`optimizer_step` for any model and data; `train_step` for distshare's own runs,
+which the loop calls; the equivalence grid and its pitfalls call it too):
 
     for each of this rank's k micro-batches:
         loss = (sum of per-item losses) / (items in the WHOLE global batch)
