@@ -8,17 +8,12 @@ what it yields.
 from __future__ import annotations
 
 import pytest
+from conftest import make_plan
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from distshare.config import PlanConfig
 from distshare.data.accounting import account, account_batches, account_epoch, distributed_sampler_indices
 from distshare.data.plan import GlobalBatchPlan
-
-
-def _plan(n: int, w: int, k: int, b: int, drop_last: bool = True) -> GlobalBatchPlan:
-    resolved = PlanConfig(world_size=w, global_batch=w * k * b, accum_steps=k, micro_batch=None).resolve()
-    return GlobalBatchPlan(n, resolved, seed=0, drop_last=drop_last)
 
 
 def _consumed(plan: GlobalBatchPlan, steps: int) -> list:
@@ -30,7 +25,7 @@ def _consumed(plan: GlobalBatchPlan, steps: int) -> list:
 @given(st.integers(1, 4), st.integers(1, 4), st.integers(1, 4), st.integers(0, 40), st.booleans())
 def test_the_plan_counts_every_sample_exactly_once(w, k, b, extra, drop_last):
     g = w * k * b
-    plan = _plan(g + extra, w, k, b, drop_last)
+    plan = make_plan(g + extra, w, k, b, drop_last=drop_last)
     steps = plan.steps_per_epoch
     acc = account(plan, _consumed(plan, steps))
     assert acc.ok, acc.summary()
@@ -40,7 +35,7 @@ def test_the_plan_counts_every_sample_exactly_once(w, k, b, extra, drop_last):
 
 
 def test_a_sample_used_twice_or_never_fails():
-    plan = _plan(64, 2, 2, 4)
+    plan = make_plan(64, 2, 2, 4)
     consumed = _consumed(plan, 2)
     consumed[1][1][0] = consumed[0][1][0]  # rank 1 re-uses rank 0's first micro-batch at step 1
     acc = account(plan, consumed)

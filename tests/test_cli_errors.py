@@ -9,11 +9,9 @@ late. Most cases run `distshare.cli.main` in-process (fast); a few run the real
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
+from conftest import run_cli
 
 from distshare.cli import main
 
@@ -134,14 +132,7 @@ def test_env_json_is_valid_json_with_torch_and_backends(capsys):
     assert info["backends"]["gloo"] is True  # every CPU run of distshare stands on gloo
 
 
-# --- end to end: the real process, its real exit code ------------------------------------------
-
-
-def run_cli(*args: str, cwd) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    return subprocess.run(
-        [sys.executable, "-m", "distshare", *args], capture_output=True, text=True, timeout=120, cwd=cwd, env=env
-    )
+# --- end to end: the real process (conftest's run_cli), its real exit code --------------------
 
 
 def test_process_exits_2_on_malformed_yaml(files):

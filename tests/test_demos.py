@@ -6,18 +6,15 @@ against bounds the demos derive from eps and the sizes involved, never against a
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from conftest import ROOT, rank0_json, read_result, run_cli
 
 from distshare.cli import main
 from distshare.demos import DEMOS, FAILS, HOLDS, Finding, run_demo
 from distshare.demos.conv_shared import LocallyConnected, equivariance
 
-ROOT = Path(__file__).resolve().parents[1]
 SEED_QA = ROOT.parent / "shared" / "seed" / "000_2515f6341b4878d6.txt"
 FIELDS = {"name", "question", "claim", "verdict", "control", "control_verdict", "numbers", "figure"}
 
@@ -26,16 +23,9 @@ FIELDS = {"name", "question", "claim", "verdict", "control", "control_verdict", 
 def demo_all(tmp_path_factory):
     """`distshare demo all --json` in a fresh process: (exit code, printed object, run dir)."""
     out = tmp_path_factory.mktemp("demo")
-    proc = subprocess.run(
-        [sys.executable, "-m", "distshare", "demo", "all", "--json", "--no-progress", "--out", str(out)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=dict(os.environ, HF_HUB_OFFLINE="1"),
-    )
+    proc = run_cli("demo", "all", "--json", "--no-progress", "--out", str(out), timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc.returncode, json.loads(proc.stdout), out
+    return proc.returncode, rank0_json(proc), out
 
 
 @pytest.fixture(scope="module")
@@ -43,6 +33,7 @@ def findings(demo_all) -> dict[str, dict]:
     return {f["name"]: f for f in demo_all[1]["findings"]}
 
 
+@pytest.mark.slow
 def test_all_runs_every_demo_in_the_seed_order_and_says_ok(demo_all, findings):
     code, result, out = demo_all
     assert code == 0 and result["ok"] is True
@@ -50,9 +41,10 @@ def test_all_runs_every_demo_in_the_seed_order_and_says_ok(demo_all, findings):
     for f in findings.values():
         assert set(f) >= FIELDS, f["name"]
         assert (out / f["figure"]).stat().st_size > 1000, f"{f['name']}: figure missing or empty"
-    assert json.loads((out / "result.json").read_text()) == result  # written, and readable again
+    assert read_result(out) == result  # written, and readable again
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(DEMOS))
 def test_claim_holds_and_control_flips(findings, name):
     f = findings[name]
@@ -60,6 +52,7 @@ def test_claim_holds_and_control_flips(findings, name):
     assert f["control_verdict"] == FAILS, f["numbers"]
 
 
+@pytest.mark.slow
 def test_report_puts_the_seeds_questions_over_their_figures(demo_all, findings):
     report = (demo_all[2] / "report.md").read_text()
     for f in findings.values():
@@ -67,6 +60,7 @@ def test_report_puts_the_seeds_questions_over_their_figures(demo_all, findings):
         assert report.index(f"![{f['name']}]({f['figure']})") > heading
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not SEED_QA.is_file(), reason="the seed Q&A is not beside this checkout")
 def test_questions_are_quoted_verbatim_from_the_seed(findings):
     seed = SEED_QA.read_text(encoding="utf-8")
@@ -74,6 +68,7 @@ def test_questions_are_quoted_verbatim_from_the_seed(findings):
         assert f["question"] in seed, f["name"]
 
 
+@pytest.mark.slow
 def test_qkv_one_weight_set_serves_every_sample(findings):
     n = findings["qkv-shared"]["numbers"]
     assert len(set(n["params_used_by_batch_size"].values())) == 1
@@ -84,6 +79,7 @@ def test_qkv_one_weight_set_serves_every_sample(findings):
     assert n["control_grad_vs_sum_of_per_sample"]["norm_rel_diff"] > 1000 * bound
 
 
+@pytest.mark.slow
 def test_conv_is_equivariant_and_small_the_locally_connected_layer_is_neither(findings):
     n = findings["conv-shared"]["numbers"]
     assert n["conv_equivariance"]["max_error_over_bound"] <= 1.0
@@ -109,6 +105,7 @@ def test_locally_connected_becomes_equivariant_when_its_positions_share_one_kern
     assert equivariance(layer, x)["max_error_over_bound"] <= 1.0
 
 
+@pytest.mark.slow
 def test_forty_samples_one_weight_set_on_every_rank(findings):
     n = findings["one-weight-set"]["numbers"]
     assert n["updates"] == n["samples"] // n["batch_size"] == 10
@@ -118,6 +115,7 @@ def test_forty_samples_one_weight_set_on_every_rank(findings):
     assert n["copy_per_batch_final_weight_sets"] == 10
 
 
+@pytest.mark.slow
 def test_accumulated_update_equals_one_batch_of_40(findings):
     """Measured by the partition grid (`distshare.equivalence`): every W x k x b split of the 40
     samples, the seed's 1 x 5 x 8 among them, against one process on one batch of 40."""
@@ -137,6 +135,7 @@ def test_accumulated_update_equals_one_batch_of_40(findings):
     assert control["grad_norm_rel_diff"] > 100 * n["grad_bound_norm_rel"]
 
 
+@pytest.mark.slow
 def test_inference_changes_no_state_but_train_mode_batch_norm_does(findings):
     n = findings["fixed-after-training"]["numbers"]
     for name in ("transformer, eval", "batch-norm CNN, eval"):
@@ -146,6 +145,7 @@ def test_inference_changes_no_state_but_train_mode_batch_norm_does(findings):
     assert all(name.startswith("buffer/") for name in control["changed"])
 
 
+@pytest.mark.slow
 def test_context_comes_from_positions(findings):
     n = findings["context"]["numbers"]
     pe, ctrl, bound = n["with_positions"], n["control_without_positions"], n["rounding_bound_rel_distance"]
@@ -156,6 +156,7 @@ def test_context_comes_from_positions(findings):
     assert pe["grammar_accuracy"] == 1.0 and ctrl["grammar_accuracy"] <= 0.5
 
 
+@pytest.mark.slow
 def test_heads_and_filters_are_several_views(findings):
     n = findings["heads-kernels"]["numbers"]
     for layer in n["heads"]["layers"]:
@@ -165,6 +166,7 @@ def test_heads_and_filters_are_several_views(findings):
     assert n["control_filters"]["distinct_views"] == 1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["qkv-shared", "conv-shared", "context"])
 def test_deterministic_from_the_seed(findings, name, tmp_path):
     """The same seed in another process gives the very same numbers."""
@@ -193,4 +195,4 @@ def test_exit_1_when_a_claim_fails_or_a_control_does_not_flip(monkeypatch, tmp_p
     monkeypatch.setattr("distshare.commands.demo.run_demo", fake)
     assert main(["demo", "context", "--no-progress", "--out", str(tmp_path)]) == 1
     assert "FAILED" in capsys.readouterr().out
-    assert json.loads((tmp_path / "result.json").read_text())["ok"] is False
+    assert read_result(tmp_path)["ok"] is False

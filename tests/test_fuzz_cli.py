@@ -8,7 +8,9 @@ with values of every kind: valid ones, negative and huge numbers, NaN and infini
 missing paths, directories where files belong, non-UTF-8 and malformed files, junk. The CLI
 runs in-process, through its argument parsing and config stages; the step that would train
 (or run a demo, a grid, a parity run) is replaced by a stop sign, so an input that gets
-that far counts as accepted and nothing trains. Each test counts the inputs refused.
+that far counts as accepted and nothing trains. Each test counts the inputs it saw refused,
+by command, and requires that most were: a generator that mostly made valid command lines
+would test the happy path under another name.
 """
 
 from __future__ import annotations
@@ -28,10 +30,6 @@ from distshare.cli import COMMANDS, build_parser, main
 from distshare.errors import RankError, UsageError
 from distshare.integrity.checkpoint import save_checkpoint
 
-pytestmark = pytest.mark.faults
-
-REFUSED: Counter[str] = Counter()
-ACCEPTED: Counter[str] = Counter()
 SETTINGS = settings(
     max_examples=120,
     deadline=None,
@@ -198,45 +196,69 @@ def _name(argv: list[str]) -> str:
     return argv[0] if argv and argv[0] in COMMANDS else "(no command)"
 
 
-def check(root: Path, capsys, argv: list[str]) -> None:
-    """The property: accepted (reached the stop sign or finished), or refused in one line, exit 2."""
+def check(root: Path, capsys, argv: list[str]) -> str | None:
+    """The property: accepted (reached the stop sign or finished), or refused in one line,
+    exit 2. Returns "accepted", "refused", or None for a request for help."""
     capsys.readouterr()
     before = set(_complete_run_dirs(root))
     try:
         code = main(argv)
     except WouldRun:
-        ACCEPTED[_name(argv)] += 1
-        return
+        return "accepted"
     except SystemExit as exc:  # argparse's own exit: only --help / --version may get here
         assert exc.code == 0 and any(_asks_help(a) for a in argv), f"SystemExit({exc.code}) for {argv!r}"
         capsys.readouterr()
-        return
+        return None
     out, err = capsys.readouterr()
     assert "Traceback" not in err, f"{argv!r}:\n{err}"
     new_complete = set(_complete_run_dirs(root)) - before
     if code == 2:
-        REFUSED[_name(argv)] += 1
         lines = err.strip().splitlines()
         assert len(lines) == 1, f"{argv!r}: expected one line, got {err!r}"
         assert lines[0].startswith("distshare: error: "), f"{argv!r}: {lines[0]!r}"
         assert not new_complete, f"{argv!r}: a refused run left {new_complete}"
-        return
+        return "refused"
     # Only commands that finish without training may exit otherwise: env, and checksum and
     # compare, whose exit 1 means "read, and found damaged or different" (a verdict, not
     # a refusal). Nothing that trains can end here: its work is stubbed out.
     assert _name(argv) in ("env", "checksum", "compare"), f"{argv!r} exited {code}: {err!r}"
     assert code in (0, 1), f"{argv!r} exited {code}: {err!r}"
-    ACCEPTED[_name(argv)] += 1
+    return "accepted"
 
 
+class Tally:
+    """One test's own figures: inputs refused and accepted, by command."""
+
+    def __init__(self) -> None:
+        self.refused: Counter[str] = Counter()
+        self.accepted: Counter[str] = Counter()
+
+    def check(self, root: Path, capsys, argv: list[str]) -> None:
+        outcome = check(root, capsys, argv)
+        if outcome is not None:
+            getattr(self, outcome)[_name(argv)] += 1
+
+    def assert_mostly_refused(self, what: str) -> None:
+        """Each generator must mostly make bad input, or it tests the happy path under another name."""
+        tried = self.refused + self.accepted
+        print(f"\nCLI fuzzing, {what}: refused {dict(self.refused)}, accepted {dict(self.accepted)}")
+        assert tried.total() >= 20, f"{what}: only {tried.total()} command lines tried"
+        for name, n in tried.items():
+            assert n < 20 or self.refused[name] >= n // 4, f"{what}, {name}: {self.refused[name]} of {n} refused"
+
+
+@pytest.mark.fuzz
 @pytest.mark.parametrize("command", COMMANDS)
 def test_any_command_line_is_accepted_or_refused_in_one_line(sandbox, capsys, command):
+    tally = Tally()
+
     @SETTINGS
     @given(argv=argv_for(command))
     def fuzz(argv):
-        check(sandbox, capsys, argv)
+        tally.check(sandbox, capsys, argv)
 
     fuzz()
+    tally.assert_mostly_refused(command)
 
 
 # A valid command line of each kind, to be broken in one or two places: that reaches the
@@ -266,18 +288,32 @@ def near_valid(draw) -> list[str]:
     return argv
 
 
-@settings(SETTINGS, max_examples=400)
-@given(argv=near_valid())
-def test_a_valid_command_line_broken_in_one_place_is_refused_in_one_line(sandbox, capsys, argv):
-    check(sandbox, capsys, argv)
+@pytest.mark.fuzz
+def test_a_valid_command_line_broken_in_one_place_is_refused_in_one_line(sandbox, capsys):
+    tally = Tally()
+
+    @settings(SETTINGS, max_examples=400)
+    @given(argv=near_valid())
+    def fuzz(argv):
+        tally.check(sandbox, capsys, argv)
+
+    fuzz()
+    tally.assert_mostly_refused("valid command lines broken in one place")
 
 
-@SETTINGS
-@given(argv=st.lists(st.one_of(token, st.sampled_from(COMMANDS)), max_size=4))
-def test_any_words_at_all_are_accepted_or_refused_in_one_line(sandbox, capsys, argv):
-    if argv and argv[0] in COMMANDS or any(_asks_help(a) for a in argv):
-        argv = ["--frobnicate", *argv]  # covered above; here the top-level parser meets junk
-    check(sandbox, capsys, argv)
+@pytest.mark.fuzz
+def test_any_words_at_all_are_accepted_or_refused_in_one_line(sandbox, capsys):
+    tally = Tally()
+
+    @SETTINGS
+    @given(argv=st.lists(st.one_of(token, st.sampled_from(COMMANDS)), max_size=4))
+    def fuzz(argv):
+        if argv and argv[0] in COMMANDS or any(_asks_help(a) for a in argv):
+            argv = ["--frobnicate", *argv]  # covered above; here the top-level parser meets junk
+        tally.check(sandbox, capsys, argv)
+
+    fuzz()
+    tally.assert_mostly_refused("any words")
 
 
 def test_an_unreadable_config_is_refused_in_one_line(sandbox, capsys):
@@ -316,6 +352,7 @@ def test_a_path_that_cannot_work_is_refused_before_any_work(sandbox, capsys, arg
     assert code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
 
 
+@pytest.mark.faults
 @pytest.mark.parametrize(
     "error",
     [UsageError("found late, inside the run"), RankError(1, "found late, inside the run", "Traceback ...", 2)],
@@ -337,12 +374,3 @@ def test_a_failed_run_leaves_no_directory_that_looks_complete(sandbox, capsys, m
     [line] = capsys.readouterr().err.strip().splitlines()
     assert line.startswith("distshare: error: ") and line.endswith("found late, inside the run")
     assert sorted(p.name for p in (sandbox / "rerun").iterdir()) == ["INCOMPLETE"]
-
-
-def test_the_fuzzing_refused_inputs():
-    """The figures (run last in this module): how many bad command lines were refused."""
-    print(f"\nCLI fuzzing: refused {dict(REFUSED)} (total {sum(REFUSED.values())}), accepted {dict(ACCEPTED)}")
-    # Each generator must mostly make bad input, or it tests the happy path under another name.
-    for name in set(REFUSED) | set(ACCEPTED):
-        tried = REFUSED[name] + ACCEPTED[name]
-        assert tried < 20 or REFUSED[name] >= tried // 4, f"{name}: {REFUSED[name]} of {tried} refused"

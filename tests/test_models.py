@@ -30,6 +30,17 @@ def padded(tokens: list[list[int]], length: int) -> tuple[torch.Tensor, torch.Te
     return ids, ids != PAD
 
 
+def assert_every_parameter_has_a_gradient(model: torch.nn.Module) -> None:
+    """After a backward through every layer: each trainable parameter got a gradient, finite
+    and not all zero (a parameter the loss never reached would be silently left out of training)."""
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    assert params
+    for name, p in params:
+        assert p.grad is not None, f"{name}: no gradient"
+        assert torch.isfinite(p.grad).all(), f"{name}: a non-finite gradient"
+        assert p.grad.abs().sum() > 0, f"{name}: an all-zero gradient"
+
+
 def test_transformer_shapes_for_both_tasks():
     ids, mask = padded([[CAT, EAT, MOUSE], [DOG, CHASE, CAT, PAD]], 6)
     assert transformer(SEQ)(ids, mask).shape == (2, 3)
@@ -60,7 +71,7 @@ def test_gradients_stay_finite_with_padding_and_an_empty_sample():
     model = transformer(TOK)
     ids, mask = padded([[CAT, EAT], []], 5)
     model(ids, mask).sum().backward()
-    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    assert_every_parameter_has_a_gradient(model)
 
 
 def test_without_positions_token_order_does_not_matter():
@@ -131,6 +142,7 @@ def test_cnn_shapes_with_every_norm(norm, shape):
     logits = model(torch.randn(3, *shape))
     assert logits.shape == (3, info.num_classes)
     logits.sum().backward()
+    assert_every_parameter_has_a_gradient(model)
 
 
 def test_cnn_rejects_images_too_small_for_two_poolings():

@@ -12,18 +12,13 @@ import itertools
 
 import numpy as np
 import pytest
+from conftest import make_plan
 from hypothesis import assume, given
 from hypothesis import strategies as st
 from torch.utils.data import DistributedSampler
 
-from distshare.config import PlanConfig
 from distshare.data.plan import GlobalBatchPlan, _permutation
 from distshare.errors import ConfigError
-
-
-def make_plan(n: int, w: int, k: int, b: int, seed: int = 0, drop_last: bool = True) -> GlobalBatchPlan:
-    resolved = PlanConfig(world_size=w, global_batch=w * k * b, accum_steps=k, micro_batch=None).resolve()
-    return GlobalBatchPlan(n, resolved, seed=seed, drop_last=drop_last)
 
 
 def epoch_steps(p: GlobalBatchPlan, epoch: int) -> range:

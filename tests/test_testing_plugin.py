@@ -6,12 +6,13 @@ tensor, when the ranks do not share one set of weights."""
 from __future__ import annotations
 
 import re
-import subprocess
 import sys
 from importlib import metadata
-from pathlib import Path
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+import pytest
+from conftest import ROOT, run_command
+
+README = ROOT / "README.md"
 
 
 def readme_example() -> str:
@@ -26,6 +27,7 @@ def test_the_plugin_is_registered_with_pytest():
     assert plugins.get("distshare") == "distshare.testing.pytest_plugin"
 
 
+@pytest.mark.slow
 def test_readme_example_passes_and_its_broken_twin_fails(tmp_path):
     example = readme_example()
     (tmp_path / "test_my_ddp.py").write_text(example)
@@ -34,13 +36,8 @@ def test_readme_example_passes_and_its_broken_twin_fails(tmp_path):
     broken = broken.replace("def test_the_same_with_the_fixture", "def _not_collected")
     assert broken != example
     (tmp_path / "test_broken.py").write_text(broken)
-    proc = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--distshare-timeout", "30", str(tmp_path)],
-        capture_output=True,
-        text=True,
-        cwd=tmp_path,
-        timeout=240,
-    )
+    pytest_cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--distshare-timeout", "30"]
+    proc = run_command([*pytest_cmd, str(tmp_path)], cwd=tmp_path, timeout=240)
     out = proc.stdout + proc.stderr
     assert "2 passed" in out and "1 failed" in out, out[-3000:]
     assert "test_broken.py::test_ddp_keeps_one_set_of_weights" in out

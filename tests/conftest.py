@@ -1,0 +1,185 @@
+"""What the test files share: how to start distshare in a real process, under a real launcher,
+and read back what it wrote.
+
+One builder for every command line, in the manner of accelerate's
+`test_utils.testing.get_launch_command`:
+
+    get_launch_command()                                 python -m distshare
+    get_launch_command("torchrun")                       torchrun --standalone --nproc_per_node=2 -m distshare
+    get_launch_command("torchrun", max_restarts=1)       ... --max_restarts=1 -m distshare
+    get_launch_command("accelerate", num_processes=3)    accelerate launch (CPU config, a free port) -m distshare
+
+then `run_command(cmd + ["train", ...])` runs it from the repository root in a clean
+environment (`subprocess_env`), and `rank0_json`, `read_result` and `read_metrics` read what
+it printed and wrote. `run_cli(*args)` is the plain `python -m distshare` case, the `cli`
+fixture the same in this process. `tiny_config` and `make_plan` build the small runs and
+plans the unit tests share.
+
+Test files import these plain functions by name (`from conftest import ...`: pytest puts
+this folder on `sys.path`, as it does for `small_split`); the fixtures below need no import.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]  # the repository: configs/ and launch/ are relative to it
+ACCELERATE_CPU_CONFIG = "configs/accelerate/cpu.yaml"  # several CPU processes on gloo (see the file)
+
+# What a launcher writes into its workers' environment. A test that itself runs under a
+# launcher (or a developer's shell that exported one) must not hand these on: a child would
+# think it was launched.
+LAUNCHER_VARIABLES = (
+    "RANK",
+    "WORLD_SIZE",
+    "LOCAL_RANK",
+    "LOCAL_WORLD_SIZE",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    "TORCHELASTIC_RESTART_COUNT",
+)
+
+
+def subprocess_env(**extra: str) -> dict[str, str]:
+    """The environment for a distshare subprocess: this one, offline, unbuffered, gloo on
+    loopback, no launcher's variables, this virtualenv's scripts first on PATH; plus `extra`."""
+    env = dict(os.environ, GLOO_SOCKET_IFNAME="lo", HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
+    for key in LAUNCHER_VARIABLES:
+        env.pop(key, None)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env.update(extra)
+    return env
+
+
+def free_port() -> int:
+    """A TCP port on localhost that nothing listens on now (for a launcher's rendezvous)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def torchrun_command() -> list[str]:
+    """This virtualenv's `torchrun`, or the module it runs when the script is not installed."""
+    exe = shutil.which("torchrun", path=str(Path(sys.executable).parent))
+    return [exe] if exe else [sys.executable, "-m", "torch.distributed.run"]
+
+
+def _flags(options: dict[str, Any]) -> list[str]:
+    # accelerate's convention: True -> --flag, a value -> --flag=value, None or False -> nothing.
+    out = []
+    for key, value in options.items():
+        if value is True:
+            out.append(f"--{key}")
+        elif value is not None and value is not False:
+            out.append(f"--{key}={value}")
+    return out
+
+
+def get_launch_command(launcher: str = "python", **kwargs: Any) -> list[str]:
+    """The command line that starts `python -m distshare` under `launcher`; the subcommand and
+    its arguments follow it.
+
+    `launcher`: "python" (no launcher: one process, or ranks the command spawns itself, or
+    Ray with `--engine ray`), "torchrun", or "accelerate" (`accelerate launch`). `kwargs` are
+    the launcher's own flags, written as accelerate's helper of the same name writes them:
+    `standalone=True` -> `--standalone`, `nproc_per_node=2` -> `--nproc_per_node=2`, None or
+    False -> left out. The defaults make a one-machine run of 2 CPU processes: torchrun
+    `--standalone --nproc_per_node=2` (standalone unless `nnodes` is given), accelerate the
+    CPU config with `--num_processes=2` on a free port.
+    """
+    if launcher == "python":
+        if kwargs:
+            raise TypeError(f"python -m distshare takes no launcher flags, got {sorted(kwargs)}")
+        return [sys.executable, "-m", "distshare"]
+    if launcher == "torchrun":
+        options = {"standalone": "nnodes" not in kwargs, "nproc_per_node": 2, **kwargs}
+        return [*torchrun_command(), *_flags(options), "-m", "distshare"]
+    if launcher == "accelerate":
+        options = {
+            "config_file": ACCELERATE_CPU_CONFIG,
+            "num_processes": 2,
+            "main_process_port": kwargs.pop("main_process_port", None) or free_port(),
+            **kwargs,
+        }
+        return [sys.executable, "-m", "accelerate.commands.launch", *_flags(options), "-m", "distshare"]
+    raise ValueError(f"unknown launcher {launcher!r}: python, torchrun or accelerate")
+
+
+def run_command(
+    cmd: list[str], *, timeout: float = 240, cwd: Path | str = ROOT, **env: str
+) -> subprocess.CompletedProcess[str]:
+    """Run `cmd` to its end in `subprocess_env(**env)`, from the repository root unless `cwd`
+    says otherwise; output captured as text. A run past `timeout` seconds fails the test."""
+    return subprocess.run(cmd, cwd=cwd, env=subprocess_env(**env), capture_output=True, text=True, timeout=timeout)
+
+
+def run_cli(*args: str, timeout: float = 240, cwd: Path | str = ROOT, **env: str) -> subprocess.CompletedProcess[str]:
+    """`python -m distshare *args` in a fresh process: its real exit code and output."""
+    return run_command([*get_launch_command(), *args], timeout=timeout, cwd=cwd, **env)
+
+
+def rank0_json(proc: subprocess.CompletedProcess[str]) -> dict:
+    """The one JSON object a `--json` run prints (rank 0 speaks, the other ranks do not)."""
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert len(lines) == 1, f"expected one JSON line (rank 0 speaks): {proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
+    return json.loads(lines[0])
+
+
+def read_result(out: Path) -> dict:
+    """A run directory's `result.json`: the source of truth."""
+    return json.loads((out / "result.json").read_text())
+
+
+def read_metrics(out: Path) -> list[dict]:
+    """A run directory's `metrics.jsonl`: one row a step."""
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def tiny_config(*overrides: str, path: Path | str | None = None, global_batch: int = 32, num_samples: int = 64):
+    """A run small enough for a test: G = `global_batch` taken whole (k = 1, the micro-batch
+    derived), the roles task on variable-length sentences (a label per word, so the items per
+    sample differ and the normalizer matters), `num_samples` sentences; `overrides` win.
+    `path`: a config file to start from instead of the defaults."""
+    from distshare.config import load_config
+
+    base = [
+        f"plan.global_batch={global_batch}",
+        "plan.accum_steps=1",
+        "plan.micro_batch=null",
+        f"data.num_samples={num_samples}",
+        "data.task=roles",
+        "data.variable_length=true",
+    ]
+    return load_config(path, [*base, *overrides])
+
+
+def make_plan(n: int, w: int, k: int, b: int, seed: int = 0, drop_last: bool = True):
+    """The global-batch plan of `n` samples for W x k x b (G = w k b)."""
+    from distshare.config import PlanConfig
+    from distshare.data.plan import GlobalBatchPlan
+
+    resolved = PlanConfig(world_size=w, global_batch=w * k * b, accum_steps=k, micro_batch=None).resolve()
+    return GlobalBatchPlan(n, resolved, seed=seed, drop_last=drop_last)
+
+
+@pytest.fixture
+def cli(capsys):
+    """`cli(*argv)`: distshare's CLI in this process -> (exit code, stdout, stderr)."""
+    from distshare.cli import main
+
+    def run(*argv: str) -> tuple[int, str, str]:
+        capsys.readouterr()
+        code = main(list(argv))
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    return run
