@@ -5,23 +5,18 @@ line that says what to run instead."""
 
 from __future__ import annotations
 
-import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import get_launch_command, rank0_json, read_metrics, read_result, run_cli, run_command
 from small_split import SMALL_SPLIT
 
 from distshare.config import load_config
 from distshare.engines import resolve_engine
 from distshare.engines.accelerate import exact_unscale
 from distshare.errors import UsageError
-
-ROOT = Path(__file__).resolve().parents[1]
-pytestmark = pytest.mark.launcher
 
 # Small and quick, but a real split: G = 16 = W 2 x k 2 x b 4, float64; 40 steps with the
 # replicas compared at every one, so each engine's run is also 40 checks without a false alarm.
@@ -37,29 +32,8 @@ RUN = [
 ]
 
 
-def _env(**extra: str) -> dict[str, str]:
-    env = dict(os.environ, GLOO_SOCKET_IFNAME="lo", HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1", **extra)
-    env.pop("RANK", None)
-    env.pop("WORLD_SIZE", None)
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    return env
-
-
 def _distshare(args: list[str], timeout: float = 240, **env: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "distshare", *args],
-        cwd=ROOT,
-        env=_env(**env),
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-
-
-def _json(proc: subprocess.CompletedProcess[str]) -> dict:
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
-    assert len(lines) == 1, f"expected one JSON line (rank 0 speaks): {proc.stdout[-2000:]}\n{proc.stderr[-2000:]}"
-    return json.loads(lines[0])
+    return run_cli(*args, timeout=timeout, **env)
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +42,7 @@ def spawned(tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("spawned")
     proc = _distshare(["train", "--engine", "torch", "--nproc", "2", *RUN, "--out", str(out)])
     assert proc.returncode == 0, proc.stderr[-2000:]
-    return _json(proc)
+    return rank0_json(proc)
 
 
 @pytest.fixture(scope="module")
@@ -87,27 +61,20 @@ def ray_cluster():
 ODD = ["--set", "plan.global_batch=18", "--set", "plan.accum_steps=3", "--set", "data.num_samples=180"]
 
 
+@pytest.mark.launcher
+@pytest.mark.slow
 def test_accelerate_launch_cpu_processes_bitwise_equal_to_the_torch_engine(tmp_path):
     spawned = _distshare(["train", "--engine", "torch", "--nproc", "3", *RUN, *ODD, "--out", str(tmp_path / "t")])
     assert spawned.returncode == 0, spawned.stderr[-2000:]
-    port = str(_free_port())
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", "configs/accelerate/cpu.yaml"]
-    cmd += ["--num_processes", "3", "--main_process_port", port, "-m", "distshare", "train", "--engine", "accelerate"]
-    proc = subprocess.run(
-        cmd + RUN + ODD + ["--out", str(tmp_path / "a")],
-        cwd=ROOT,
-        env=_env(),
-        capture_output=True,
-        text=True,
-        timeout=240,
-    )
+    cmd = [*get_launch_command("accelerate", num_processes=3), "train", "--engine", "accelerate"]
+    proc = run_command(cmd + RUN + ODD + ["--out", str(tmp_path / "a")])
     assert proc.returncode == 0, proc.stderr[-3000:]
-    result = _json(proc)
+    result = rank0_json(proc)
     assert result["engine"] == "accelerate" and result["world_size"] == 3
     assert result["plan"]["accum_steps"] == 3 and result["plan"]["micro_batch"] == 2
     assert result["replicas_in_sync"] and result["accounting"]["ok"]
     assert result["replica_checks"] == STEPS and result["first_divergence"] is None
-    assert result["final_fingerprint"] == _json(spawned)["final_fingerprint"]
+    assert result["final_fingerprint"] == rank0_json(spawned)["final_fingerprint"]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -118,27 +85,36 @@ def test_the_loss_scale_cancels_accelerates_division_exactly(dtype):
         assert (torch.ones((), dtype=dtype) / k * s).item() == 1.0, k
 
 
+@pytest.mark.launcher
+@pytest.mark.slow
 def test_ray_train_two_workers_matches_the_torch_engine(spawned, ray_cluster, tmp_path):
     proc = _distshare(
         ["train", "--engine", "ray", "--nproc", "2", "--ray-address", ray_cluster, *RUN, "--out", str(tmp_path)]
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    result = _json(proc)
+    result = rank0_json(proc)
     assert result["engine"] == "ray" and result["world_size"] == 2
     assert result["replicas_in_sync"] and result["accounting"]["ok"]
     assert result["final_fingerprint"] == spawned["final_fingerprint"]
     # The driver wrote the run directory, readable again.
-    assert json.loads((tmp_path / "result.json").read_text())["final_fingerprint"] == result["final_fingerprint"]
-    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == STEPS
+    assert read_result(tmp_path)["final_fingerprint"] == result["final_fingerprint"]
+    rows = read_metrics(tmp_path)
+    assert [r["step"] for r in rows] == list(range(STEPS))
+    # The same file as every engine's: the spawned ranks' columns, the same losses.
+    spawned_rows = read_metrics(Path(spawned["run_dir"]))
+    assert [sorted(r) for r in rows] == [sorted(r) for r in spawned_rows]
+    assert [r["loss"] for r in rows] == [r["loss"] for r in spawned_rows]
     assert result["replica_checks"] == STEPS and result["first_divergence"] is None
 
 
+@pytest.mark.launcher
+@pytest.mark.slow
 def test_parity_table_every_engine_bitwise_float64(ray_cluster, tmp_path):
     """`verify --engine all`: torch, torchrun, accelerate launch, Ray and one process."""
     args = ["verify", "--engine", "all", "--nproc", "2", "--ray-address", ray_cluster, *RUN, "--out", str(tmp_path)]
     proc = _distshare(args, timeout=480)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    result = _json(proc)
+    result = rank0_json(proc)
     rows = {r["name"]: r for r in result["rows"]}
     assert set(rows) == {"torch (spawn)", "torch (torchrun)", "accelerate", "ray", "local (1 process)"}
     assert {(r["engine"], r["launcher"]) for r in rows.values()} == {
@@ -173,6 +149,7 @@ def test_a_misused_launcher_is_refused_with_what_to_run(engine, nproc, env, expe
         resolve_engine(cfg)
 
 
+@pytest.mark.slow
 def test_cli_misuse_is_one_line_and_exit_2():
     proc = _distshare(["train", "--engine", "accelerate", "--nproc", "2", "--steps", "1"], timeout=120)
     assert proc.returncode == 2
@@ -190,14 +167,6 @@ def test_auto_picks_the_launcher_engine(monkeypatch):
     assert resolve_engine(cfg) == "accelerate"
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def test_a_missing_engine_package_says_what_to_install(monkeypatch):
     import importlib.util
 
@@ -207,6 +176,8 @@ def test_a_missing_engine_package_says_what_to_install(monkeypatch):
         resolve_engine(load_config(None, ["engine=ray", "plan.world_size=2"]))
 
 
+@pytest.mark.launcher
+@pytest.mark.slow
 def test_ray_refuses_more_workers_than_the_cluster_holds(ray_cluster):
     # Ray would wait for the missing CPU forever; distshare says so in one line instead.
     args = ["--nproc", "3", "--ray-address", ray_cluster, "--steps", "1", "--set", "plan.global_batch=36"]

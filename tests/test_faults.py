@@ -16,6 +16,9 @@ from distshare.testing.faults import FAULTS, clean_checks, run_all_faults
 WORLD = 3
 
 
+pytestmark = [pytest.mark.faults, pytest.mark.slow]  # every test here injects a fault on spawned ranks
+
+
 @pytest.fixture(scope="module")
 def outcomes():
     per_rank = run_distributed(run_all_faults, WORLD, timeout_s=60, deadline_s=240)

@@ -9,13 +9,10 @@ collective until the process group's timeout, then check in at the store and nam
 
 from __future__ import annotations
 
-import socket
-import subprocess
-import sys
 import time
 
 import pytest
-from test_launch import ROOT, _env, _torchrun
+from conftest import get_launch_command, run_command
 
 from distshare.cli import main
 from distshare.distributed import watchdog
@@ -24,14 +21,14 @@ from distshare.distributed.world import World
 from distshare.errors import RankSilent
 from distshare.testing.faults import HANG_ENV, fault_env, hang, hang_point
 
-pytestmark = pytest.mark.faults
-
 TIMEOUT = 3  # seconds: every collective's bound in these runs
 # Start-up of 2-3 ranks on 2 busy cores, plus the timeout, plus the check-in grace: the
 # whole failure must fit in this, with room, or something waited that should not have.
 BOUND_S = 60
 
 
+@pytest.mark.faults
+@pytest.mark.slow
 def test_the_cli_names_the_silent_rank_and_marks_the_run_incomplete(tmp_path, capsys, monkeypatch):
     for key, value in fault_env(hang_at="1:3").items():  # spawned ranks inherit it: rank 1 stops at step 3
         monkeypatch.setenv(key, value)
@@ -50,6 +47,8 @@ def test_the_cli_names_the_silent_rank_and_marks_the_run_incomplete(tmp_path, ca
     assert not (run / "result.json").exists() and not (run / "report.md").exists()
 
 
+@pytest.mark.faults
+@pytest.mark.slow
 def test_rank_0_going_silent_is_named_by_the_next_rank():
     # Rank 0 usually speaks; here it is the silent one, so rank 1 reports for the survivors.
     start = time.monotonic()
@@ -66,6 +65,8 @@ def _returns_except_rank_one(world: World) -> int:
     return world.rank
 
 
+@pytest.mark.faults
+@pytest.mark.slow
 def test_a_rank_silent_after_its_peers_returned_is_named_by_the_parent():
     start = time.monotonic()
     with pytest.raises(RankSilent, match="rank 1 went silent after the other ranks returned"):
@@ -94,35 +95,22 @@ def test_a_malformed_hang_switch_hangs_nothing(monkeypatch, text):
 def _launch(launcher: str) -> list[str]:
     """`distshare train` on 2 ranks under a real launcher."""
     if launcher == "torchrun":
-        return _torchrun() + ["--standalone", "--nproc_per_node", "2", "-m", "distshare", "train"]
+        return [*get_launch_command("torchrun"), "train"]
     if launcher == "accelerate":
-        with socket.socket() as s:  # a free port for accelerate's rendezvous
-            s.bind(("127.0.0.1", 0))
-            port = str(s.getsockname()[1])
-        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", "configs/accelerate/cpu.yaml"]
-        return cmd + [
-            "--num_processes",
-            "2",
-            "--main_process_port",
-            port,
-            "-m",
-            "distshare",
-            "train",
-            "--engine",
-            "accelerate",
-        ]
-    return [sys.executable, "-m", "distshare", "train", "--engine", "ray", "--nproc", "2"]
+        return [*get_launch_command("accelerate"), "train", "--engine", "accelerate"]
+    return [*get_launch_command(), "train", "--engine", "ray", "--nproc", "2"]
 
 
+@pytest.mark.faults
 @pytest.mark.launcher
 @pytest.mark.slow
 @pytest.mark.parametrize("launcher", ["torchrun", "accelerate", "ray"])
 def test_every_launcher_names_the_silent_rank(tmp_path, launcher):
-    env = {**_env(), **fault_env(hang_at="1:3")}
+    env = fault_env(hang_at="1:3")
     cmd = _launch(launcher) + ["--config", "configs/train/transformer.yaml", "--steps", "6", "--timeout", str(TIMEOUT)]
     cmd += ["--no-progress", "--out", str(tmp_path)]
     start = time.monotonic()
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
+    proc = run_command(cmd, timeout=180, **env)
     wall = time.monotonic() - start
     assert proc.returncode != 0
     ours = [line for line in proc.stderr.splitlines() if line.startswith("distshare:")]

@@ -4,12 +4,7 @@ on one machine and as two "nodes" on localhost, and the ranks agree."""
 from __future__ import annotations
 
 import pytest
-
-# ROOT, _env and _torchrun: tests/test_hang.py still imports them from here (conftest's now).
-from conftest import ROOT as ROOT
 from conftest import get_launch_command, rank0_json, read_result, run_command
-from conftest import subprocess_env as _env  # noqa: F401
-from conftest import torchrun_command as _torchrun  # noqa: F401
 
 pytestmark = [pytest.mark.launcher, pytest.mark.slow]  # every test here starts torchrun
 

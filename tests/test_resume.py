@@ -39,7 +39,6 @@ from distshare.models import build_model
 from distshare.testing.faults import FAULT_EXIT_CODE, fault_env
 
 ROOT = Path(__file__).resolve().parents[1]
-pytestmark = pytest.mark.faults
 
 # A real split on 2 ranks (G = 16 = W 2 x k 2 x b 4), float64, Adam's moments in play.
 RUN = [
@@ -102,6 +101,7 @@ def two_ranks(tmp_path_factory) -> dict:
     }
 
 
+@pytest.mark.slow
 def test_ten_plus_ten_steps_equal_twenty_straight_on_two_spawned_ranks(two_ranks):
     code_s, straight, err_s = two_ranks["straight"]
     code_f, first, err_f = two_ranks["first"]
@@ -120,6 +120,7 @@ def test_ten_plus_ten_steps_equal_twenty_straight_on_two_spawned_ranks(two_ranks
     assert "resumed on request: continued from step 10" in (two_ranks["tmp"] / "resumed" / "report.md").read_text()
 
 
+@pytest.mark.slow
 def test_exact_mode_resumes_bitwise_and_equals_one_process(tmp_path):
     # Exact mode's sum does not depend on the split: a resumed 2-rank run also ends on the
     # fingerprint of one process trained straight through.
@@ -153,6 +154,7 @@ def test_every_ranks_rng_state_is_stored_and_digested(two_ranks):
     assert list(verify_checkpoint(damaged).problems) == ["rng/rank1/torch"]
 
 
+@pytest.mark.faults
 def test_a_damaged_newest_checkpoint_is_skipped_and_said_so(two_ranks, tmp_path):
     ck = tmp_path / "ckpt"
     shutil.copytree(two_ranks["pristine"], ck)
@@ -215,6 +217,7 @@ def test_resume_from_nothing_is_refused(tmp_path):
     assert "holds no checkpoint" in empty
 
 
+@pytest.mark.faults
 def test_no_checkpoint_that_verifies_is_refused_naming_the_tensor(two_ranks, tmp_path):
     ck = tmp_path / "ckpt"
     shutil.copytree(two_ranks["pristine"], ck)
@@ -252,6 +255,7 @@ def one_straight(tmp_path_factory) -> dict:
     return result
 
 
+@pytest.mark.slow
 def test_resume_auto_starts_fresh_then_continues(one_straight, tmp_path):
     ck = str(tmp_path / "ckpt")
     straight = one_straight
@@ -265,6 +269,8 @@ def test_resume_auto_starts_fresh_then_continues(one_straight, tmp_path):
     assert again["final_fingerprint"] == straight["final_fingerprint"] and again["losses"] == straight["losses"]
 
 
+@pytest.mark.faults
+@pytest.mark.slow
 def test_a_save_cut_short_leaves_the_previous_checkpoint_the_newest_valid_one(one_straight, tmp_path):
     ck = tmp_path / "ckpt"
     env = dict(os.environ, HF_HUB_OFFLINE="1", **fault_env(exit_in_save=2))
@@ -313,6 +319,7 @@ def test_rng_states_round_trip_through_a_checkpoint(tmp_path):
     assert torch.equal(expected[0], again[0]) and expected[1] == again[1] and np.array_equal(expected[2], again[2])
 
 
+@pytest.mark.faults
 def test_a_hand_edited_learning_rate_in_the_manifest_is_caught(tmp_path):
     model = torch.nn.Linear(2, 2)
     save_checkpoint(tmp_path / "ck", model, torch.optim.Adam(model.parameters(), lr=1e-3), step=3)
