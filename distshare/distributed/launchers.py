@@ -25,13 +25,6 @@ def launched_by_accelerate() -> bool:
     return "ACCELERATE_MIXED_PRECISION" in os.environ
 
 
-def launcher_name() -> str | None:
-    """"accelerate", "torchrun", or None when no launcher started this process."""
-    if not launched():
-        return None
-    return "accelerate" if launched_by_accelerate() else "torchrun"
-
-
 @dataclass(frozen=True)
 class LaunchedPlace:
     """This process's place as the launcher wrote it into the environment."""
