@@ -107,8 +107,9 @@ def report(result: dict[str, Any]) -> str:
             "",
             f"*Demo `{f['name']}`.* **Claim:** {f['claim']} — **{f['verdict']}**.",
             "",
-            f"**Control:** {f['control']} — **{f['control_verdict']}**.",
+            *[f"**Control ({c['name']}):** {c['what']} — **{c['verdict']}**." for c in f["controls"]],
             "",
+            *([f"**True by construction:** {f['by_construction']}", ""] if f.get("by_construction") else []),
             f"Key numbers: {f['headline']}.",
             "",
         ]

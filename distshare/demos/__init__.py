@@ -13,7 +13,7 @@ from __future__ import annotations
 import importlib
 from pathlib import Path
 
-from distshare.demos.finding import FAILS, HOLDS, Finding, verdict
+from distshare.demos.finding import FAILS, HOLDS, Control, Finding, verdict
 
 # name on the command line -> module under distshare/demos, in the order of the seed's questions
 DEMOS = {
@@ -26,14 +26,26 @@ DEMOS = {
     "heads-kernels": "heads_kernels",
 }
 
-__all__ = ["DEMOS", "FAILS", "HOLDS", "Finding", "run_demo", "verdict"]
+__all__ = ["DEMOS", "FAILS", "HOLDS", "Control", "Finding", "mutants", "run_demo", "verdict"]
 
 
-def run_demo(name: str, out_dir: Path, seed: int = 0) -> Finding:
+def run_demo(name: str, out_dir: Path, seed: int = 0, mutant: str | None = None) -> Finding:
     """Run one experiment; its figure is written into `out_dir`.
 
+    `mutant` (one of `mutants(name)`) injects a fault into the experiment itself: the
+    claim's verdict must then come out `fails` (`distshare selftest`).
+
     Raises:
-        KeyError: `name` is not one of `DEMOS`.
+        KeyError: `name` is not one of `DEMOS`, or `mutant` not one of its mutants.
     """
     module = importlib.import_module(f"distshare.demos.{DEMOS[name]}")
-    return module.run(out_dir, seed)
+    if mutant is None:
+        return module.run(out_dir, seed)
+    if mutant not in module.MUTANTS:
+        raise KeyError(f"demo {name!r} has no mutant {mutant!r}; it has: {', '.join(module.MUTANTS)}")
+    return module.run(out_dir, seed, mutant=mutant)
+
+
+def mutants(name: str) -> dict[str, str]:
+    """The faults demo `name` can inject into its own experiment: name -> what it breaks."""
+    return dict(getattr(importlib.import_module(f"distshare.demos.{DEMOS[name]}"), "MUTANTS", {}))

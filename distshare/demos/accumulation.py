@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from distshare.demos.common import config, pyplot, save
-from distshare.demos.finding import Finding, verdict
+from distshare.demos.finding import Control, Finding, verdict
 from distshare.distributed.world import World
 from distshare.equivalence import ConfigTask, PartitionResult, run_grid
 from distshare.equivalence.pitfalls import MicroMeanTask
@@ -94,7 +94,16 @@ def run(out_dir: Path, seed: int = 0) -> Finding:
         f"mean/k bug: grad norm rel {control['grad_norm_rel_diff']:.1e}, {control['grad_excess']:.0f} x bound"
     )
     holds = grid.ok and exact.ok and exact_bitwise == len(exact_rows)
-    return Finding(NAME, QUESTION, CLAIM, verdict(holds), CONTROL, verdict(bug.ok), numbers, figure, headline)
+    return Finding(
+        NAME,
+        QUESTION,
+        CLAIM,
+        verdict(holds),
+        [Control("mean / k", CONTROL, verdict(bug.ok))],
+        numbers,
+        figure,
+        headline,
+    )
 
 
 def _name(p: PartitionResult) -> str:

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from distshare.data.corpus import NOUNS, VERBS, encode_sentence
 from distshare.data.types import DataInfo
 from distshare.demos.common import TRANSFORMER, Trained, pyplot, save, trained
-from distshare.demos.finding import Finding, verdict
+from distshare.demos.finding import Control, Finding, verdict
 from distshare.numerics.rounding import reorder_norm_bound
 from distshare.training import DTYPES
 
@@ -114,7 +114,14 @@ def run(out_dir: Path, seed: int = 0) -> Finding:
         f"(bound {bound:.1e}), subjects {ctrl['predicted_subjects']}"
     )
     return Finding(
-        NAME, QUESTION, CLAIM, verdict(tells_apart(pe)), CONTROL, verdict(tells_apart(ctrl)), numbers, figure, headline
+        NAME,
+        QUESTION,
+        CLAIM,
+        verdict(tells_apart(pe)),
+        [Control("no positions", CONTROL, verdict(tells_apart(ctrl)))],
+        numbers,
+        figure,
+        headline,
     )
 
 

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from distshare.data.shapes import PATTERN_NAMES, PATTERN_SIZE, render
 from distshare.demos.common import CNN, pyplot, save, seeded, trained
-from distshare.demos.finding import Finding, verdict
+from distshare.demos.finding import Control, Finding, verdict
 from distshare.numerics.rounding import gamma_for
 
 NAME = "conv-shared"
@@ -153,7 +153,16 @@ def run(out_dir: Path, seed: int = 0) -> Finding:
         f"1px shift keeps {pooling['prediction_unchanged']:.0%} of predictions; "
         f"locally-connected error {local_eq['max_error_over_bound']:.1e} x bound"
     )
-    return Finding(NAME, QUESTION, CLAIM, verdict(holds), CONTROL, verdict(control), numbers, figure, headline)
+    return Finding(
+        NAME,
+        QUESTION,
+        CLAIM,
+        verdict(holds),
+        [Control("locally connected", CONTROL, verdict(control))],
+        numbers,
+        figure,
+        headline,
+    )
 
 
 def _figure(out_dir: Path, conv: nn.Conv2d, local: LocallyConnected, x: Tensor, counts: dict[str, int]) -> str:

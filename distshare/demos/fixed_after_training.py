@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from distshare.demos.common import CNN, TRANSFORMER, config, data, pyplot, save, trained
-from distshare.demos.finding import Finding, verdict
+from distshare.demos.finding import Control, Finding, verdict
 from distshare.integrity.fingerprint import fingerprint_state
 
 NAME = "fixed-after-training"
@@ -77,7 +77,14 @@ def run(out_dir: Path, seed: int = 0) -> Finding:
         f"train-mode BN: {control['params_changed']} params, {control['buffers_changed']} buffers changed"
     )
     return Finding(
-        NAME, QUESTION, CLAIM, verdict(unchanged), CONTROL, verdict(control_unchanged), numbers, figure, headline
+        NAME,
+        QUESTION,
+        CLAIM,
+        verdict(unchanged),
+        [Control("train-mode BN", CONTROL, verdict(control_unchanged))],
+        numbers,
+        figure,
+        headline,
     )
 
 

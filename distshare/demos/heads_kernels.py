@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from distshare.demos.common import CNN, TRANSFORMER, pyplot, save, trained
 from distshare.demos.context import grammar, sentence_ids
-from distshare.demos.finding import Finding, verdict
+from distshare.demos.finding import Control, Finding, verdict
 from distshare.numerics.rounding import gamma_for, reorder_norm_bound
 
 NAME = "heads-kernels"
@@ -144,8 +144,7 @@ def run(out_dir: Path, seed: int = 0) -> Finding:
         QUESTION,
         CLAIM,
         verdict(several(h, f)),
-        CONTROL,
-        verdict(several(h_ctrl, f_ctrl)),
+        [Control("copied heads", CONTROL, verdict(several(h_ctrl, f_ctrl)))],
         numbers,
         figure,
         headline,

@@ -29,7 +29,7 @@ from torch import nn
 
 from distshare.config import RunConfig
 from distshare.demos.common import config, data, pyplot, save
-from distshare.demos.finding import Finding, verdict
+from distshare.demos.finding import Control, Finding, verdict
 from distshare.distributed.spawn import run_distributed
 from distshare.distributed.sync import GradSync
 from distshare.distributed.world import World
@@ -141,7 +141,16 @@ def run(out_dir: Path, seed: int = 0) -> Finding:
         f"{updates} updates -> {distinct - 1} new fingerprints, 1 storage; {RANKS} ranks agree at "
         f"{agree(synced)}/{updates} steps; unsynced ranks agree at {agree(unsynced)}/{updates}"
     )
-    return Finding(NAME, QUESTION, CLAIM, verdict(holds), CONTROL, verdict(control), numbers, figure, headline)
+    return Finding(
+        NAME,
+        QUESTION,
+        CLAIM,
+        verdict(holds),
+        [Control("no sync", CONTROL, verdict(control))],
+        numbers,
+        figure,
+        headline,
+    )
 
 
 def _figure(out_dir: Path, initial: str, single: list[str], synced: list[list[str]], unsynced: list[list[str]]) -> str:

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
 from distshare.demos.common import config, data, params_used, pyplot, save, seeded
-from distshare.demos.finding import Finding, verdict
+from distshare.demos.finding import Control, Finding, verdict
 from distshare.models import build_model
 from distshare.numerics.diff import Diff, diff
 from distshare.numerics.rounding import reorder_norm_bound
@@ -146,7 +146,16 @@ def run(out_dir: Path, seed: int = 0) -> Finding:
         f"grad = sum of per-sample grads, norm rel {shared_diff.norm_rel_diff:.1e} (bound {bound:.1e}); "
         f"copies: {copy_counts[-1]} params at batch 40"
     )
-    return Finding(NAME, QUESTION, CLAIM, verdict(holds), CONTROL, verdict(control), numbers, figure, headline)
+    return Finding(
+        NAME,
+        QUESTION,
+        CLAIM,
+        verdict(holds),
+        [Control("per-sample copies", CONTROL, verdict(control))],
+        numbers,
+        figure,
+        headline,
+    )
 
 
 def _figure(out_dir: Path, shared: list[int], copies: list[int], summed: dict, batch: dict, control: dict) -> str:
