@@ -27,7 +27,7 @@ from distshare.equivalence.reference import Reference, run_reference
 from distshare.equivalence.runs import PartitionRun, Tensors, grid_rank
 from distshare.equivalence.tasks import GridTask, UserTask
 from distshare.errors import UsageError
-from distshare.numerics.diff import diff
+from distshare.numerics.diff import Diff, diff, worst
 from distshare.numerics.rounding import excess, norm_rel
 
 
@@ -54,6 +54,7 @@ class PartitionResult:
     state_ints_equal: bool  # integer buffers (BatchNorm's batch counter) equal
     accounting_ok: bool
     accounting: str
+    nonfinite: str  # "" or where the first NaN / infinity is (gradient, parameters or loss): a failure
     within_rounding: bool
     losses: list[float]
     max_loss_diff: float
@@ -67,6 +68,8 @@ class PartitionResult:
         return f"{self.dtype} W={self.world_size} k={self.accum_steps} b={self.micro_batch}"
 
     def summary(self) -> str:
+        if self.nonfinite:
+            return f"NON-FINITE: {self.nonfinite}"
         if self.bitwise_equal:
             head = "bitwise equal at every step"
         else:
@@ -81,12 +84,24 @@ class PartitionResult:
         return head
 
 
-def _floats(state: Tensors) -> Tensors:
+def float_tensors(state: Tensors) -> Tensors:
+    """The floating-point entries of a state (integer buffers are compared for equality apart)."""
     return {n: t for n, t in state.items() if t.is_floating_point()}
 
 
 def _ints_equal(a: Tensors, b: Tensors) -> bool:
     return all(torch.equal(a[n], b[n]) for n in a if not a[n].is_floating_point())
+
+
+def _nonfinite(step: int, grads: Diff, params: Diff, loss: float, ref_loss: float) -> str:
+    """Where the first NaN or infinity of a step is, or "" when it has none."""
+    for what, d in (("gradient", grads), ("parameters", params)):
+        if not d.finite:
+            return f"{what} at step {step}: {d.nonfinite} non-finite value(s), first {d.first_nonfinite}"
+    for what, value in (("loss", loss), ("reference loss", ref_loss)):
+        if not math.isfinite(value):
+            return f"{what} at step {step} is {value}"
+    return ""
 
 
 def compare(run: PartitionRun, ref: Reference) -> PartitionResult:
@@ -96,11 +111,14 @@ def compare(run: PartitionRun, ref: Reference) -> PartitionResult:
     bitwise = grad_bitwise = ints_equal = True
     max_abs = max_rel = norm_rel_worst = grad_abs = grad_excess = bound_rel = grad_rel = env_excess = 0.0
     max_ulp = 0
+    nonfinite = ""
     for s, state in enumerate(run.states):
-        d = diff(_floats(state), _floats(ref.run.states[s]))
+        d = diff(float_tensors(state), float_tensors(ref.run.states[s]))
         g = diff(run.grads[s], run.ref_grads[s])
+        if not nonfinite:
+            nonfinite = _nonfinite(s, g, d, run.losses[s], ref.run.losses[s])
         ex = excess(run.grads[s], run.ref_grads[s], ref.bounds[s])
-        env = diff(_floats(ref.envelope_states[s]), _floats(ref.run.states[s])).norm_rel_diff
+        env = diff(float_tensors(ref.envelope_states[s]), float_tensors(ref.run.states[s])).norm_rel_diff
         # Both runs round every stored parameter once per step: (s + 1) x 2u of room besides.
         allowed = env + 2 * u * (s + 1)
         e_ex = d.norm_rel_diff / allowed
@@ -108,12 +126,13 @@ def compare(run: PartitionRun, ref: Reference) -> PartitionResult:
         bitwise &= d.bitwise_equal and g.bitwise_equal and ints
         grad_bitwise &= g.bitwise_equal
         ints_equal &= ints
-        max_abs, max_rel = max(max_abs, d.max_abs_diff), max(max_rel, d.max_rel_diff)
-        norm_rel_worst, max_ulp = max(norm_rel_worst, d.norm_rel_diff), max(max_ulp, d.max_ulp)
-        grad_abs, grad_excess = max(grad_abs, g.max_abs_diff), max(grad_excess, ex)
-        grad_rel = max(grad_rel, g.norm_rel_diff)
-        bound_rel = max(bound_rel, norm_rel(ref.bounds[s], ref.run.grads[s]))
-        env_excess = max(env_excess, e_ex)
+        # `worst`, not `max`: a NaN must survive to the verdict (max(x, nan) is x).
+        max_abs, max_rel = worst(max_abs, d.max_abs_diff), worst(max_rel, d.max_rel_diff)
+        norm_rel_worst, max_ulp = worst(norm_rel_worst, d.norm_rel_diff), max(max_ulp, d.max_ulp)
+        grad_abs, grad_excess = worst(grad_abs, g.max_abs_diff), worst(grad_excess, ex)
+        grad_rel = worst(grad_rel, g.norm_rel_diff)
+        bound_rel = worst(bound_rel, norm_rel(ref.bounds[s], ref.run.grads[s]))
+        env_excess = worst(env_excess, e_ex)
         steps.append(
             {
                 "step": s,
@@ -129,7 +148,8 @@ def compare(run: PartitionRun, ref: Reference) -> PartitionResult:
             }
         )
     acc = account_batches(run.global_batches, run.samples_by_rank)
-    ok = acc.ok and ints_equal and grad_excess <= 1 and env_excess <= 1
+    # Written so that NaN fails: every comparison with NaN is False.
+    ok = acc.ok and ints_equal and not nonfinite and grad_excess <= 1 and env_excess <= 1
     return PartitionResult(
         world_size=run.world_size,
         accum_steps=run.accum_steps,
@@ -150,9 +170,10 @@ def compare(run: PartitionRun, ref: Reference) -> PartitionResult:
         state_ints_equal=ints_equal,
         accounting_ok=acc.ok,
         accounting=acc.summary(),
+        nonfinite=nonfinite,
         within_rounding=ok,
         losses=run.losses,
-        max_loss_diff=max(st["loss_diff"] for st in steps) if steps else 0.0,
+        max_loss_diff=worst(*(st["loss_diff"] for st in steps)) if steps else 0.0,
         steps=steps,
     )
 

@@ -21,6 +21,7 @@ from distshare.distributed.world import World
 from distshare.equivalence.gradient import step_gradient
 from distshare.equivalence.runs import PartitionRun, Tensors, grads_of, state_of
 from distshare.equivalence.tasks import GridTask, Trainee
+from distshare.integrity.fingerprint import state_digest
 from distshare.numerics.rounding import bounds
 
 
@@ -33,6 +34,7 @@ class Reference:
     bounds: list[Tensors]  # per step: elementwise rounding bound of the gradient
     envelope_states: list[Tensors]  # the reference retrained with gradients pushed by their bound
     notes: list[str] = field(default_factory=list)  # why sum |x_i| fell back to |sum| (per-sample impossible)
+    final_fingerprint: str = ""  # digest of the final training state (parameters, buffers, optimizer state)
 
 
 def _abs_sum(t: Trainee, copy: nn.Module, step: int, grad: Tensors, rng: torch.Tensor) -> tuple[Tensors, str | None]:
@@ -92,7 +94,8 @@ def run_reference(task: GridTask, dtype: str | None, steps: int, n_terms: int) -
         rec.samples_by_rank = [rec.samples]
         rec.global_batches.append(t.global_batch(s))
         rec.states.append(state_of(t.model))
-    return Reference(rec, abs_sums, grad_bounds, _envelope(task, dtype, steps, grad_bounds), notes)
+    final = state_digest(t.model, t.optimizer)
+    return Reference(rec, abs_sums, grad_bounds, _envelope(task, dtype, steps, grad_bounds), notes, final)
 
 
 def _envelope(task: GridTask, dtype: str | None, steps: int, grad_bounds: list[Tensors]) -> list[Tensors]:

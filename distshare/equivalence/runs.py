@@ -15,6 +15,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 from distshare.distributed.world import World
 from distshare.equivalence.gradient import step_gradient
@@ -75,6 +76,23 @@ def full_batch_grad(t: Trainee, copy: nn.Module, step: int, rng: torch.Tensor) -
     return grads_of(copy)
 
 
+def record_gradients(t: Trainee, rec: PartitionRun, current: list[Any]) -> RemovableHandle:
+    """From now on, just before each update: the synced gradient and the big-batch gradient.
+
+    The update has not happened yet, so the parameters are still those the gradient was
+    taken at; the big-batch gradient is computed there (`full_batch_grad`). `current` is
+    [step, CPU RNG state when the step began], kept up to date by the caller.
+    """
+    copy = t.fresh_model()
+
+    def observe(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        rec.grads.append(grads_of(t.model))
+        rec.ref_grads.append(full_batch_grad(t, copy, current[0], current[1]))
+
+    # accelerate wraps the optimizer; the hook belongs on the torch optimizer that steps.
+    return getattr(t.optimizer, "optimizer", t.optimizer).register_step_pre_hook(observe)
+
+
 def run_partition(
     task: GridTask, world: World, world_size: int, accum_steps: int, dtype: str | None, steps: int
 ) -> PartitionRun:
@@ -84,14 +102,7 @@ def run_partition(
     rec = PartitionRun(world_size, accum_steps, t.micro_batch, t.label, t.u)
     current: list[Any] = [0, None]  # the step, and the CPU RNG state when it began
     if world.is_main:
-        copy = t.fresh_model()
-
-        def observe(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-            # Just before the update: parameters are still those the gradient was taken at.
-            rec.grads.append(grads_of(t.model))
-            rec.ref_grads.append(full_batch_grad(t, copy, current[0], current[1]))
-
-        t.optimizer.register_step_pre_hook(observe)
+        record_gradients(t, rec, current)
     for s in range(steps):
         current[:] = [s, torch.get_rng_state()]
         loss, indices = t.step(s)

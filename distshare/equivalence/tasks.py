@@ -31,6 +31,9 @@ from distshare.training import Run, build_run, loss_sum, optimizer_step, sample_
 AUTOCAST = "bf16-autocast"  # the grid's name for float32 parameters with bfloat16 matrix products
 
 
+StepFn = Callable[[int], tuple[float, list[list[int]]]]  # step -> (this rank's loss sum, the samples its losses used)
+
+
 @dataclass
 class Trainee:
     """One rank's training for one partition, reduced to what the grid needs to observe."""
@@ -98,59 +101,11 @@ class ConfigTask:
         model_cfg = dataclasses.replace(self.cfg.model, dtype="float32" if autocast else dtype or self.cfg.model.dtype)
         cfg = dataclasses.replace(self.cfg, plan=plan, model=model_cfg)
         run = build_run(cfg, world)
-        inner = self.make_step(run)
+        return trainee_of(run, autocast, self.make_step(run))
 
-        def step(s: int) -> tuple[float, list[list[int]]]:
-            # The optimizer's pre-step hooks (the grid's observers) run inside this too, so the
-            # reference gradients they compute are autocast alike.
-            with _precision(autocast, world.device):
-                return inner(s)
-
-        def batch_loss(model: nn.Module, indices: list[int]) -> torch.Tensor:
-            batch = run.table.select(indices).to(world.device)
-            with _precision(autocast, world.device):
-                return loss_sum(model(**batch.inputs), batch.labels)
-
-        def exact_grad(model: nn.Module, s: int) -> None:
-            indices = run.plan.global_batch(s)
-            batch = run.table.select(indices).to(world.device)
-            sample = {"inputs": batch.inputs, "labels": batch.labels}
-            # The one exact arithmetic, on one process: what every partition reaches. (Exact
-            # mode differentiates the per-sample losses; the summed loss is never called.)
-            step_gradient(
-                model,
-                [sample],
-                run.table.count_items(indices),
-                len(indices),
-                lambda module, b: loss_sum(module(**b["inputs"]), b["labels"]),
-                sync=ExactSync(),
-                sample_loss_fn=sample_losses,
-            )
-
-        u = unit_roundoff(getattr(torch, model_cfg.dtype))
-        return Trainee(
-            model=run.model,
-            optimizer=run.optimizer,
-            micro_batch=run.plan.plan.micro_batch,
-            step=step,
-            global_batch=lambda s: [int(i) for i in run.plan.global_batch(s)],
-            normalizer=lambda s: run.table.count_items(run.plan.global_batch(s)),
-            batch_loss=batch_loss,
-            fresh_model=lambda: build_model(cfg.model, run.info, seed=cfg.seed).to(world.device),
-            label=AUTOCAST if autocast else model_cfg.dtype,
-            u=u,
-            slice_u=unit_roundoff(torch.bfloat16) if autocast else 0.0,
-            exact_grad=exact_grad if cfg.sync == "exact" else None,
-        )
-
-    def make_step(self, run: Run) -> Callable[[int], tuple[float, list[list[int]]]]:
-        """The step the grid runs: distshare's one `train_step` (a pitfall overrides this)."""
-
-        def step(s: int) -> tuple[float, list[list[int]]]:
-            stats = train_step(run, s)
-            return stats.loss_sum, stats.indices
-
-        return step
+    def make_step(self, run: Run) -> StepFn:
+        """The step the grid runs: distshare's one `train_step` (a pitfall, a mutant overrides this)."""
+        return the_step(run)
 
     def terms_per_sample(self) -> int:
         """How often one weight is used per sample: once per token, or per pixel."""
@@ -159,6 +114,70 @@ class ConfigTask:
             return max(1, info.max_len)
         _, h, w = info.image_shape
         return max(1, h * w)
+
+
+def the_step(run: Run) -> StepFn:
+    """distshare's one `train_step` on `run`, as the grid calls it: step -> (loss sum, samples used)."""
+
+    def step(s: int) -> tuple[float, list[list[int]]]:
+        stats = train_step(run, s)
+        return stats.loss_sum, stats.indices
+
+    return step
+
+
+def trainee_of(run: Run, autocast: bool = False, inner: StepFn | None = None) -> Trainee:
+    """What the grid observes of one rank's run of distshare's own training.
+
+    `inner` runs a step (default: the one `train_step`); under `autocast` (bf16) the step
+    and the reference gradients run inside `torch.autocast`. `distshare verify` observes
+    its real training run through this too (`distshare.equivalence.observe`).
+    """
+    cfg, world = run.cfg, run.world
+    inner = inner or the_step(run)
+
+    def step(s: int) -> tuple[float, list[list[int]]]:
+        # The optimizer's pre-step hooks (the grid's observers) run inside this too, so the
+        # reference gradients they compute are autocast alike.
+        with _precision(autocast, world.device):
+            return inner(s)
+
+    def batch_loss(model: nn.Module, indices: list[int]) -> torch.Tensor:
+        batch = run.table.select(indices).to(world.device)
+        with _precision(autocast, world.device):
+            return loss_sum(model(**batch.inputs), batch.labels)
+
+    def exact_grad(model: nn.Module, s: int) -> None:
+        indices = run.plan.global_batch(s)
+        batch = run.table.select(indices).to(world.device)
+        sample = {"inputs": batch.inputs, "labels": batch.labels}
+        # The one exact arithmetic, on one process: what every partition reaches. (Exact
+        # mode differentiates the per-sample losses; the summed loss is never called.)
+        step_gradient(
+            model,
+            [sample],
+            run.table.count_items(indices),
+            len(indices),
+            lambda module, b: loss_sum(module(**b["inputs"]), b["labels"]),
+            sync=ExactSync(),
+            sample_loss_fn=sample_losses,
+        )
+
+    dtype = cfg.model.dtype  # float32 under autocast: build() sets it
+    return Trainee(
+        model=run.model,
+        optimizer=run.optimizer,
+        micro_batch=run.plan.plan.micro_batch,
+        step=step,
+        global_batch=lambda s: [int(i) for i in run.plan.global_batch(s)],
+        normalizer=lambda s: run.table.count_items(run.plan.global_batch(s)),
+        batch_loss=batch_loss,
+        fresh_model=lambda: build_model(cfg.model, run.info, seed=cfg.seed).to(world.device),
+        label=AUTOCAST if autocast else dtype,
+        u=unit_roundoff(getattr(torch, dtype)),
+        slice_u=unit_roundoff(torch.bfloat16) if autocast else 0.0,
+        exact_grad=exact_grad if cfg.sync == "exact" else None,
+    )
 
 
 @dataclass
@@ -211,7 +230,13 @@ class UserTask:
             # distshare's step: the user's summed loss per micro-batch, divided by the global count.
             micro = [m.tolist() for m in plan.rank_micro_batches(s, world.rank)]
             n = len(plan.global_batch(s))
-            return optimizer_step(model, wrapped, opt, sync, micro, float(n), n, batch_loss), micro
+            consumed: list[list[int]] = []
+
+            def step_loss(module: nn.Module, indices: list[int]) -> torch.Tensor:
+                consumed.append(list(indices))  # accounting reads what the loss was computed from
+                return batch_loss(module, indices)
+
+            return optimizer_step(model, wrapped, opt, sync, micro, float(n), n, step_loss), consumed
 
         dtype = _dtype(model)
         return Trainee(

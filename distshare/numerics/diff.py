@@ -7,6 +7,9 @@
 - `localize(mine, reference)` -> `TensorDiff`: one tensor, element by element (bits, not
   values): how many elements differ, the first one, the largest distances.
 - `Diff.describe()`, `describe(tensor_diff)`: the one-line descriptions every report uses.
+
+A NaN or infinity anywhere is never a small difference: `Diff` counts them and makes its
+distances NaN, `Diff.within(bound)` is False, and `worst` keeps NaN where `max` would drop it.
 """
 
 from __future__ import annotations
@@ -35,15 +38,52 @@ class Diff:
     norm_rel_diff: float  # ||a - b|| / ||b|| over all elements together
     max_ulp: int
     worst_tensor: str | None  # the tensor holding the max abs difference
+    # Elements that are NaN or infinite on either side. Any makes the distances NaN and
+    # `within` False: a NaN compares False with everything, so it would otherwise pass
+    # every `d > bound` test and vanish from every Python `max`.
+    nonfinite: int = 0
+    first_nonfinite: str | None = None  # "name[index] = value (side)" of the first one
+
+    @property
+    def finite(self) -> bool:
+        return self.nonfinite == 0
+
+    def within(self, bound: float) -> bool:
+        """Finite, and bitwise equal or normwise within `bound` (False for any NaN)."""
+        return self.finite and (self.bitwise_equal or self.norm_rel_diff <= bound)
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     def describe(self) -> str:
-        """The difference in one line: "bitwise equal", or the distances."""
+        """The difference in one line: "bitwise equal", the distances, or the non-finite values."""
+        if not self.finite:
+            return f"{self.nonfinite} non-finite value(s), first {self.first_nonfinite}"
         if self.bitwise_equal:
             return "bitwise equal"
         return f"max abs {self.max_abs_diff:.2e}, norm rel {self.norm_rel_diff:.2e}, max {self.max_ulp} ULP"
+
+
+def worst(*values: float) -> float:
+    """The largest value, or NaN if any is NaN (Python's `max(x, nan)` returns x)."""
+    return math.nan if any(math.isnan(v) for v in values) else max(values)
+
+
+def first_nonfinite(tensors: Mapping[str, torch.Tensor], side: str = "") -> tuple[int, str | None]:
+    """How many elements are NaN or infinite, and "name[index] = value" of the first (sorted by name)."""
+    count, first = 0, None
+    for name in sorted(tensors):
+        t = tensors[name].detach()
+        if not t.is_floating_point():
+            continue
+        bad = ~torch.isfinite(t)
+        n = int(bad.sum())
+        if n and first is None:
+            flat = int(bad.reshape(-1).nonzero()[0])
+            where = ", ".join(str(i) for i in _unravel(flat, list(t.shape)))
+            first = f"{name}[{where}] = {float(t.reshape(-1)[flat])}" + (f" ({side})" if side else "")
+        count += n
+    return count, first
 
 
 def ulp_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -71,7 +111,7 @@ def diff(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -> Diff:
     max_abs = max_rel = 0.0
     max_ulp = 0
     sq_diff = sq_ref = 0.0
-    worst = None
+    worst_name = None
     for name in sorted(a):
         x, y = a[name].detach().cpu(), b[name].detach().cpu()
         if x.shape != y.shape or x.dtype != y.dtype:
@@ -87,7 +127,7 @@ def diff(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -> Diff:
         d = (x.double() - y.double()).abs()
         t_abs = float(d.max())
         if t_abs > max_abs:
-            max_abs, worst = t_abs, name
+            max_abs, worst_name = t_abs, name
         nz = y != 0
         if nz.any():
             max_rel = max(max_rel, float((d[nz] / y.double().abs()[nz]).max()))
@@ -95,7 +135,12 @@ def diff(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -> Diff:
         sq_diff += float(d.pow(2).sum())
         sq_ref += float(y.double().pow(2).sum())
     norm_rel = (sq_diff**0.5) / (sq_ref**0.5) if sq_ref else (0.0 if sq_diff == 0 else float("inf"))
-    return Diff(bitwise, max_abs, max_rel, norm_rel, max_ulp, worst)
+    bad_a, first_a = first_nonfinite(a, "observed")
+    bad_b, first_b = first_nonfinite(b, "reference")
+    if bad_a or bad_b:
+        nan = math.nan
+        return Diff(bitwise, nan, nan, nan, max_ulp, worst_name, bad_a + bad_b, first_a or first_b)
+    return Diff(bitwise, max_abs, max_rel, norm_rel, max_ulp, worst_name)
 
 
 @dataclass

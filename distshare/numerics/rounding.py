@@ -95,10 +95,14 @@ def excess(
     """max over elements of |observed - reference| / bound: <= 1 means within rounding.
 
     An element with a zero bound must agree exactly (a difference there is infinite excess).
+    A NaN or infinity on either side is NaN excess: it fails every `<= 1` (and `d > 0`
+    alone would skip it, since NaN compares False).
     """
     worst = 0.0
     for name, ref in reference.items():
         d = (observed[name].detach().to(torch.float64) - ref.detach().to(torch.float64)).abs()
+        if not bool(torch.isfinite(d).all()):
+            return float("nan")
         b = bound[name]
         over = d > 0
         if not over.any():

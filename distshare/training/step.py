@@ -94,7 +94,10 @@ class StepStats:
 
     loss_sum: float  # this rank's summed loss (before dividing by the global count)
     global_items: int  # loss items in the whole global batch: the normalizer
-    indices: list[list[int]]  # global sample indices of each of this rank's micro-batches
+    # Global sample indices of each of this rank's micro-batches, as the loss consumed them:
+    # read from the batch itself when its loss is computed, not copied from the plan, so a
+    # skipped, repeated or swapped micro-batch shows in the sample accounting.
+    indices: list[list[int]]
 
 
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
@@ -154,6 +157,16 @@ def train_step(run: Run, step: int, on_local_grads: Callable[[], None] | None = 
     global_indices = run.plan.global_batch(step)
     global_items = run.table.count_items(global_indices)
     batches = [_as_sample(run.table.select(indices).to(run.world.device)) for indices in micro]
+    consumed: list[list[int]] = []
+
+    def micro_loss(module: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
+        consumed.append(batch["indices"].tolist())  # what this loss is computed from
+        return _micro_loss(run, module, batch)
+
+    if run.sync.per_sample:
+        # Exact mode computes the losses inside the sync, in padded chunks of samples; what it
+        # consumes is exactly the batches it is handed, so those are recorded.
+        consumed.extend(b["indices"].tolist() for b in batches)
     total = optimizer_step(
         run.model,
         run.wrapped,
@@ -162,15 +175,16 @@ def train_step(run: Run, step: int, on_local_grads: Callable[[], None] | None = 
         batches,
         global_items,
         len(global_indices),
-        lambda module, batch: _micro_loss(run, module, batch),
+        micro_loss,
         sample_losses,
         on_local_grads,
     )
-    return StepStats(total, global_items, [m.tolist() for m in micro])
+    return StepStats(total, global_items, consumed)
 
 
 def _as_sample(batch: Batch) -> dict[str, Any]:
-    return {"inputs": batch.inputs, "labels": batch.labels}
+    """A micro-batch as the loss sees it; `indices` travel with it so accounting reads what was used."""
+    return {"inputs": batch.inputs, "labels": batch.labels, "indices": batch.indices}
 
 
 def sample_losses(model: nn.Module, sample: dict[str, Any]) -> torch.Tensor:

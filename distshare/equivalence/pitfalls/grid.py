@@ -79,8 +79,10 @@ class MicroMeanTask(ConfigTask):
             micro = run.plan.rank_micro_batches(s, run.world.rank)
             k = len(micro)
             sums: list[torch.Tensor] = []  # each micro-batch's summed loss: what the step reports
+            consumed: list[list[int]] = []  # the samples each loss was computed from
 
             def micro_mean(module: nn.Module, batch: Batch) -> torch.Tensor:
+                consumed.append(batch.indices.tolist())
                 loss = loss_sum(module(**batch.inputs), batch.labels)
                 sums.append(loss.detach())
                 # The pitfall: each micro-batch's own mean, then / k (HF transformers < 4.46).
@@ -90,7 +92,7 @@ class MicroMeanTask(ConfigTask):
             # The loss arrives normalized already, so the step divides it by 1.
             global_samples = len(run.plan.global_batch(s))
             optimizer_step(run.model, run.wrapped, run.optimizer, run.sync, batches, 1, global_samples, micro_mean)
-            return sum(float(x) for x in sums), [m.tolist() for m in micro]
+            return sum(float(x) for x in sums), consumed
 
         return step
 
