@@ -1,106 +1,245 @@
-"""Claim 5: after training the weights are fixed; inference on new data changes none of them.
+"""Claim 5: after training, W_Q (and every other weight) is fixed: using the model changes none of them.
 
-Two trained models (the tiny transformer, and a CNN with batch norm) answer new data (drawn
-from another seed) in inference mode, `model.eval()` under `torch.no_grad()`. Every tensor of
-their state, parameters *and buffers*, is fingerprinted before and after: nothing changes.
+Inference under `torch.no_grad()` with no optimizer has no code path that writes a
+parameter (`by_construction`). So the experiment serves the trained tiny transformer the
+way real serving and evaluation loops do, on 200 sentences drawn with another seed, in
+batches of 20, three ways:
 
-Control, and a real pitfall: the batch-norm CNN left in train mode. Its parameters still do
-not change (no optimizer step), but its running mean and variance, which are buffers and so
-part of the model's state, drift with every inference batch: "fixed weights" is not the
-whole story, the state that decides the output is what must stay fixed.
+- `eval()` under `torch.inference_mode()` (a serving loop);
+- train mode under `torch.no_grad()` (the mode left on by mistake);
+- `eval()` with autograd on, a loss on every batch and `backward()` (an evaluation loop that
+  computes gradients, e.g. for saliency), but no optimizer step;
+
+and measures, after each run, which bits of W_Q, W_K, W_V and every other parameter changed
+(fingerprints, and the count of changed elements), and whether a fixed probe batch gets
+bit for bit the same answer as before serving. The claim holds when nothing changed.
+
+Control, a fair counterfactual: test-time adaptation, the same serving loop with one
+optimizer step per batch on the entropy of the model's own predictions (as Tent does; no
+labels). Serving then does change W_Q, W_K, W_V.
+
+Aside, the buffers pitfall: a batch-norm CNN served in train mode keeps its parameters but
+its running statistics (buffers) move with every batch, and so do its answers.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
+from distshare.data.tensors import TensorTable
 from distshare.demos.common import CNN, TRANSFORMER, config, data, pyplot, save, trained
 from distshare.demos.finding import Control, Finding, verdict
 from distshare.integrity.fingerprint import fingerprint_state
+from distshare.training import build_optimizer, loss_sum
 
 NAME = "fixed-after-training"
 QUESTION = "After training transformer is the Q weight matrix WQ fixed"
-CLAIM = "Yes: inference on new data leaves every parameter (and every buffer) of a trained model bit for bit unchanged."
-CONTROL = "a batch-norm CNN left in train mode during inference"
+CLAIM = (
+    "Yes: serving the trained model on new data, in eval or train mode, with or without autograd and "
+    "backward, leaves W_Q, W_K, W_V and every other parameter bit for bit unchanged, and its answers with them; "
+    "only an optimizer step (test-time adaptation) changes them."
+)
+BY_CONSTRUCTION = (
+    "Under torch.no_grad() or inference_mode() with no optimizer there is no code path that writes a parameter: "
+    "autograd records nothing and nothing calls step(); and backward() alone writes .grad, never a weight. So "
+    "the experiment measures whether the serving loops as written, and the model's forward, hide such a write "
+    "(an optimizer step, an in-place update of a weight), which the fingerprints would see down to one bit."
+)
 BN_CNN = (*CNN, "model.norm=batch", "steps=60")
-NEW_DATA = 200  # samples of unseen data answered in inference
+NEW_DATA = 200  # unseen samples served
 INFER_BATCH = 20
+MUTATED_BATCH = 5  # the served batch a mutant strikes
+SERVING = ("eval, inference_mode", "train mode, no_grad", "eval, grad + backward")
+TTA = "test-time adaptation"
+MUTANTS = {
+    "adapt": f"an optimizer step slips into the 'eval, grad + backward' loop at batch {MUTATED_BATCH}",
+    "nudge": f"the forward moves one element of layer 0's W_Q by one ULP at batch {MUTATED_BATCH} (an in-place write)",
+}
 
 
-def _infer(model: nn.Module, overrides: tuple[str, ...], seed: int, train_mode: bool) -> dict:
-    """Answer NEW_DATA unseen samples; report which state tensors changed, by kind."""
-    cfg = config([*overrides, f"data.num_samples={NEW_DATA}"], seed + 1000)  # another data seed: new data
-    _, table = data(cfg)
+def _bits(t: Tensor) -> Tensor:
+    """The tensor's bits as integers: compares -0.0 and 0.0, and NaNs, as what they are."""
+    return t.detach().contiguous().view({8: torch.int64, 4: torch.int32, 2: torch.int16}[t.element_size()])
+
+
+def _group(name: str) -> str:
+    """'layers.0.attn.W_Q.weight' -> 'L0 W_Q'; every other parameter -> 'other'."""
+    parts = name.split(".")
+    if len(parts) >= 4 and parts[-2] in ("W_Q", "W_K", "W_V"):
+        return f"L{parts[1]} {parts[-2]}"
+    return "other"
+
+
+def _entropy(logits: Tensor) -> Tensor:
+    """Summed entropy of the predicted distributions: a loss that needs no labels."""
+    logp = logits.log_softmax(-1)
+    return -(logp.exp() * logp).sum()
+
+
+def serve(model: nn.Module, table: TensorTable, how: str, cfg: Any, mutant: str | None = None) -> dict[str, Any]:
+    """Serve every sample of `table` in batches, `how` one of SERVING or TTA; what changed."""
+    params = {n: p.detach().clone() for n, p in model.named_parameters()}
     before = fingerprint_state(model)
-    model.train(train_mode)
+    probe = table.select(list(range(INFER_BATCH))).inputs
+    model.eval()
+    with torch.inference_mode():
+        answer = model(**probe).clone()
+    optimizer = build_optimizer(cfg, model) if how == TTA or mutant == "adapt" else None
+    watched = next((n for n in params if _group(n) != "other"), None)  # the first W_Q, if the model has one
     drift = []
-    bn = next((m for m in model.modules() if isinstance(m, nn.BatchNorm2d)), None)
-    with torch.no_grad():
-        for start in range(0, NEW_DATA, INFER_BATCH):
-            batch = table.select(list(range(start, start + INFER_BATCH)))
-            model(**batch.inputs)
-            if bn is not None:
-                drift.append(float(bn.running_mean[0]))
+    for b, start in enumerate(range(0, len(table), INFER_BATCH)):
+        batch = table.select(list(range(start, min(start + INFER_BATCH, len(table)))))
+        strike = b == MUTATED_BATCH
+        hook = None
+        if mutant == "nudge" and strike and watched is not None:
+            hook = model.get_submodule(watched.rsplit(".", 1)[0]).register_forward_pre_hook(_nudge)
+        if how == "eval, inference_mode":
+            model.eval()
+            with torch.inference_mode():
+                model(**batch.inputs)
+        elif how == "train mode, no_grad":
+            model.train()
+            with torch.no_grad():
+                model(**batch.inputs)
+        elif how == "eval, grad + backward":
+            model.eval()
+            model.zero_grad(set_to_none=True)
+            loss_sum(model(**batch.inputs), batch.labels).backward()
+            if mutant == "adapt" and strike and optimizer is not None:
+                optimizer.step()
+        else:  # test-time adaptation: an optimizer step on the predictions' entropy, every batch
+            model.eval()
+            optimizer.zero_grad(set_to_none=True)
+            (_entropy(model(**batch.inputs)) / len(batch.labels)).backward()
+            optimizer.step()
+        if hook is not None:
+            hook.remove()
+        if watched is not None:
+            w, w0 = model.get_parameter(watched).detach(), params[watched]
+            drift.append(float((w - w0).norm() / w0.norm()))
+    model.zero_grad(set_to_none=True)
     after = fingerprint_state(model)
-    changed = sorted(n for n in before if before[n] != after[n])
+    model.eval()
+    with torch.inference_mode():
+        answer_after = model(**probe)
+    order = {"W_Q": 0, "W_K": 1, "W_V": 2}
+    groups = sorted({_group(n) for n in params}, key=lambda g: (g == "other", g[:2], order.get(g[3:], 3)))
+    changed, elements = dict.fromkeys(groups, 0), dict.fromkeys(groups, 0)
+    for n, p in model.named_parameters():
+        changed[_group(n)] += int((_bits(p) != _bits(params[n])).sum())
+        elements[_group(n)] += p.numel()
+    changed_tensors = sorted(n for n in before if before[n] != after[n])
     return {
-        "tensors": len(before),
-        "params_changed": sum(n.startswith("param/") for n in changed),
-        "buffers_changed": sum(n.startswith("buffer/") for n in changed),
-        "changed": changed,
-        "running_mean_0": drift,
+        "batches": -(-len(table) // INFER_BATCH),
+        "param_tensors": sum(n.startswith("param/") for n in before),
+        "params_changed": sum(n.startswith("param/") for n in changed_tensors),
+        "buffers_changed": sum(n.startswith("buffer/") for n in changed_tensors),
+        "changed_elements": changed,
+        "elements": elements,
+        "changed": changed_tensors,
+        "probe_answer_bitwise_equal": bool(torch.equal(_bits(answer), _bits(answer_after))),
+        "probe_max_abs_change": float((answer_after - answer).abs().max()),
+        "relative_change_of": watched,
+        "relative_change": drift,
     }
 
 
-def run(out_dir: Path, seed: int = 0) -> Finding:
-    transformer = trained(TRANSFORMER, seed).model
-    cnn = trained(BN_CNN, seed)
-    runs = {
-        "transformer, eval": _infer(transformer, TRANSFORMER, seed, train_mode=False),
-        "batch-norm CNN, eval": _infer(cnn.model, BN_CNN, seed, train_mode=False),
+def _nudge(module: nn.Module, args: Any) -> None:
+    """Mutant: one element of the weight moves to the next float up."""
+    with torch.no_grad():
+        w = module.weight.view(-1)
+        w[0] = torch.nextafter(w[0], torch.tensor(float("inf"), dtype=w.dtype))
+
+
+def _new_data(overrides: tuple[str, ...], seed: int) -> tuple[Any, TensorTable]:
+    cfg = config([*overrides, f"data.num_samples={NEW_DATA}"], seed + 1000)  # another data seed: new data
+    return cfg, data(cfg)[1]
+
+
+def run(out_dir: Path, seed: int = 0, mutant: str | None = None) -> Finding:
+    cfg, new = _new_data(TRANSFORMER, seed)
+    runs = {how: serve(trained(TRANSFORMER, seed).model, new, how, cfg, mutant) for how in SERVING}
+    tta = serve(trained(TRANSFORMER, seed).model, new, TTA, cfg)
+    bn_cfg, bn_new = _new_data(BN_CNN, seed)
+    bn = {
+        mode: serve(trained(BN_CNN, seed).model, bn_new, how, bn_cfg)
+        for mode, how in (("eval", "eval, inference_mode"), ("train mode", "train mode, no_grad"))
     }
-    control_model = trained(BN_CNN, seed).model  # a fresh copy of the same trained CNN
-    control = _infer(control_model, BN_CNN, seed, train_mode=True)
-    unchanged = all(r["params_changed"] == 0 and r["buffers_changed"] == 0 for r in runs.values())
-    control_unchanged = control["params_changed"] == 0 and control["buffers_changed"] == 0
+
+    def unchanged(r: dict[str, Any]) -> bool:
+        return r["params_changed"] == 0 and sum(r["changed_elements"].values()) == 0 and r["probe_answer_bitwise_equal"]
+
+    holds = all(unchanged(r) for r in runs.values()) and all(r["params_changed"] == 0 for r in bn.values())
     numbers = {
         "new_samples": NEW_DATA,
-        **{name: {k: v for k, v in r.items() if k != "running_mean_0"} for name, r in runs.items()},
-        "control: batch-norm CNN, train mode": {k: v for k, v in control.items() if k != "running_mean_0"},
+        "batch_size": INFER_BATCH,
+        **{f"transformer, {how}": r for how, r in runs.items()},
+        **{f"batch-norm CNN, {mode} (buffers pitfall)": r for mode, r in bn.items()},
     }
-    figure = _figure(out_dir, runs, control)
+    control = Control(
+        TTA,
+        "the same serving loop with one optimizer step per batch on the entropy of the model's own predictions",
+        verdict(unchanged(tta)),
+        tta,
+    )
+    figure = _figure(out_dir, runs, tta, bn)
+    q = [g for g in tta["changed_elements"] if g.endswith("W_Q")]
     headline = (
-        f"eval: 0 of {sum(r['tensors'] for r in runs.values())} state tensors changed; "
-        f"train-mode BN: {control['params_changed']} params, {control['buffers_changed']} buffers changed"
+        f"served {NEW_DATA} new samples 3 ways: "
+        f"{sum(sum(r['changed_elements'].values()) for r in runs.values())} parameter elements changed, probe answers "
+        f"{'bitwise equal' if all(r['probe_answer_bitwise_equal'] for r in runs.values()) else 'changed'}; "
+        f"test-time adaptation changed {sum(tta['changed_elements'][g] for g in q)} W_Q elements; "
+        f"train-mode BN: {bn['train mode']['params_changed']} params, {bn['train mode']['buffers_changed']} buffers"
     )
     return Finding(
         NAME,
         QUESTION,
         CLAIM,
-        verdict(unchanged),
-        [Control("train-mode BN", CONTROL, verdict(control_unchanged))],
+        verdict(holds),
+        [control],
         numbers,
         figure,
         headline,
+        by_construction=BY_CONSTRUCTION,
+        mutant=mutant,
     )
 
 
-def _figure(out_dir: Path, runs: dict, control: dict) -> str:
+def _figure(out_dir: Path, runs: dict, tta: dict, bn: dict) -> str:
     plt = pyplot()
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.5))
-    rows = {**runs, "control: BN CNN, train mode": control}
-    names = list(rows)
-    x = torch.arange(len(names)).float()
-    left.bar(x - 0.2, [r["params_changed"] for r in rows.values()], 0.4, label="parameters changed")
-    left.bar(x + 0.2, [r["buffers_changed"] for r in rows.values()], 0.4, label="buffers changed")
-    left.set_xticks(x.tolist(), names, fontsize=7)
-    left.set(ylabel="state tensors changed by inference", title="Inference on new data")
-    left.legend()
-    right.plot(runs["batch-norm CNN, eval"]["running_mean_0"], "o-", label="eval mode")
-    right.plot(control["running_mean_0"], "s--", label="train mode (pitfall)")
-    right.set(xlabel="inference batch", ylabel="BN running_mean[0]", title="A buffer during inference")
-    right.legend()
+    fig, ax = plt.subplots(1, 3, figsize=(15, 4.2), gridspec_kw={"width_ratios": [1.4, 1, 0.8]})
+    rows = {**runs, f"control: {TTA}": tta}
+    groups = list(tta["changed_elements"])
+    grid = torch.tensor([[r["changed_elements"][g] / r["elements"][g] for g in groups] for r in rows.values()])
+    im = ax[0].imshow(grid.numpy(), cmap="Reds", vmin=0, vmax=1, aspect="auto")
+    for y, r in enumerate(rows.values()):
+        for x, g in enumerate(groups):
+            colour = "white" if grid[y, x] > 0.5 else "black"
+            ax[0].text(x, y, str(r["changed_elements"][g]), ha="center", va="center", fontsize=8, color=colour)
+    ax[0].set_xticks(range(len(groups)), groups, fontsize=7)
+    ax[0].set_yticks(range(len(rows)), list(rows), fontsize=7)
+    ax[0].set_title(f"Parameter elements whose bits changed\nafter serving {NEW_DATA} new samples (count)", fontsize=9)
+    fig.colorbar(im, ax=ax[0], label="fraction of the tensors' elements changed")
+    watched = _group(tta["relative_change_of"])
+    for (name, r), style in zip(rows.items(), ("o-", "s--", "^:", "x-"), strict=True):
+        ax[1].plot(range(1, len(r["relative_change"]) + 1), r["relative_change"], style, label=name)
+    ax[1].set(
+        xlabel="served batch",
+        ylabel="||W - W_trained|| / ||W_trained||",
+        title=f"{watched} during serving",
+    )
+    ax[1].legend(fontsize=7)
+    x = torch.arange(len(bn)).float()
+    ax[2].bar(x - 0.2, [r["params_changed"] for r in bn.values()], 0.4, label="parameter tensors changed")
+    ax[2].bar(x + 0.2, [r["buffers_changed"] for r in bn.values()], 0.4, label="buffer tensors changed")
+    for i, r in enumerate(bn.values()):
+        ax[2].text(i - 0.2, r["params_changed"], str(r["params_changed"]), ha="center", va="bottom", fontsize=8)
+        ax[2].text(i + 0.2, r["buffers_changed"], str(r["buffers_changed"]), ha="center", va="bottom", fontsize=8)
+    ax[2].set_xticks(x.tolist(), [f"served in {m}" for m in bn], fontsize=8)
+    ax[2].set(ylabel="state tensors changed", title="Aside: BN CNN, the buffers pitfall")
+    ax[2].legend(fontsize=7)
     return save(fig, out_dir, NAME)
