@@ -37,7 +37,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 # Order is the order of `distshare --help`. Each name is a module distshare/commands/<name>.py.
-COMMANDS = ("verify", "train", "equivalence", "demo", "checksum", "compare", "env")
+COMMANDS = ("verify", "train", "equivalence", "demo", "checksum", "compare", "selftest", "env")
 
 
 def build_parser() -> argparse.ArgumentParser:

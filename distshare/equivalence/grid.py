@@ -55,6 +55,7 @@ class PartitionResult:
     accounting_ok: bool
     accounting: str
     nonfinite: str  # "" or where the first NaN / infinity is (gradient, parameters or loss): a failure
+    update_mismatch: str  # "" or the first step whose update is not the configured one (replayed bitwise)
     within_rounding: bool
     losses: list[float]
     max_loss_diff: float
@@ -70,6 +71,8 @@ class PartitionResult:
     def summary(self) -> str:
         if self.nonfinite:
             return f"NON-FINITE: {self.nonfinite}"
+        if self.update_mismatch:
+            return f"UPDATE: {self.update_mismatch}"
         if self.bitwise_equal:
             head = "bitwise equal at every step"
         else:
@@ -149,7 +152,15 @@ def compare(run: PartitionRun, ref: Reference) -> PartitionResult:
         )
     acc = account_batches(run.global_batches, run.samples_by_rank)
     # Written so that NaN fails: every comparison with NaN is False.
-    ok = acc.ok and ints_equal and not nonfinite and grad_excess <= 1 and env_excess <= 1
+    ok = (
+        acc.ok
+        and ints_equal
+        and not nonfinite
+        and not run.update_mismatch
+        and run.updates_replayed == len(run.states)
+        and grad_excess <= 1
+        and env_excess <= 1
+    )
     return PartitionResult(
         world_size=run.world_size,
         accum_steps=run.accum_steps,
@@ -171,6 +182,12 @@ def compare(run: PartitionRun, ref: Reference) -> PartitionResult:
         accounting_ok=acc.ok,
         accounting=acc.summary(),
         nonfinite=nonfinite,
+        update_mismatch=run.update_mismatch
+        or (
+            ""
+            if run.updates_replayed == len(run.states)
+            else f"{run.updates_replayed} of {len(run.states)} updates replayed"
+        ),
         within_rounding=ok,
         losses=run.losses,
         max_loss_diff=worst(*(st["loss_diff"] for st in steps)) if steps else 0.0,

@@ -5,8 +5,8 @@ gradient and, on a bare copy at the same parameters, the one-big-batch gradient 
 before the update, `distshare.equivalence.runs.record_gradients`), and the state after the
 update. The run is then a `PartitionRun`, and `distshare.equivalence.grid.compare` judges
 it against the reference exactly as it judges a partition of the grid: every step's
-gradient elementwise against its rounding bound, the parameters against the envelope,
-any NaN or infinity a failure.
+gradient elementwise against its rounding bound, every update replayed bit for bit, the
+parameters against the envelope, any NaN or infinity a failure.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ class PartitionProbe(Component):
         plan = run.plan.plan
         self.rec = PartitionRun(loop.world.world_size, plan.accum_steps, plan.micro_batch, t.label, t.u)
         self.trainee = t
-        self.handle = record_gradients(t, self.rec, self.current)
+        self.handle, self.replay = record_gradients(t, self.rec, self.current)
         loop.result.extras[self.KEY] = self.rec
 
     def before_step(self, loop: Loop, step: int) -> None:
@@ -47,6 +47,7 @@ class PartitionProbe(Component):
 
     def after_step(self, loop: Loop, step: int, row: dict[str, Any]) -> None:
         if self.rec is not None:
+            self.replay.after_update(step)
             self.rec.states.append(state_of(loop.run.model))
             self.rec.global_batches.append(self.trainee.global_batch(step))
 

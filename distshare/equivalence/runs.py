@@ -2,7 +2,9 @@
 
 Every step, just before the update, rank 0 records the synced gradient and, on a bare copy
 at the same parameters, the one-big-batch gradient (`distshare.equivalence.reference`); after
-the update it records the parameters. Every rank records which samples it used, for the
+the update it records the parameters, and replays the update (`UpdateReplay`): the
+configured optimizer, applied to the run's own gradient from the run's own state, must give
+the run's new state bit for bit. Every rank records which samples it used, for the
 sample accounting. A spawned world size runs all its (dtype, k) partitions one after another.
 """
 
@@ -20,6 +22,7 @@ from torch.utils.hooks import RemovableHandle
 from distshare.distributed.world import World
 from distshare.equivalence.gradient import step_gradient
 from distshare.equivalence.tasks import GridTask, Trainee
+from distshare.numerics.diff import diff
 
 Tensors = dict[str, torch.Tensor]
 
@@ -40,6 +43,8 @@ class PartitionRun:
     global_batches: list[list[int]] = field(default_factory=list)
     samples: list[list[list[int]]] = field(default_factory=list)  # this rank: step -> micro -> indices
     samples_by_rank: list[list[list[list[int]]]] = field(default_factory=list)  # filled by the parent
+    updates_replayed: int = 0  # steps whose update was replayed on a copy
+    update_mismatch: str = ""  # the first step whose update is not the configured one, and where
 
 
 def grads_of(model: nn.Module) -> Tensors:
@@ -76,21 +81,94 @@ def full_batch_grad(t: Trainee, copy: nn.Module, step: int, rng: torch.Tensor) -
     return grads_of(copy)
 
 
-def record_gradients(t: Trainee, rec: PartitionRun, current: list[Any]) -> RemovableHandle:
+def _stepping(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    """The torch optimizer that steps (accelerate wraps it)."""
+    return getattr(optimizer, "optimizer", optimizer)
+
+
+def _clone(state: Any) -> Any:
+    if isinstance(state, torch.Tensor):
+        return state.detach().clone()
+    if isinstance(state, dict):
+        return {k: _clone(v) for k, v in state.items()}
+    return state
+
+
+def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> Tensors:
+    """The optimizer's state as named tensors ("3/exp_avg": parameter 3's first moment), on the CPU."""
+    out: Tensors = {}
+    for index, entry in optimizer.state_dict()["state"].items():
+        for key, value in entry.items():
+            if isinstance(value, torch.Tensor):
+                out[f"{index}/{key}"] = value.detach().cpu()
+    return out
+
+
+class UpdateReplay:
+    """Each step's update replayed on a copy: is it the configured update of the run's gradient?
+
+    Just before the update it keeps the run's parameters, synced gradient and optimizer
+    state; just after, a fresh optimizer built from the configuration (its learning rate,
+    weight decay, momenta) applies that gradient to those parameters from that state. The
+    same arithmetic on the same bits: the run's new parameters and optimizer state must be
+    equal to the replay's bit for bit. The gradient check cannot see an update that is wrong
+    on every rank alike (a learning rate, weight decay or Adam state not the configured
+    ones); this does, whatever its size. By induction from step 0 (empty state) every
+    step's update is the configured one.
+    """
+
+    def __init__(self, t: Trainee, rec: PartitionRun) -> None:
+        self.t, self.rec = t, rec
+        self.copy = t.fresh_model()
+        self.optimizer = t.fresh_optimizer(self.copy)
+        self.groups = _clone(self.optimizer.state_dict()["param_groups"])  # the configured hyper-parameters
+
+    def before_update(self) -> None:
+        model = self.t.model
+        self.params = {n: p.detach().clone() for n, p in model.named_parameters()}
+        self.grads = {n: None if p.grad is None else p.grad.detach().clone() for n, p in model.named_parameters()}
+        self.state = _clone(_stepping(self.t.optimizer).state_dict()["state"])
+
+    @torch.no_grad()
+    def after_update(self, step: int) -> None:
+        for n, p in self.copy.named_parameters():
+            p.copy_(self.params[n])
+            p.grad = self.grads[n]
+        self.optimizer.load_state_dict({"state": self.state, "param_groups": _clone(self.groups)})
+        self.optimizer.step()
+        self.rec.updates_replayed += 1
+        if self.rec.update_mismatch:
+            return
+        for what, mine, replayed in (
+            ("parameters", dict(self.t.model.named_parameters()), dict(self.copy.named_parameters())),
+            ("optimizer state", _optimizer_tensors(_stepping(self.t.optimizer)), _optimizer_tensors(self.optimizer)),
+        ):
+            d = diff({n: v.detach().cpu() for n, v in mine.items()}, {n: v.detach().cpu() for n, v in replayed.items()})
+            if not d.bitwise_equal:
+                self.rec.update_mismatch = (
+                    f"step {step}: {what} are not the configured update of the run's own gradient "
+                    f"({d.describe()}, worst {d.worst_tensor})"
+                )
+                return
+
+
+def record_gradients(t: Trainee, rec: PartitionRun, current: list[Any]) -> tuple[RemovableHandle, UpdateReplay]:
     """From now on, just before each update: the synced gradient and the big-batch gradient.
 
     The update has not happened yet, so the parameters are still those the gradient was
     taken at; the big-batch gradient is computed there (`full_batch_grad`). `current` is
-    [step, CPU RNG state when the step began], kept up to date by the caller.
+    [step, CPU RNG state when the step began], kept up to date by the caller, who also calls
+    the returned replay's `after_update(step)` once the update is done.
     """
     copy = t.fresh_model()
+    replay = UpdateReplay(t, rec)
 
     def observe(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         rec.grads.append(grads_of(t.model))
         rec.ref_grads.append(full_batch_grad(t, copy, current[0], current[1]))
+        replay.before_update()
 
-    # accelerate wraps the optimizer; the hook belongs on the torch optimizer that steps.
-    return getattr(t.optimizer, "optimizer", t.optimizer).register_step_pre_hook(observe)
+    return _stepping(t.optimizer).register_step_pre_hook(observe), replay
 
 
 def run_partition(
@@ -101,8 +179,7 @@ def run_partition(
     t = task.build(world, world_size, accum_steps, dtype)
     rec = PartitionRun(world_size, accum_steps, t.micro_batch, t.label, t.u)
     current: list[Any] = [0, None]  # the step, and the CPU RNG state when it began
-    if world.is_main:
-        record_gradients(t, rec, current)
+    replay = record_gradients(t, rec, current)[1] if world.is_main else None
     for s in range(steps):
         current[:] = [s, torch.get_rng_state()]
         loss, indices = t.step(s)
@@ -112,7 +189,8 @@ def run_partition(
         rec.losses.append(float(total) / t.normalizer(s))
         rec.samples.append(indices)
         rec.global_batches.append(t.global_batch(s))
-        if world.is_main:
+        if replay is not None:
+            replay.after_update(s)
             rec.states.append(state_of(t.model))
     return rec
 

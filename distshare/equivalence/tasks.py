@@ -26,7 +26,7 @@ from distshare.distributed.world import World
 from distshare.equivalence.gradient import step_gradient
 from distshare.models import build_model
 from distshare.numerics.rounding import unit_roundoff
-from distshare.training import Run, build_run, loss_sum, optimizer_step, sample_losses, train_step
+from distshare.training import Run, build_optimizer, build_run, loss_sum, optimizer_step, sample_losses, train_step
 
 AUTOCAST = "bf16-autocast"  # the grid's name for float32 parameters with bfloat16 matrix products
 
@@ -46,6 +46,7 @@ class Trainee:
     normalizer: Callable[[int], float]  # what the step divides summed losses by
     batch_loss: Callable[[nn.Module, list[int]], torch.Tensor]  # summed loss of samples on a bare model
     fresh_model: Callable[[], nn.Module]  # a bare copy to compute reference gradients on
+    fresh_optimizer: Callable[[nn.Module], torch.optim.Optimizer]  # the configured optimizer, for a copy
     label: str = ""  # the precision, as reports name it: float64, float32, bf16-autocast
     u: float = 0.0  # unit roundoff gradients are accumulated in
     slice_u: float = 0.0  # mixed precision: unit roundoff each partial gradient is rounded to first
@@ -173,6 +174,7 @@ def trainee_of(run: Run, autocast: bool = False, inner: StepFn | None = None) ->
         normalizer=lambda s: run.table.count_items(run.plan.global_batch(s)),
         batch_loss=batch_loss,
         fresh_model=lambda: build_model(cfg.model, run.info, seed=cfg.seed).to(world.device),
+        fresh_optimizer=lambda model: build_optimizer(cfg, model),
         label=AUTOCAST if autocast else dtype,
         u=unit_roundoff(getattr(torch, dtype)),
         slice_u=unit_roundoff(torch.bfloat16) if autocast else 0.0,
@@ -204,6 +206,9 @@ class UserTask:
             torch.manual_seed(self.seed)
             return self.model_fn()
 
+    def _optimizer(self, params: Any) -> torch.optim.Optimizer:
+        return torch.optim.SGD(params, lr=self.lr) if self.optimizer == "sgd" else torch.optim.AdamW(params, lr=self.lr)
+
     def _collate(self, indices: list[int]) -> Any:
         ds = self.dataset
         idx = torch.as_tensor(indices, dtype=torch.long)
@@ -215,8 +220,7 @@ class UserTask:
 
     def build(self, world: World, world_size: int, accum_steps: int, dtype: str | None) -> Trainee:
         model = self._fresh()
-        params = model.parameters()
-        opt = torch.optim.SGD(params, lr=self.lr) if self.optimizer == "sgd" else torch.optim.AdamW(params, lr=self.lr)
+        opt = self._optimizer(model.parameters())
         sync = make_sync(self.sync, world.world_size)
         wrapped, opt = sync.prepare(model, opt)
         resolved = PlanConfig(world_size, self.global_batch, accum_steps, None).resolve()
@@ -250,4 +254,5 @@ class UserTask:
             normalizer=lambda s: float(len(plan.global_batch(s))),
             batch_loss=batch_loss,
             fresh_model=self._fresh,
+            fresh_optimizer=lambda m: self._optimizer(m.parameters()),
         )

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -167,7 +168,7 @@ class _Table:
         m = self._mutant
         i, m.loads = m.loads, m.loads + 1
         if i < m.k:
-            indices = m.load(i, [int(x) for x in torch.as_tensor(indices).reshape(-1)])
+            indices = m.load(i, np.asarray(indices, dtype=np.int64).reshape(-1).tolist())
         return self._table.select(indices)
 
     def __getattr__(self, name: str) -> Any:
