@@ -14,16 +14,25 @@ batch plan (G = W x k x b from `configs/train/<model>.yaml`) and the same sample
 - distshare: `distshare.training.train(cfg, world, out_dir, progress)`, what every rank of
   `distshare train --nproc 2` runs, with replicas checked as the config says (`check_every`
   of `configs/train/<model>.yaml`), at every step (`check_every=1`, what `distshare verify`
-  does), or only once after the loop (`check_every=0`).
+  does), or only at the last step (`check_every=0`).
 
-Each rank timestamps the end of every step (for distshare through `train`'s `on_step`
-callback, i.e. after the loss all-reduce, the replica check, the metrics line); a step's time
-is the gap between consecutive timestamps, so setup (data, model, DDP wrapper) is never
-counted, and the first `--warmup` steps are dropped. The variants are interleaved inside the
-ranks, in a rotated order each repeat, so drift of the machine hits all of them. The ratio is
-the median over repeats of median(distshare step) / median(baseline step) of adjacent runs,
-on rank 0's clock; the same is reported for rank 0's CPU time, which other processes on a
-shared machine disturb less. See benchmarks/README.md for the measured numbers.
+Each rank stamps the start of the loop and the end of every step (for distshare through a
+loop component, after the step's replica check; a loss all-reduce after a step falls into
+the next one). A run's time per step is its loop time over the timed steps divided by their
+number: from the end of the last `--warmup` step to the end of the last step. Setup (data,
+model, DDP wrapper) is never counted; everything the loop does one step in ten (the replica
+check at `check_every=10`, the windowed loss all-reduce) and the final replica check (inside
+the last step) are. A median of per-step gaps would hide all of them; it is still reported,
+as `median_gap_ratio`, to show how much. What `train` does after its last step (the last
+window's loss all-reduce, closing the metrics file and the progress bar) is `after_loop_ms`.
+
+The variants are interleaved inside the ranks, in a rotated order each repeat, so drift of
+the machine hits all of them. The ratio is the median over repeats of (variant's time per
+step / baseline's time per step) of adjacent runs, on rank 0's clock; the same is reported
+for rank 0's CPU time, which other processes on a shared machine disturb less. Every
+distshare run with files must leave a readable metrics.jsonl (one JSON row per step, each
+with its loss): the benchmark checks it after the run, outside the timing. See
+benchmarks/README.md for the measured numbers.
 """
 
 from __future__ import annotations
@@ -32,6 +41,7 @@ import argparse
 import contextlib
 import dataclasses
 import json
+import math
 import os
 import platform
 import statistics
@@ -54,11 +64,14 @@ from distshare.distributed.world import World
 from distshare.errors import DistshareError
 from distshare.models import build_model
 from distshare.training import train
+from distshare.training.loop import Component, Loop
+from distshare.training.metrics import METRICS_FILE
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "train"
 VARIANTS = ("baseline", "distshare_as_configured", "distshare_check_every_step", "distshare_check_at_end")
 GOAL = 1.05  # distshare's step may cost at most 5% more than the hand-written loop
-Stamp = tuple[float, float]  # (wall clock, this process's CPU time, all threads) at the end of a step, s
+Stamp = tuple[float, float]  # (wall clock, this process's CPU time, all threads), s
+# A run's stamps: [start of the loop, end of step 0, end of step 1, ...]; steps + 1 of them.
 
 
 # ---------------------------------------------------------------------------------------
@@ -66,7 +79,7 @@ Stamp = tuple[float, float]  # (wall clock, this process's CPU time, all threads
 
 
 def baseline_loop(cfg: RunConfig, world: World, steps: int) -> tuple[list[Stamp], dict[str, torch.Tensor]]:
-    """The textbook DDP loop; returns the end-of-step timestamps and the final parameters."""
+    """The textbook DDP loop; returns its stamps (start, end of every step) and the final parameters."""
     dtype = {"float32": torch.float32, "float64": torch.float64}[cfg.model.dtype]
     dataset, info = build_dataset(cfg.data)
     table = TensorTable.from_dataset(dataset, info, dtype)
@@ -81,7 +94,7 @@ def baseline_loop(cfg: RunConfig, world: World, steps: int) -> tuple[list[Stamp]
     n = len(table)
     per_epoch = n // g  # drop_last
     order = np.empty(0, dtype=np.int64)
-    stamps: list[Stamp] = []
+    stamps: list[Stamp] = [(time.perf_counter(), time.process_time())]
     for step in range(steps):
         epoch, pos = divmod(step, per_epoch)
         if pos == 0:
@@ -109,21 +122,41 @@ def baseline_loop(cfg: RunConfig, world: World, steps: int) -> tuple[list[Stamp]
 # distshare's side: the very function `distshare train` runs on every rank.
 
 
+class Stamps(Component):
+    """Stamps the start of the loop and the end of every step (after every other component's
+    work for it: the replica check, the metrics row); keeps the last step's parameters."""
+
+    def __init__(self, steps: int) -> None:
+        self.steps = steps
+        self.stamps: list[Stamp] = []
+        self.params: dict[str, torch.Tensor] = {}
+
+    def begin(self, loop: Loop) -> None:
+        self.stamps.append((time.perf_counter(), time.process_time()))
+
+    def step_end(self, loop: Loop, step: int) -> None:
+        self.stamps.append((time.perf_counter(), time.process_time()))
+        if step == self.steps - 1:
+            self.params = {name: p.detach().clone() for name, p in loop.run.model.named_parameters()}
+
+
 def distshare_loop(
     cfg: RunConfig, world: World, check_every: int, progress: bool, out_dir: Path | None
 ) -> tuple[list[Stamp], float, dict[str, torch.Tensor], bool]:
-    """`distshare.training.train`; returns step timestamps, the end of train(), parameters, in-sync."""
-    stamps: list[Stamp] = []
-    params: dict[str, torch.Tensor] = {}
-
-    def on_step(run: Any, step: int) -> None:
-        stamps.append((time.perf_counter(), time.process_time()))
-        if step == cfg.steps - 1:
-            params.update({name: p.detach().clone() for name, p in run.model.named_parameters()})
-
+    """`distshare.training.train`; returns its stamps, the end of train(), the parameters, in-sync."""
+    clock = Stamps(cfg.steps)
     run_cfg = dataclasses.replace(cfg, check_every=check_every)
-    result = train(run_cfg, world, out_dir=out_dir, progress=progress, on_step=on_step)
-    return stamps, time.perf_counter(), params, result.replicas_in_sync
+    result = train(run_cfg, world, out_dir=out_dir, progress=progress, components=[clock])
+    return clock.stamps, time.perf_counter(), clock.params, result.replicas_in_sync
+
+
+def metrics_readable(path: Path, steps: int) -> bool:
+    """metrics.jsonl holds one JSON row per step, in order, each with its global loss."""
+    try:
+        rows = [json.loads(line) for line in path.read_text().splitlines()]
+    except (OSError, ValueError):
+        return False
+    return [r.get("step") for r in rows] == list(range(steps)) and all(isinstance(r.get("loss"), float) for r in rows)
 
 
 # ---------------------------------------------------------------------------------------
@@ -131,12 +164,10 @@ def distshare_loop(
 
 
 def bench_rank(world: World, cfg: RunConfig, repeats: int, warmup: int, progress: bool, files: bool) -> dict:
-    """Every variant `repeats` times, in a rotated order; per-step wall and CPU times in ms."""
-    wall: dict[str, list[list[float]]] = {v: [] for v in VARIANTS}
-    cpu: dict[str, list[list[float]]] = {v: [] for v in VARIANTS}
-    tails: dict[str, list[float]] = {v: [] for v in VARIANTS[1:]}
+    """Every variant `repeats` times, in a rotated order; per run its time per step, in ms."""
+    runs: dict[str, list[dict[str, float]]] = {v: [] for v in VARIANTS}
     diffs: list[float] = []
-    in_sync = True
+    in_sync = files_ok = True
     with tempfile.TemporaryDirectory(prefix="distshare-bench-") as tmp:
         for r in range(repeats):
             # Rotate the order (A B C D, B C D A, C D A B, ...) so no variant always runs first or
@@ -145,6 +176,7 @@ def bench_rank(world: World, cfg: RunConfig, repeats: int, warmup: int, progress
             final: dict[str, dict[str, torch.Tensor]] = {}
             for variant in order:
                 dist.barrier()
+                tail = math.nan
                 if variant == "baseline":
                     stamps, final[variant] = baseline_loop(cfg, world, cfg.steps)
                 else:
@@ -154,75 +186,114 @@ def bench_rank(world: World, cfg: RunConfig, repeats: int, warmup: int, progress
                     out = Path(tmp, f"{variant}-{r}") if files else None
                     stamps, end, final[variant], ok = distshare_loop(cfg, world, check_every, progress, out)
                     in_sync = in_sync and ok
-                    tails[variant].append((end - stamps[-1][0]) * 1e3)
-                wall[variant].append(_gaps_ms(stamps[warmup:], 0))
-                cpu[variant].append(_gaps_ms(stamps[warmup:], 1))
+                    tail = (end - stamps[-1][0]) * 1e3
+                    if out is not None and world.is_main:  # outside the timing
+                        files_ok = files_ok and metrics_readable(out / METRICS_FILE, cfg.steps)
+                runs[variant].append(
+                    {
+                        "wall_ms": _per_step_ms(stamps, warmup, 0),
+                        "cpu_ms": _per_step_ms(stamps, warmup, 1),
+                        "wall_gap_ms": _median_gap_ms(stamps, warmup, 0),
+                        "cpu_gap_ms": _median_gap_ms(stamps, warmup, 1),
+                        "after_loop_ms": tail,
+                    }
+                )
             # Same plan, same sample order, same init: both sides must end in the same place.
             base = final["baseline"]
             for variant in VARIANTS[1:]:
                 diffs.append(max(float((base[n] - p).abs().max()) for n, p in final[variant].items()))
     return {
-        "wall_ms": wall,
-        "cpu_ms": cpu,
-        "tail_ms": tails,
+        "runs": runs,
         "max_abs_param_diff": max(diffs),
         "replicas_in_sync": in_sync,
+        "metrics_files_readable": files_ok if files else None,
     }
 
 
-def _gaps_ms(stamps: list[Stamp], clock: int) -> list[float]:
-    """Time of each step: the gap between consecutive end-of-step stamps of one clock, in ms."""
-    return [(b[clock] - a[clock]) * 1e3 for a, b in zip(stamps, stamps[1:], strict=False)]
+def _per_step_ms(stamps: list[Stamp], warmup: int, clock: int) -> float:
+    """Total time of the timed steps over their number, in ms: periodic work included.
+
+    `stamps[warmup]` is the end of the last untimed step (the loop's start when warmup = 0).
+    """
+    return (stamps[-1][clock] - stamps[warmup][clock]) * 1e3 / (len(stamps) - 1 - warmup)
+
+
+def _median_gap_ms(stamps: list[Stamp], warmup: int, clock: int) -> float:
+    """The old statistic, for comparison: the median gap between end-of-step stamps after the
+    warm-up. Work done one step in ten falls in one gap of ten and vanishes from the median."""
+    ends = stamps[warmup + 1 :]
+    return statistics.median((b[clock] - a[clock]) * 1e3 for a, b in zip(ends, ends[1:], strict=False))
 
 
 # ---------------------------------------------------------------------------------------
 # The caller: spawn the ranks, summarize, print.
 
 
-def _stats(runs: list[list[float]], base_runs: list[list[float]]) -> dict[str, Any]:
-    """Median over all timed steps, its spread, and the ratio to the baseline, paired by repeat."""
-    pooled = [t for run in runs for t in run]
-    medians = [statistics.median(run) for run in runs]
+def _sig(x: float, digits: int = 4) -> float:
+    """A number rounded to `digits` significant digits: what the JSON file shows."""
+    return float(f"{x:.{digits}g}")
+
+
+def _ratio_stats(values: list[float], base: list[float]) -> dict[str, float]:
+    """Median over repeats of variant / baseline of the same repeat, and its quartiles."""
     # Repeat r of a variant ran right next to repeat r of the baseline: their ratio cancels
     # slow drift of the machine (other processes), so its median is the headline ratio.
-    paired = [m / statistics.median(b) for m, b in zip(medians, base_runs, strict=True)]
+    paired = [v / b for v, b in zip(values, base, strict=True)]
     q1, _, q3 = statistics.quantiles(paired, n=4) if len(paired) > 1 else (paired[0], 0, paired[0])
+    return {"ratio": _sig(statistics.median(paired)), "ratio_q1": _sig(q1), "ratio_q3": _sig(q3)}
+
+
+def _stats(runs: list[dict[str, float]], base_runs: list[dict[str, float]], clock: str) -> dict[str, Any]:
+    """Time per step of one variant on one clock ("wall" or "cpu"): its median over repeats, the
+    per-repeat values, the paired ratio to the baseline, and the old median-gap ratio beside it."""
+    per_step = [run[f"{clock}_ms"] for run in runs]
+    base = [run[f"{clock}_ms"] for run in base_runs]
+    gaps = [run[f"{clock}_gap_ms"] for run in runs]
+    base_gaps = [run[f"{clock}_gap_ms"] for run in base_runs]
     return {
-        "median_ms": statistics.median(pooled),
-        "p10_ms": float(np.percentile(pooled, 10)),
-        "p90_ms": float(np.percentile(pooled, 90)),
-        "repeat_medians_ms": [round(m, 4) for m in medians],
-        "ratio": statistics.median(paired),
-        "ratio_q1": q1,
-        "ratio_q3": q3,
-        "steps_timed": len(pooled),
+        "ms_per_step": _sig(statistics.median(per_step)),
+        "min_ms_per_step": _sig(min(per_step)),
+        "max_ms_per_step": _sig(max(per_step)),
+        "repeat_ms_per_step": [_sig(v) for v in per_step],
+        **_ratio_stats(per_step, base),
+        "median_gap_ms": _sig(statistics.median(gaps)),
+        "median_gap_ratio": _ratio_stats(gaps, base_gaps)["ratio"],
     }
 
 
 def summarize(rank0: dict, cfg: RunConfig, args: argparse.Namespace, load: tuple[float, float]) -> dict[str, Any]:
     plan = cfg.plan.resolve(args.nproc)
-    wall = {name: _stats(runs, rank0["wall_ms"]["baseline"]) for name, runs in rank0["wall_ms"].items()}
-    cpu = {name: _stats(runs, rank0["cpu_ms"]["baseline"]) for name, runs in rank0["cpu_ms"].items()}
-    for name, ms in rank0["tail_ms"].items():
-        wall[name]["after_loop_ms"] = statistics.median(ms)
+    runs, base = rank0["runs"], rank0["runs"]["baseline"]
+    wall = {name: _stats(r, base, "wall") for name, r in runs.items()}
+    cpu = {name: _stats(r, base, "cpu") for name, r in runs.items()}
+    for name, r in runs.items():
+        if name != "baseline":
+            wall[name]["after_loop_ms"] = _sig(statistics.median(run["after_loop_ms"] for run in r))
     ratios = {name: v["ratio"] for name, v in wall.items() if name != "baseline"}
     return {
         "benchmark": "step_time",
         "command": "python benchmarks/bench_step.py " + " ".join(sys.argv[1:]),
+        "statistic": "time per step = loop time of the timed steps / their number; ratio = median over repeats "
+        "of variant / baseline (adjacent runs); median_gap_ratio = the same with the median per-step gap, "
+        "which hides work done one step in ten",
         "model": args.model,
         "nproc": args.nproc,
         "steps": args.steps,
         "warmup": args.warmup,
+        "steps_timed_per_run": args.steps - args.warmup,
         "repeats": args.repeats,
         "progress_bar": not args.no_progress,
         "metrics_file": not args.no_files,
+        "metrics_files_readable": rank0["metrics_files_readable"],
         "plan": {"global_batch": plan.global_batch, "accum_steps": plan.accum_steps, "micro_batch": plan.micro_batch},
-        "wall": wall,
-        "cpu": cpu,
+        "check_every_as_configured": cfg.check_every,
         "ratios": ratios,
         "cpu_ratios": {name: v["ratio"] for name, v in cpu.items() if name != "baseline"},
+        "median_gap_ratios": {name: v["median_gap_ratio"] for name, v in wall.items() if name != "baseline"},
         "goal_ratio": GOAL,
         "meets_goal": {name: r <= GOAL for name, r in ratios.items()},
+        "wall": wall,
+        "cpu": cpu,
         "max_abs_param_diff_vs_baseline": rank0["max_abs_param_diff"],
         "replicas_in_sync": rank0["replicas_in_sync"],
         "machine": {
@@ -238,32 +309,39 @@ def summarize(rank0: dict, cfg: RunConfig, args: argparse.Namespace, load: tuple
 
 def table(result: dict[str, Any]) -> str:
     p, m = result["plan"], result["machine"]
-    timed = result["steps"] - result["warmup"] - 1
     lines = [
         f"step time: {result['model']}, {result['nproc']} gloo ranks, G={p['global_batch']} "
-        f"(k={p['accum_steps']} x b={p['micro_batch']} per rank); {timed} steps x {result['repeats']} repeats; "
-        f"torch {m['torch']}, {m['cpus']} CPUs, load {m['load_average_before_after'][0]} -> "
-        f"{m['load_average_before_after'][1]}",
+        f"(k={p['accum_steps']} x b={p['micro_batch']} per rank); {result['steps_timed_per_run']} timed steps x "
+        f"{result['repeats']} repeats; torch {m['torch']}, {m['cpus']} CPUs, load "
+        f"{m['load_average_before_after'][0]} -> {m['load_average_before_after'][1]}",
         "",
-        f"{'variant':<28} {'median ms':>9} {'p10':>7} {'p90':>7} {'ratio':>6} {'(q1-q3)':>13} "
+        f"{'variant':<28} {'ms/step':>8} {'min-max':>13} {'ratio':>6} {'(q1-q3)':>13} "
         f"{'cpu ms':>7} {'cpu ratio':>9}  goal <= {result['goal_ratio']}",
     ]
     for name, w in result["wall"].items():
         c = result["cpu"][name]
         verdict = "" if name == "baseline" else ("ok" if w["ratio"] <= result["goal_ratio"] else "OVER")
         spread = f"({w['ratio_q1']:.2f}-{w['ratio_q3']:.2f})"
+        span = f"{w['min_ms_per_step']:.2f}-{w['max_ms_per_step']:.2f}"
         lines.append(
-            f"{name:<28} {w['median_ms']:>9.3f} {w['p10_ms']:>7.2f} {w['p90_ms']:>7.2f} {w['ratio']:>6.3f} "
-            f"{spread:>13} {c['median_ms']:>7.3f} {c['ratio']:>9.3f}  {verdict}"
+            f"{name:<28} {w['ms_per_step']:>8.3f} {span:>13} {w['ratio']:>6.3f} {spread:>13} "
+            f"{c['ms_per_step']:>7.3f} {c['ratio']:>9.3f}  {verdict}"
         )
     tails = {n: w["after_loop_ms"] for n, w in result["wall"].items() if "after_loop_ms" in w}
+    gap = result["median_gap_ratios"]
+    files = result["metrics_files_readable"]
     lines += [
         "",
+        "ms/step = loop time of the timed steps / their number (replica checks, the windowed loss all-reduce and "
+        "the final check included);",
         "ratio = median over repeats of (variant / baseline, adjacent runs); cpu = rank 0's process CPU time",
-        "after the loop (final replica check, not in the step time): "
+        "median-gap ratio (the old statistic, blind to work done one step in ten): "
+        + ", ".join(f"{n} {r:.3f}" for n, r in gap.items()),
+        "after the last step (last loss all-reduce, files and progress bar closed; not in ms/step): "
         + ", ".join(f"{n} {ms:.2f} ms" for n, ms in tails.items()),
         f"max |param difference| baseline vs distshare at the end: {result['max_abs_param_diff_vs_baseline']:.2e}; "
-        f"replicas in sync: {result['replicas_in_sync']}",
+        f"replicas in sync: {result['replicas_in_sync']}"
+        + ("" if files is None else f"; metrics.jsonl readable (one row per step): {files}"),
     ]
     return "\n".join(lines)
 
@@ -282,8 +360,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.nproc < 2:
         parser.error("--nproc must be at least 2 (the comparison is of data-parallel steps)")
-    if args.warmup < 0 or args.steps < args.warmup + 3:
-        parser.error("--steps must exceed --warmup (>= 0) by at least 3")
+    if args.warmup < 0 or args.steps < args.warmup + 2:
+        parser.error("--steps must exceed --warmup (>= 0) by at least 2")
     if args.repeats < 1:
         parser.error("--repeats must be at least 1")
     try:
