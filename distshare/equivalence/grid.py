@@ -56,7 +56,8 @@ class PartitionResult:
     accounting: str
     nonfinite: str  # "" or where the first NaN / infinity is (gradient, parameters or loss): a failure
     update_mismatch: str  # "" or the first step whose update is not the configured one (replayed bitwise)
-    within_rounding: bool
+    matches_reference: bool  # every check but the accounting: gradients, updates, parameters, finite
+    within_rounding: bool  # matches_reference, and every sample counted once
     losses: list[float]
     max_loss_diff: float
     steps: list[dict[str, Any]]  # per step: bitwise, max abs/rel, norm rel, envelope, max ULP, grad excess, loss
@@ -152,9 +153,8 @@ def compare(run: PartitionRun, ref: Reference) -> PartitionResult:
         )
     acc = account_batches(run.global_batches, run.samples_by_rank)
     # Written so that NaN fails: every comparison with NaN is False.
-    ok = (
-        acc.ok
-        and ints_equal
+    matches = (
+        ints_equal
         and not nonfinite
         and not run.update_mismatch
         and run.updates_replayed == len(run.states)
@@ -188,7 +188,8 @@ def compare(run: PartitionRun, ref: Reference) -> PartitionResult:
             if run.updates_replayed == len(run.states)
             else f"{run.updates_replayed} of {len(run.states)} updates replayed"
         ),
-        within_rounding=ok,
+        matches_reference=matches,
+        within_rounding=acc.ok and matches,
         losses=run.losses,
         max_loss_diff=worst(*(st["loss_diff"] for st in steps)) if steps else 0.0,
         steps=steps,
