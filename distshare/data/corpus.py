@@ -16,6 +16,8 @@ grammar. With `variable_length` an optional adjective may precede each noun
 
 from __future__ import annotations
 
+import itertools
+
 import datasets
 import numpy as np
 
@@ -97,3 +99,16 @@ def encode_sentence(text: str, info: DataInfo) -> list[int]:
     if not words or len(words) > info.max_len:
         raise ValueError(f"expected 1 to {info.max_len} words, got {len(words)}: {text!r}")
     return [index[w] for w in words]
+
+
+def mirror_pairs() -> list[tuple[str, str]]:
+    """Every pair ("cat eat mouse", "mouse eat cat") of the fixed-length grammar, once, in a fixed order.
+
+    The two sentences of a pair hold the same words in another order, with different subjects:
+    an answer blind to word order is right on at most one of them.
+    """
+    return [
+        (f"{s} {v} {o}", f"{o} {v} {s}")
+        for s, o in itertools.combinations(NOUNS, 2)  # s before o in NOUNS: each pair once
+        for v in VERBS
+    ]

@@ -21,6 +21,8 @@ from torch import Tensor, nn
 
 from distshare.data.types import DataInfo
 
+ATTENTION = ("softmax", "uniform", "self")  # what mixes the tokens: attention proper, or an ablation
+
 
 def sinusoidal_positions(length: int, d_model: int) -> Tensor:
     """The fixed encoding of "Attention is all you need": sin on even, cos on odd features."""
@@ -35,11 +37,13 @@ def sinusoidal_positions(length: int, d_model: int) -> Tensor:
 class SelfAttention(nn.Module):
     """Multi-head self-attention, softmax(Q K^T / sqrt(d_head)) V, with the maps returned."""
 
-    def __init__(self, d_model: int, n_heads: int) -> None:
+    def __init__(self, d_model: int, n_heads: int, attention: str = "softmax") -> None:
         super().__init__()
         if d_model % n_heads:
             raise ValueError(f"d_model={d_model} must be divisible by n_heads={n_heads}")
-        self.n_heads, self.d_head = n_heads, d_model // n_heads
+        if attention not in ATTENTION:
+            raise ValueError(f"unknown attention {attention!r}; expected one of {', '.join(ATTENTION)}")
+        self.n_heads, self.d_head, self.attention = n_heads, d_model // n_heads, attention
         self.W_Q = nn.Linear(d_model, d_model, bias=False)
         self.W_K = nn.Linear(d_model, d_model, bias=False)
         self.W_V = nn.Linear(d_model, d_model, bias=False)
@@ -57,18 +61,26 @@ class SelfAttention(nn.Module):
         # exactly 0, so padding keys get weight 0; and a row with no real key at all (an all-padding
         # sample) becomes uniform instead of 0/0 = NaN, which would poison the whole batch's gradient.
         scores = scores.masked_fill(~pad_mask[:, None, None, :], torch.finfo(scores.dtype).min)
-        attn = scores.softmax(dim=-1)
+        attn = scores.softmax(dim=-1) if self.attention == "softmax" else self._ablated(scores, pad_mask)
         out = (attn @ v).transpose(1, 2).reshape(b, t, d)
         return self.W_O(out), attn
+
+    def _ablated(self, scores: Tensor, pad_mask: Tensor) -> Tensor:
+        """The maps of an ablation, shaped like the scores they ignore: [B, H, T, T]."""
+        t = scores.shape[-1]
+        if self.attention == "self":
+            return torch.eye(t, dtype=scores.dtype, device=scores.device).expand_as(scores)
+        real = pad_mask[:, None, None, :].to(scores.dtype)  # uniform over the real keys
+        return (real / real.sum(-1, keepdim=True).clamp(min=1)).expand_as(scores)
 
 
 class Block(nn.Module):
     """Pre-LayerNorm block: x + attn(LN(x)), then x + ff(LN(x))."""
 
-    def __init__(self, d_model: int, n_heads: int, d_ff: int) -> None:
+    def __init__(self, d_model: int, n_heads: int, d_ff: int, attention: str = "softmax") -> None:
         super().__init__()
         self.ln1 = nn.LayerNorm(d_model)
-        self.attn = SelfAttention(d_model, n_heads)
+        self.attn = SelfAttention(d_model, n_heads, attention)
         self.ln2 = nn.LayerNorm(d_model)
         self.ff = nn.Sequential(nn.Linear(d_model, d_ff), nn.GELU(), nn.Linear(d_ff, d_model))
 
@@ -89,6 +101,7 @@ class TinyTransformer(nn.Module):
         n_layers: int = 2,
         d_ff: int = 64,
         positional: bool = True,
+        attention: str = "softmax",
     ) -> None:
         super().__init__()
         if info.task not in ("sequence", "token"):
@@ -98,7 +111,7 @@ class TinyTransformer(nn.Module):
         # A buffer, not a parameter: positions are fixed, never trained, and not saved (they are
         # recomputed from the shape), yet they follow the model through .to(dtype/device).
         self.register_buffer("pe", sinusoidal_positions(max(info.max_len, 1), d_model), persistent=False)
-        self.layers = nn.ModuleList(Block(d_model, n_heads, d_ff) for _ in range(n_layers))
+        self.layers = nn.ModuleList(Block(d_model, n_heads, d_ff, attention) for _ in range(n_layers))
         self.ln_f = nn.LayerNorm(d_model)
         self.head = nn.Linear(d_model, info.num_classes)
 
@@ -136,3 +149,12 @@ class TinyTransformer(nn.Module):
             h = summed / real.sum(dim=1).clamp(min=1).to(h.dtype)
         logits = self.head(h)
         return (logits, maps) if return_attention else logits
+
+
+def set_attention(model: TinyTransformer, attention: str) -> TinyTransformer:
+    """Switch what mixes the tokens in every layer of `model` (in place; parameters untouched)."""
+    if attention not in ATTENTION:
+        raise ValueError(f"unknown attention {attention!r}; expected one of {', '.join(ATTENTION)}")
+    for layer in model.layers:
+        layer.attn.attention = attention
+    return model
