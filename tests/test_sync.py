@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from conftest import ROOT, tiny_config
 from torch import nn
 
-from distshare.commands.verify import FirstStepProbe, rounding_bound
+from distshare.commands.verify import rounding_bound
 from distshare.config import RunConfig
 from distshare.distributed.sync import AllReduceSync, DDPSync, ExactSync, GradSync, make_sync
 from distshare.distributed.world import World
@@ -26,6 +26,7 @@ from distshare.numerics.diff import diff
 from distshare.numerics.rounding import reorder_norm_bound
 from distshare.testing import run_distributed
 from distshare.training import build_run, train, train_step
+from distshare.training.loop import Component
 
 G, K = 12, 2  # divisible by W x k for W in {1, 2, 3}
 
@@ -157,20 +158,30 @@ def _config(dtype: str, sync: str = "ddp", world_size: int = 1, k: int = K) -> R
     )
 
 
+class _Step0Grads(Component):
+    """Keeps the synced gradient of step 0 (what the optimizer stepped with), on every rank."""
+
+    def after_step(self, loop, step, row) -> None:
+        if step == 0:
+            loop.result.extras["step0_grads"] = {
+                n: p.grad.detach().clone() for n, p in loop.run.model.named_parameters() if p.grad is not None
+            }
+
+
 def _train_all_modes(world: World) -> dict:
     """On every rank: train in each (dtype, sync) combination; keep grads and params."""
     out = {}
     for dtype in ("float64", "float32"):
         for sync in ("ddp", "allreduce"):
             cfg = _config(dtype, sync, world.world_size)
-            r = train(cfg, world, progress=False, keep_state=True, components=[FirstStepProbe()])
-            out[(dtype, sync)] = (FirstStepProbe.of(r)["grads"], r.state, r.replicas_in_sync, r.final_fingerprint)
+            r = train(cfg, world, progress=False, keep_state=True, components=[_Step0Grads()])
+            out[(dtype, sync)] = (r.extras["step0_grads"], r.state, r.replicas_in_sync, r.final_fingerprint)
     return out
 
 
 def _single(dtype: str):
-    r = train(_config(dtype, "ddp", 1, k=1), World(), progress=False, keep_state=True, components=[FirstStepProbe()])
-    return FirstStepProbe.of(r)["grads"], r.state
+    r = train(_config(dtype, "ddp", 1, k=1), World(), progress=False, keep_state=True, components=[_Step0Grads()])
+    return r.extras["step0_grads"], r.state
 
 
 @pytest.fixture(scope="module")
