@@ -12,7 +12,7 @@ import pytest
 from conftest import ROOT, rank0_json, read_result, run_cli
 
 from distshare.cli import main
-from distshare.demos import DEMOS, FAILS, HOLDS, Control, Finding, run_demo
+from distshare.demos import DEMOS, FAILS, HOLDS, Control, Finding, mutants, run_demo
 
 SEED_QA = ROOT.parent / "shared" / "seed" / "000_2515f6341b4878d6.txt"
 FIELDS = {"name", "question", "claim", "verdict", "controls", "control_verdict", "numbers", "figure"}
@@ -85,6 +85,28 @@ def test_accumulated_update_equals_one_batch_of_40(findings):
     assert (control["accum_steps"], control["micro_batch"]) == (5, 8) and control["accounting_ok"]
     assert not control["within_rounding"] and control["grad_excess"] > 100
     assert control["grad_norm_rel_diff"] > 100 * n["grad_bound_norm_rel"]
+
+
+# Each accumulation mutant, and the measurement it must break on the seed's case 1 x 5 x 8.
+ACCUMULATION_BROKEN_BY = {
+    # 32 of 40 samples consumed: the accounting and the gradient both say so.
+    "skip-micro-batch": lambda p, bound: not p["accounting_ok"] and p["grad_norm_rel_diff"] > 100 * bound,
+    # A 1e-4 scale error is 1e-4 normwise, above the bound, with every sample counted once.
+    "loss-scale": lambda p, bound: p["accounting_ok"] and bound < p["grad_norm_rel_diff"] < 2e-4,
+    "nan-loss": lambda p, bound: p["nonfinite"].startswith("gradient at step 0"),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mutant", sorted(ACCUMULATION_BROKEN_BY))
+def test_accumulation_mutant_flips_the_claim_for_its_reason(mutant, tmp_path):
+    assert set(mutants("accumulation")) == set(ACCUMULATION_BROKEN_BY)
+    f = run_demo("accumulation", tmp_path, mutant=mutant)
+    n = f.numbers
+    seeds_case = n["vs_one_batch_of_40"]["1 x 5 x 8"]
+    assert f.verdict == FAILS and not seeds_case["within_rounding"], f.headline
+    assert ACCUMULATION_BROKEN_BY[mutant](seeds_case, n["grad_bound_norm_rel"]), seeds_case
+    assert n["vs_one_batch_of_40"]["1 x 1 x 40"]["bitwise_equal"]  # the reference stays clean
 
 
 @pytest.mark.slow

@@ -26,15 +26,19 @@ not the batch's.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from distshare.demos.common import config, pyplot, save
 from distshare.demos.finding import Control, Finding, verdict
 from distshare.distributed.world import World
 from distshare.equivalence import ConfigTask, PartitionResult, run_grid
 from distshare.equivalence.pitfalls import MicroMeanTask
-from distshare.training import build_run
+from distshare.equivalence.tasks import StepFn
+from distshare.training import Run, build_run, loss_sum, optimizer_step
 
 NAME = "accumulation"
 QUESTION = (
@@ -59,12 +63,19 @@ BASE = (
     "optim.lr=0.1",
     "check_every=0",
 )
+MUTANTS = {
+    "skip-micro-batch": "each rank's last micro-batch is never loaded (its items still in the normalizer)",
+    "loss-scale": "every accumulated micro-batch's loss scaled by 1 + 1e-4",
+    "nan-loss": "the first micro-batch's loss is NaN",
+}
+SCALE_ERROR = 1e-4
 TIMEOUT_S = 120.0  # the spawned ranks' collectives: a hung rank fails the demo instead of blocking it
 
 
-def run(out_dir: Path, seed: int = 0) -> Finding:
+def run(out_dir: Path, seed: int = 0, mutant: str | None = None) -> Finding:
     cfg = config(BASE, seed)
-    grid = run_grid(ConfigTask(cfg), (1, RANKS), (1, K), [None], cfg.steps, progress=False, timeout_s=TIMEOUT_S)
+    task = ConfigTask(cfg) if mutant is None else _Mutated(cfg, mutant)
+    grid = run_grid(task, (1, RANKS), (1, K), [None], cfg.steps, progress=False, timeout_s=TIMEOUT_S)
     exact_cfg = config((*BASE, "sync=exact"), seed)
     exact = run_grid(ConfigTask(exact_cfg), (1, RANKS), (1, K), [None], cfg.steps, progress=False, timeout_s=TIMEOUT_S)
     bug = run_grid(MicroMeanTask(cfg), (1,), (K,), [None], cfg.steps, progress=False, timeout_s=TIMEOUT_S)
@@ -106,6 +117,47 @@ def run(out_dir: Path, seed: int = 0) -> Finding:
     )
 
 
+@dataclass
+class _Mutated(ConfigTask):
+    """The seed's step with one of `MUTANTS` in every partition but the reference (W = 1, k = 1).
+
+    The step is written out as `train_step` writes it (the loss summed per micro-batch, the
+    global batch's items as the normalizer), so the only difference is the fault.
+    """
+
+    mutant: str = ""
+
+    def make_step(self, run: Run) -> StepFn:
+        plan = run.plan.plan
+        if (plan.world_size, plan.accum_steps) == (1, 1):
+            return super().make_step(run)
+
+        def step(s: int) -> tuple[float, list[list[int]]]:
+            micro = run.plan.rank_micro_batches(s, run.world.rank)
+            if self.mutant == "skip-micro-batch" and len(micro) > 1:
+                micro = micro[:-1]
+            global_indices = run.plan.global_batch(s)
+            sums: list[torch.Tensor] = []
+            consumed: list[list[int]] = []
+
+            def loss(module: torch.nn.Module, batch: Any) -> torch.Tensor:
+                consumed.append(batch.indices.tolist())
+                total = loss_sum(module(**batch.inputs), batch.labels)
+                sums.append(total.detach())
+                if self.mutant == "loss-scale":
+                    return total * (1 + SCALE_ERROR)
+                if self.mutant == "nan-loss" and len(sums) == 1:
+                    return total * float("nan")
+                return total
+
+            batches = [run.table.select(indices).to(run.world.device) for indices in micro]
+            items = run.table.count_items(global_indices)
+            optimizer_step(run.model, run.wrapped, run.optimizer, run.sync, batches, items, len(global_indices), loss)
+            return sum(float(x) for x in sums), consumed
+
+        return step
+
+
 def _name(p: PartitionResult) -> str:
     return f"{p.world_size} x {p.accum_steps} x {p.micro_batch}"  # W x k x b
 
@@ -127,6 +179,7 @@ def _row(p: PartitionResult) -> dict[str, Any]:
         "params_max_abs_diff": p.max_abs_diff,
         "params_max_ulp": p.max_ulp,
         "envelope_excess": p.envelope_excess,
+        "nonfinite": p.nonfinite,  # "" or where the first NaN / infinity is: a failure
         "accounting_ok": p.accounting_ok,  # every sample of the global batch counted exactly once
         "accounting": p.accounting,
     }
@@ -141,6 +194,8 @@ def _tokens_per_micro_batch(seed: int) -> list[int]:
 def _describe(r: dict[str, Any]) -> str:
     if r["bitwise_equal"]:
         return "bitwise"
+    if r["nonfinite"]:
+        return f"NON-FINITE ({r['nonfinite']})"
     return (
         f"grad norm rel {r['grad_norm_rel_diff']:.1e} (elementwise {r['grad_excess']:.2f} x bound), "
         f"weights {r['params_max_ulp']} ULP"
