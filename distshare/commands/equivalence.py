@@ -118,8 +118,8 @@ def equivalence_command(args: argparse.Namespace) -> int:
         ok = ok and all(p["detected"] for p in pitfalls)
     result["ok"] = ok
     parts = result["partitions"]
-    plot_heatmap(out / "heatmap.png", parts)
-    plot_loss_curves(out / "loss.png", parts, grid.reference_losses)
+    plot_heatmap(out / "heatmap.png", parts, sync=cfg.sync)
+    plot_loss_curves(out / "loss.png", parts, grid.reference_losses, sync=cfg.sync)
     n_ok = sum(p["within_rounding"] for p in parts)
     n_bit = sum(p["bitwise_equal"] for p in parts)
     verdict = (
