@@ -95,6 +95,10 @@ def test_the_update_is_replayed_bit_for_bit(dtype):
     assert bad.grad_excess <= 1  # the gradients themselves are right: only the update is wrong
 
 
-def test_a_gradient_scale_error_of_1e_4_fails_the_bound():
-    p = _grid(MutantTask(_cfg(), mutant="gradient-scale", eps=1e-4))
+@pytest.mark.parametrize(("dtype", "eps"), [("float32", 1e-4), ("float64", 1e-10)])
+def test_a_gradient_scale_error_fails_the_bound(dtype, eps):
+    """Every gradient x (1 + eps) from step 1, on every rank alike: the replayed update is the
+    configured one (the optimizer is right), only the bound on the gradient can see it; in
+    float64 the bound is 2^29 times tighter, and so is what it catches."""
+    p = _grid(MutantTask(_cfg(f"model.dtype={dtype}"), mutant="gradient-scale", eps=eps))
     assert not p.within_rounding and p.grad_excess > 1 and not p.update_mismatch, p.summary()
