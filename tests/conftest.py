@@ -183,3 +183,16 @@ def cli(capsys):
         return code, out, err
 
     return run
+
+
+@pytest.fixture(scope="module")
+def findings(request, tmp_path_factory) -> dict[str, dict]:
+    """The demos the test module names in its `DEMOS`, each run once for the module: name -> finding."""
+    from distshare.demos import run_demo
+
+    out = tmp_path_factory.mktemp("demo")
+    return {name: run_demo(name, out).to_dict() for name in request.module.DEMOS}
+
+
+def controls_by_name(finding: dict) -> dict[str, dict]:
+    return {c["name"]: c for c in finding["controls"]}

@@ -9,6 +9,7 @@ built for, and every mutant the demo lists must turn the claim's own verdict to 
 from __future__ import annotations
 
 import pytest
+from conftest import controls_by_name
 
 from distshare.data import build_dataset
 from distshare.demos import FAILS, HOLDS, mutants, run_demo
@@ -16,16 +17,6 @@ from distshare.demos.common import trained
 from distshare.demos.context import TRAINING, seen_sentences
 
 DEMOS = ("context", "heads-kernels")
-
-
-@pytest.fixture(scope="module")
-def findings(tmp_path_factory) -> dict[str, dict]:
-    out = tmp_path_factory.mktemp("demo")
-    return {name: run_demo(name, out).to_dict() for name in DEMOS}
-
-
-def _controls(finding: dict) -> dict[str, dict]:
-    return {c["name"]: c for c in finding["controls"]}
 
 
 @pytest.mark.slow
@@ -70,7 +61,7 @@ def test_context_held_out_pairs_are_disjoint_from_everything_training_drew(findi
 @pytest.mark.slow
 def test_context_untrained_and_self_only_attention_leave_the_verb_blind(findings):
     f = findings["context"]
-    c = _controls(f)
+    c = controls_by_name(f)
     untrained, self_only = c["untrained"]["numbers"], c["attention on itself only"]["numbers"]
     for ctrl in (untrained, self_only):
         assert ctrl["trained_on"] == 0 and ctrl["pairs"] == f["numbers"]["pairs"]
@@ -103,7 +94,7 @@ def test_filters_respond_differently_beyond_rounding(findings):
 
 @pytest.mark.slow
 def test_heads_kernels_controls_fail_for_their_reason(findings):
-    c = _controls(findings["heads-kernels"])
+    c = controls_by_name(findings["heads-kernels"])
     untrained, copies = c["untrained"]["numbers"], c["started as copies"]["numbers"]
     # Untrained heads: some layer has a pair of heads no more different than random heads are.
     assert any(x["distinct_views"] < x["heads"] for x in untrained["heads"]["layers"])

@@ -8,25 +8,16 @@ every mutant the demo lists must turn the claim's own verdict to `fails`.
 from __future__ import annotations
 
 import pytest
+from conftest import controls_by_name
 
 from distshare.demos import FAILS, HOLDS, mutants, run_demo
 from distshare.demos.conv_shared import LocallyConnected, equivariance, interior
 
-WEIGHT_DEMOS = ("qkv-shared", "conv-shared", "one-weight-set", "fixed-after-training")
-
-
-@pytest.fixture(scope="module")
-def findings(tmp_path_factory) -> dict[str, dict]:
-    out = tmp_path_factory.mktemp("demo")
-    return {name: run_demo(name, out).to_dict() for name in WEIGHT_DEMOS}
-
-
-def _controls(finding: dict) -> dict[str, dict]:
-    return {c["name"]: c for c in finding["controls"]}
+DEMOS = ("qkv-shared", "conv-shared", "one-weight-set", "fixed-after-training")
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", WEIGHT_DEMOS)
+@pytest.mark.parametrize("name", DEMOS)
 def test_claim_holds_and_every_control_fails(findings, name):
     f = findings[name]
     assert f["verdict"] == HOLDS, f["numbers"]
@@ -49,7 +40,7 @@ def test_qkv_every_sample_is_served_by_the_stored_matrices_and_feeds_one_gradien
 
 @pytest.mark.slow
 def test_qkv_per_sample_weights_fail_the_served_test_batch_weights_fail_both(findings):
-    c = _controls(findings["qkv-shared"])
+    c = controls_by_name(findings["qkv-shared"])
     own, batch = c["per-sample FiLM"]["numbers"], c["per-batch FiLM"]["numbers"]
     # Its own effective matrix per sample: every sample is off the stored W by far more than rounding ...
     assert min(own["served_by_stored_weight"]["by_sample"]) > 1e3
@@ -71,7 +62,7 @@ def test_serving_changes_no_weight_test_time_adaptation_does(findings):
         assert r["params_changed"] == 0 and set(r["changed_elements"].values()) == {0}, how
         assert {"L0 W_Q", "L0 W_K", "L0 W_V", "L1 W_Q"} <= set(r["changed_elements"]), how
         assert r["probe_answer_bitwise_equal"] and r["relative_change"] == [0.0] * 10, how
-    tta = _controls(f)["test-time adaptation"]["numbers"]
+    tta = controls_by_name(f)["test-time adaptation"]["numbers"]
     # Every element of every W_Q, W_K, W_V moved, and W_Q drifts further with every served batch.
     for group, changed in tta["changed_elements"].items():
         if group != "other":
@@ -95,7 +86,7 @@ def test_batch_norm_in_train_mode_moves_buffers_not_parameters(findings):
 def test_conv_is_equivariant_in_the_interior_the_locally_connected_layer_is_not(findings):
     f = findings["conv-shared"]
     n = f["numbers"]
-    conv, local = n["conv_equivariance"], _controls(f)["locally connected"]["numbers"]["equivariance"]
+    conv, local = n["conv_equivariance"], controls_by_name(f)["locally connected"]["numbers"]["equivariance"]
     assert set(conv["by_shift"]) == {f"{dy},{dx}" for dy, dx in n["shifts"]} == set(local["by_shift"])
     for shift, m in conv["by_shift"].items():
         assert m["max_error_over_bound"] <= 1.0, shift
@@ -146,7 +137,7 @@ def test_forty_samples_are_ten_updates_of_one_weight_set_on_every_rank(findings)
 
 @pytest.mark.slow
 def test_unsynced_ranks_and_a_set_per_batch_are_not_one_weight_set(findings):
-    c = _controls(findings["one-weight-set"])
+    c = controls_by_name(findings["one-weight-set"])
     assert c["no sync"]["numbers"] == {"steps_all_ranks_agree": 0, "final_weight_sets": 2}
     # Each batch from the initial weights: only the first update chains (it does start from them).
     assert c["a weight set per batch"]["numbers"] == {"chain_links": 1, "final_weight_sets": 10}
@@ -182,8 +173,8 @@ BROKEN_BY = {
 
 
 def test_every_listed_mutant_has_a_named_reason():
-    assert set(BROKEN_BY) == {(name, m) for name in WEIGHT_DEMOS for m in mutants(name)}
-    assert all(len(mutants(name)) >= 2 for name in WEIGHT_DEMOS)
+    assert set(BROKEN_BY) == {(name, m) for name in DEMOS for m in mutants(name)}
+    assert all(len(mutants(name)) >= 2 for name in DEMOS)
 
 
 @pytest.mark.slow
