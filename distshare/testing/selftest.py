@@ -279,13 +279,20 @@ def replica_rows(out: Path) -> list[Row]:
             Row(
                 "replicas",
                 "replica check (compare_replicas)",
-                f"{o.fault} on rank {o.faulty_rank} at step {o.injected_at}",
+                _fault_label(o.fault, o.faulty_rank, o.injected_at),
                 caught,
                 detail,
                 secs / len(outcomes),
             )
         )
     return rows
+
+
+def _fault_label(fault: str, rank: int | None, step: int) -> str:
+    """"bit_flip on rank 1 after step 2"; a fault on every rank, or from the start, says so."""
+    who = "every rank its own way" if rank is None else f"rank {rank}"
+    when = "from the start" if step < 0 else f"after step {step}"
+    return f"{fault.replace('_', ' ')} on {who}, {when}"
 
 
 # ---------------------------------------------------------------------------------- pitfalls
