@@ -69,8 +69,12 @@ def _run_cli(args: list[str], env: dict[str, str] | None = None) -> dict[str, An
 
     out = io.StringIO()
     with _environment(env or {}), contextlib.redirect_stdout(out):
-        main([*args, "--json", "--no-progress"])
+        code = main([*args, "--json", "--no-progress"])
     lines = [line for line in out.getvalue().splitlines() if line.startswith("{")]
+    if not lines:  # the inner command refused its input (e.g. a run directory it cannot make)
+        from distshare.errors import UsageError
+
+        raise UsageError(f"selftest could not run `distshare {' '.join(args)}` (exit code {code}, no result)")
     return json.loads(lines[-1])
 
 
@@ -104,7 +108,7 @@ def verify_rows(out: Path) -> list[Row]:
         ("verify", [], VERIFY_MUTANTS),
         ("verify --sync exact", ["--sync", "exact"], {"gradient-ulp": "equals one big batch"}),
     ):
-        clean, secs = _timed(lambda extra=extra, label=label: _run_cli([*base, *extra, "--out", str(out / label)]))
+        clean, secs = _timed(lambda extra=extra, label=label: _run_cli([*base, *extra, f"--out={out / label}"]))
         for check in clean["checks"]:
             if check["name"] in mutants.values():
                 rows.append(
@@ -122,7 +126,7 @@ def verify_rows(out: Path) -> list[Row]:
             where = out / f"{label}-{name}"
             result, secs = _timed(
                 lambda name=name, where=where, extra=extra: _run_cli(
-                    [*base, *extra, "--out", str(where)], mutant_env(name)
+                    [*base, *extra, f"--out={where}"], mutant_env(name)
                 )
             )
             check = next(c for c in result["checks"] if c["name"] == target)
