@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from distshare.config import load_config
+from distshare.errors import UsageError
 
 GROUPS = ("verify", "grid", "accounting", "replicas", "pitfalls", "checkpoint", "demos")
 VERIFY_STEPS = 6  # enough for the mutants (they strike at steps 0 to 2) and the checks after them
@@ -72,8 +73,6 @@ def _run_cli(args: list[str], env: dict[str, str] | None = None) -> dict[str, An
         code = main([*args, "--json", "--no-progress"])
     lines = [line for line in out.getvalue().splitlines() if line.startswith("{")]
     if not lines:  # the inner command refused its input (e.g. a run directory it cannot make)
-        from distshare.errors import UsageError
-
         raise UsageError(f"selftest could not run `distshare {' '.join(args)}` (exit code {code}, no result)")
     return json.loads(lines[-1])
 
