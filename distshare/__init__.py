@@ -7,10 +7,14 @@ The Python surface (the CLI is `distshare`):
 - `compare_replicas(model, optimizer)`, `assert_replicas_in_sync(model, optimizer)`:
   collectives that say whether every rank holds the same state, and where not: tensor,
   rank, element (`TensorDiff`);
+- `watch(model, optimizer, every=N)`: those checks placed by hooks in your own loop (a
+  baseline, then after every N-th `optimizer.step()`, gradients included); a divergence's
+  report carries its likely cause (`ReplicaReport.diagnosis`);
 - `distshare.checkpoint`: safetensors checkpoints with a manifest of fingerprints;
 - `distshare.testing.run_distributed(fn, world_size)`: run a function on simulated ranks.
 """
 
+from distshare.integrity.diagnosis import Cause, Diagnosis
 from distshare.integrity.fingerprint import combined_fingerprint, fingerprint, fingerprint_state, state_digest
 from distshare.integrity.replicas import (
     ReplicaDivergenceError,
@@ -19,17 +23,22 @@ from distshare.integrity.replicas import (
     assert_replicas_in_sync,
     compare_replicas,
 )
+from distshare.integrity.watch import Watch, watch
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "Cause",
+    "Diagnosis",
     "ReplicaDivergenceError",
     "ReplicaReport",
     "TensorDiff",
+    "Watch",
     "assert_replicas_in_sync",
     "combined_fingerprint",
     "compare_replicas",
     "fingerprint",
     "fingerprint_state",
     "state_digest",
+    "watch",
 ]

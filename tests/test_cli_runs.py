@@ -125,3 +125,11 @@ def test_batchnorm_running_stats_are_reported_as_diverged(tmp_path, cli):
     differing = result["first_divergence"]["differing"]
     assert differing and all(name.startswith("buffer/") and "running_" in name for name in differing)
     assert "running_mean" in result["replicas_summary"]
+    # And why: DDP's normal per-forward broadcast (read from distshare's own DDP wrapper), in
+    # result.json and on the table's "why" line.
+    diagnosis = result["replicas_diagnosis"]
+    assert diagnosis["cause"] == "buffers_only" and diagnosis["evidence"]["buffer_sync"] == "broadcast at every forward"
+    assert result["first_divergence"]["diagnosis"] == diagnosis
+    code, out, _ = cli("train", *args, "--no-progress", "--out", str(tmp_path / "table"))
+    (why,) = [line for line in out.splitlines() if line.lstrip().startswith("why")]
+    assert "buffers_only: " in why and "DDP's normal behaviour" in why and "Fix: " in why

@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 
 from distshare.distributed.spawn import run_distributed
-from distshare.testing.faults import FAULTS, clean_checks, run_all_faults
+from distshare.testing.faults import BEFORE_FIRST_STEP, FAULTS, clean_checks, run_all_faults
 
 WORLD = 3
 
@@ -37,7 +37,10 @@ def test_every_rank_reaches_the_same_verdict(outcomes):
 def test_fault_is_detected_at_the_next_check_and_localized(outcomes, name):
     o = outcomes[0][name]
     assert o.report is not None, f"{name}: never detected in {o.checks} checks"
-    assert o.detected_at == o.injected_at + 1  # checked every step: the very next check
+    # Checked every step, and once before the first: the very next check. A rank started from
+    # another seed differs before any update; unsynced buffers only once a forward updated them.
+    assert o.detected_at == (BEFORE_FIRST_STEP if name == "different_seed" else o.injected_at + 1)
+    assert o.report.diagnosis is not None and o.report.diagnosis.cause == o.expected_cause, o.report.summary()
     assert o.expected_tensor in o.report.differing, o.report.summary()
     if o.faulty_rank is None:  # every rank's buffers follow its own data: no majority, all named
         assert o.report.differing[o.expected_tensor] == list(range(WORLD))

@@ -9,6 +9,7 @@ from conftest import rank0_json, read_result, run_cli
 
 from distshare.demos import DEMOS
 from distshare.equivalence.pitfalls import PITFALLS
+from distshare.testing.divergences import REPRODUCTIONS
 from distshare.testing.selftest import VERIFY_MUTANTS
 
 
@@ -39,6 +40,9 @@ def test_every_verdict_has_a_mutant(selftest):
     assert "verify --sync exact: equals one big batch" in mutated
     assert {"grid (W=1, k=2 vs one batch)", "grid --sync exact: bitwise", "assert_accumulation_equivalent"} <= mutated
     assert {"checkpoint verification", "replica check (compare_replicas)"} <= mutated
+    # Every reproduced public cause of divergence is diagnosed, and its fix is a clean run.
+    clean = {r["verdict"] for r in result["rows"] if r["clean"]}
+    assert {f"diagnosis ({name})" for name in REPRODUCTIONS} <= mutated & clean
     assert len([v for v in mutated if " vs pitfall " in v]) == len(PITFALLS) + 3  # + the three DDP pitfalls
     for name in DEMOS:
         rows = [r for r in result["rows"] if r["verdict"] == f"demo {name}: claim" and not r["clean"]]

@@ -1,7 +1,7 @@
 """Claim: a user can copy the README's example test into their own suite and it runs there:
 `distshare.testing.run_distributed` and the `distshare_run` fixture (a registered pytest
-plugin) start real gloo ranks, and `assert_replicas_in_sync` fails the test, naming the
-tensor, when the ranks do not share one set of weights."""
+plugin) start real gloo ranks, and `assert_replicas_in_sync` fails the test, saying why and
+naming the tensors, when the ranks do not share one set of weights."""
 
 from __future__ import annotations
 
@@ -41,5 +41,7 @@ def test_readme_example_passes_and_its_broken_twin_fails(tmp_path):
     out = proc.stdout + proc.stderr
     assert "2 passed" in out and "1 failed" in out, out[-3000:]
     assert "test_broken.py::test_ddp_keeps_one_set_of_weights" in out
-    # The failure names the state that parted, and the ranks.
-    assert re.search(r"replicas differ in \d+ tensor\(s\): optim/0\.bias/exp_avg on ranks 0, 1", out), out[-3000:]
+    # The failure says why first (no DDP: the gradients were never reduced), then names the
+    # parameters that parted, with their optimizer state summarized, and the ranks.
+    assert "replicas differ: grads_not_synced: the gradients the optimizer used differ" in out, out[-3000:]
+    assert re.search(r"4 parameters and their 8 optimizer-state tensors: param/0\.bias on ranks 0, 1", out), out[-3000:]

@@ -206,6 +206,7 @@ def training_summary(cfg: RunConfig, results: list[TrainResult], plan: GlobalBat
     accounting: Accounting = account(plan, [r.samples_by_step for r in results])
     fingerprints = [r.final_fingerprint for r in results]
     in_sync = main.replicas_in_sync and len(set(fingerprints)) == 1
+    diverged = None if in_sync else ReplicaReport.from_dict(main.first_divergence or main.final_report)
     return {
         "world_size": main.world_size,
         "steps": main.steps,
@@ -219,10 +220,13 @@ def training_summary(cfg: RunConfig, results: list[TrainResult], plan: GlobalBat
         **({"exact_underflows": main.exact_underflows} if main.exact_underflows is not None else {}),
         "replica_checks": main.checks,
         "replicas_summary": (
-            f"{main.checks} checks over {main.world_size} rank(s), all bit-identical"
-            if in_sync
-            else ReplicaReport.from_dict(main.first_divergence or main.final_report).summary()
+            f"{main.checks} checks over {main.world_size} rank(s) and one before the first step, all bit-identical"
+            if diverged is None
+            else diverged.summary()
         ),
+        # Why they differ (the likely cause, its evidence and fix), and where, apart.
+        "replicas_diagnosis": diverged.diagnosis.to_dict() if diverged and diverged.diagnosis else None,
+        "replicas_where": None if diverged is None else _where(diverged),
         "first_divergence": main.first_divergence,
         "final_fingerprint": main.final_fingerprint,
         "final_fingerprints_by_rank": fingerprints,
@@ -232,6 +236,11 @@ def training_summary(cfg: RunConfig, results: list[TrainResult], plan: GlobalBat
         "final_loss": main.losses[-1] if main.losses else None,
         "seconds": round(main.seconds, 3),
     }
+
+
+def _where(report: ReplicaReport) -> str:
+    at = "before the first step" if report.step is None else f"at step {report.step}"
+    return f"diverged {at}: {report.locations()}"
 
 
 def versions() -> dict[str, str]:

@@ -6,8 +6,11 @@
 Both are verified against their manifests first (a damaged tensor is named, exit 1). Then
 every tensor's digest is compared; for each differing tensor, B is compared with A element by
 element: how many elements differ, the first differing index, the values there, the largest
-absolute difference and the largest ULP distance. Exit codes: 0 identical, 1 different or
-damaged, 2 a path is missing or not a checkpoint.
+absolute difference and the largest ULP distance. When they differ, a diagnosis reads which
+kinds of tensors differ and how (parameters only, with the optimizer's moments equal: they
+started apart; a few elements: corruption; ...), as for replicas (`distshare.integrity.diagnosis`;
+two checkpoints are two replicas without a majority, and without gradients). Exit codes: 0
+identical, 1 different or damaged, 2 a path is missing or not a checkpoint.
 """
 
 from __future__ import annotations
@@ -17,7 +20,8 @@ import json
 import sys
 
 from distshare.commands.common import add_command
-from distshare.integrity.checkpoint import compare_checkpoints
+from distshare.integrity.checkpoint import CheckpointComparison, compare_checkpoints
+from distshare.integrity.diagnosis import Diagnosis, diagnose
 from distshare.numerics.diff import describe
 
 
@@ -37,6 +41,7 @@ def compare_command(args: argparse.Namespace) -> int:
         f"B {n}": why for n, why in cmp.b.problems.items()
     }
     total = len(set(cmp.a.info) | set(cmp.b.info))
+    diagnosis = _diagnosis(cmp)
     if args.json:
         print(
             json.dumps(
@@ -52,6 +57,7 @@ def compare_command(args: argparse.Namespace) -> int:
                     "only_in_a": cmp.only_in_a,
                     "only_in_b": cmp.only_in_b,
                     "damaged": damaged,
+                    "diagnosis": diagnosis.to_dict() if diagnosis else None,
                 }
             )
         )
@@ -64,6 +70,8 @@ def compare_command(args: argparse.Namespace) -> int:
     width = max((len(r[0]) for r in rows), default=0)
     for name, status, detail in rows:
         print(f"  {name:<{width}}  {status:<7}  {detail}")
+    if diagnosis is not None:
+        print(f"  why: {diagnosis.describe()}")
     print(f"  A {cmp.a.combined}  {args.a}")
     print(f"  B {cmp.b.combined}  {args.b}")
     if cmp.same:
@@ -79,3 +87,21 @@ def compare_command(args: argparse.Namespace) -> int:
         print(f"distshare compare: FAILED {', '.join(parts)}")
     sys.stdout.flush()
     return 0 if cmp.same else 1
+
+
+def _diagnosis(cmp: CheckpointComparison) -> Diagnosis | None:
+    """Why two checkpoints differ, when both verified and hold the same tensors (else: the damage speaks)."""
+    if not cmp.differing or not (cmp.a.ok and cmp.b.ok) or cmp.only_in_a or cmp.only_in_b:
+        return None
+    differing = {name: [0, 1] for name in cmp.differing}
+    majority = dict.fromkeys(cmp.differing, False)
+    elements = {name: [d] for name, d in cmp.differing.items()}
+    diagnosis = diagnose(differing, majority, elements, cmp.a.info, world_size=2)
+    # A is compared as rank 0, B as rank 1: say A and B.
+    if diagnosis.culprit is not None:
+        side = "AB"[diagnosis.culprit]
+        diagnosis.evidence["culprit_evidence"] = f"{side}: " + diagnosis.evidence.get("culprit_evidence", "")
+        diagnosis.culprit = None
+    else:
+        diagnosis.evidence["culprit_evidence"] = "two checkpoints: no majority to say which one is off"
+    return diagnosis

@@ -39,6 +39,7 @@ from distshare.config import RunConfig
 from distshare.distributed.launchers import restart_count
 from distshare.engines import resolve_engine, run_engine
 from distshare.errors import UsageError
+from distshare.integrity.diagnosis import Diagnosis
 from distshare.integrity.resume import find_resume, with_absolute_paths
 from distshare.report import markdown_table, plot_losses, run_dir, usable_dir
 
@@ -151,12 +152,14 @@ def train_command(args: argparse.Namespace) -> int:
         "restarts": results[0].restart,
         "resume": results[0].resumed,
     }
+    diagnosis = summary["replicas_diagnosis"]
     table = [
         (
             "replicas",
             "ok" if summary["replicas_in_sync"] else "FAIL",
-            summary["replicas_summary"],
+            summary["replicas_where"] or summary["replicas_summary"],
         ),
+        *([("why", "", Diagnosis.from_dict(diagnosis).describe())] if diagnosis else []),
         ("accounting", "ok" if summary["accounting"]["ok"] else "FAIL", summary["accounting"]["summary"]),
         ("loss", "", f"{summary['losses'][0]:.4f} -> {summary['final_loss']:.4f}"),
     ]

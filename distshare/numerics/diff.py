@@ -157,6 +157,13 @@ class TensorDiff:
     mine: float | None = None  # this rank's value at first_index
     reference: float | None = None  # the reference rank's value there
     note: str = ""  # e.g. "shape [3] vs [4]", "missing on this rank"
+    # mine ~ scale x reference (least squares over every element) and how well that fits,
+    # ||mine - scale x reference|| / ||mine||: one factor that explains a whole tensor is a
+    # clipped or rescaled gradient, not a different one (distshare.integrity.diagnosis).
+    scale: float | None = None
+    scale_residual: float | None = None
+    nonfinite_mine: int = 0  # NaN or infinite elements in this rank's copy
+    nonfinite_reference: int = 0  # ... and in the reference's
 
     def describe(self) -> str:
         """Between ranks: "rank 2: 1 of 1024 element(s) differ from rank 0, first at [3, 5] (...)"."""
@@ -208,7 +215,11 @@ def localize(mine: torch.Tensor | None, reference: torch.Tensor | None, rank: in
             note=f"{a.dtype} {list(a.shape)} vs {b.dtype} {list(b.shape)}",
         )
     flat_a, flat_b = a.reshape(-1), b.reshape(-1)
+    scale = residual = None
+    bad_mine = bad_reference = 0
     if a.is_floating_point():
+        bad_mine, bad_reference = int((~torch.isfinite(flat_a)).sum()), int((~torch.isfinite(flat_b)).sum())
+        scale, residual = _scale_fit(flat_a, flat_b)
         # Differ means different bits, as for the digest: +0.0 and -0.0 are different state
         # even though they are 0 ULP apart, and a NaN equals itself here when its bits do.
         off = _bits(flat_a) != _bits(flat_b)
@@ -233,7 +244,23 @@ def localize(mine: torch.Tensor | None, reference: torch.Tensor | None, rank: in
         max_ulp=max_ulp,
         mine=float(flat_a[first]) if first is not None else None,
         reference=float(flat_b[first]) if first is not None else None,
+        scale=scale,
+        scale_residual=residual,
+        nonfinite_mine=bad_mine,
+        nonfinite_reference=bad_reference,
     )
+
+
+def _scale_fit(mine: torch.Tensor, reference: torch.Tensor) -> tuple[float | None, float | None]:
+    """(s, ||mine - s x reference|| / ||mine||) for the s that fits best; None where undefined."""
+    x, y = mine.double(), reference.double()
+    if not (bool(torch.isfinite(x).all()) and bool(torch.isfinite(y).all())):
+        return None, None
+    ref_sq, mine_sq = float(y.pow(2).sum()), float(x.pow(2).sum())
+    if ref_sq == 0.0 or mine_sq == 0.0:
+        return None, None
+    s = float((x * y).sum()) / ref_sq
+    return s, float((x - s * y).norm()) / mine_sq**0.5
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:

@@ -13,8 +13,11 @@ and assert that every rank holds the same training state.
         assert run_distributed(check, world_size=2) == [True, True]
 
 `assert_replicas_in_sync` raises `ReplicaDivergenceError` on every rank when any tensor of
-the state (parameters, buffers, optimizer state) differs; its message names the tensors,
-the ranks and the first differing element. A rank's error reaches the test as a
+the state (parameters, buffers, optimizer state) differs; its message starts with the likely
+cause and its fix (`report.diagnosis`), then names the tensors, the ranks and the first
+differing element. Call it once before training too (the starting point), and with
+`grads=True` right after `optimizer.step()`; or let `distshare.watch(model, optimizer)` place
+the checks. A rank's error reaches the test as a
 `RankError` carrying that message. The same helpers are pytest fixtures too
 (`distshare_run`, see `distshare.testing.pytest_plugin`).
 

@@ -58,12 +58,13 @@ class FaultOutcome:
 
     fault: str
     faulty_rank: int | None  # None: every rank drifts its own way (unsynced buffers)
-    injected_at: int  # the fault is in place from the check after this step on
-    detected_at: int | None  # step of the first failing check (None: never detected)
+    injected_at: int  # the fault is in place from the check after this step on (-1: from the start)
+    detected_at: int | None  # step of the first failing check (-1: the one before the first step; None: never)
     checks: int
     report: ReplicaReport | None  # the first failing check's report
     expected_tensor: str  # a tensor the report must name
     expected_index: list[int] | None = None  # the element the report must name, if one
+    expected_cause: str = ""  # the diagnosis the report must give (distshare.integrity.diagnosis)
 
 
 def base_config(world_size: int, steps: int, overrides: list[str] | None = None) -> RunConfig:
@@ -84,12 +85,25 @@ def base_config(world_size: int, steps: int, overrides: list[str] | None = None)
     )
 
 
+# The diagnosis each fault must get. The drifted Adam moment is one element of one rank: by
+# its evidence it is corruption (a few elements, everything else equal), whatever wrote it.
+EXPECTED_CAUSES = {
+    "bit_flip": "corruption",
+    "skipped_allreduce": "grads_not_synced",
+    "different_seed": "init_mismatch",
+    "unsynced_buffers": "buffers_only",
+    "optimizer_drift": "corruption",
+}
+BEFORE_FIRST_STEP = -1  # `detected_at` of the check before the first step
+
+
 def _outcome(
     name: str, result: Any, faulty: int | None, at: int, tensor: str, index: list[int] | None = None
 ) -> FaultOutcome:
     first = result.first_divergence
     report = ReplicaReport.from_dict(first) if first else None
-    return FaultOutcome(name, faulty, at, report.step if report else None, result.checks, report, tensor, index)
+    detected = None if report is None else BEFORE_FIRST_STEP if report.step is None else report.step
+    return FaultOutcome(name, faulty, at, detected, result.checks, report, tensor, index, EXPECTED_CAUSES[name])
 
 
 def _param(run: Run, name: str) -> nn.Parameter:

@@ -4,7 +4,8 @@
 
 For each verdict (the four `verify` checks, the grid's bound and update replay, exact
 mode's bitwise claim, sample accounting, the replica checks, each pitfall, each demo's
-claim and controls, checkpoint verification) it first runs the clean case, which must pass,
+claim and controls, checkpoint verification, the diagnosis of each publicly reported cause of
+divergence) it first runs the clean case, which must pass,
 then each mutant, which must make that verdict fail. A row is caught when it does. The
 mutation score is caught / rows; a run is OK only when the clean cases pass and every
 mutant is caught. The mutants are real faults in real runs (`distshare.testing.mutants`,
@@ -29,7 +30,7 @@ import torch
 from distshare.config import load_config
 from distshare.errors import UsageError
 
-GROUPS = ("verify", "grid", "accounting", "replicas", "pitfalls", "checkpoint", "demos")
+GROUPS = ("verify", "grid", "accounting", "replicas", "diagnosis", "pitfalls", "checkpoint", "demos")
 VERIFY_STEPS = 6  # enough for the mutants (they strike at steps 0 to 2) and the checks after them
 GRID_STEPS = 4
 
@@ -291,8 +292,41 @@ def replica_rows(out: Path) -> list[Row]:
     return rows
 
 
+def diagnosis_rows(out: Path) -> list[Row]:
+    """The diagnosis of each publicly reported cause, reproduced (`distshare.testing.divergences`,
+    3 ranks): its bug must be named as its cause, its fixed code must raise no alarm."""
+    from distshare.distributed.spawn import run_distributed
+    from distshare.testing.divergences import REPRODUCTIONS, run_all
+
+    start = time.perf_counter()
+    outcomes = run_distributed(run_all, 3, timeout_s=60, deadline_s=300)[0]
+    secs = round((time.perf_counter() - start) / max(len(outcomes), 1), 2)
+    rows = []
+    for o in outcomes:
+        repro = REPRODUCTIONS[o.name]
+        if o.fixed:
+            detail = f"{o.checks} checks, all in sync" if o.report is None else o.report.summary()
+            rows.append(
+                Row(
+                    "diagnosis",
+                    f"diagnosis ({o.name})",
+                    f"none (the fix: {repro.fix})",
+                    o.report is None,
+                    detail,
+                    secs,
+                    True,
+                )
+            )
+            continue
+        d = o.report.diagnosis if o.report is not None else None
+        named = d is not None and d.cause == repro.cause
+        detail = "never detected" if o.report is None else d.describe() if d is not None else o.report.summary()
+        rows.append(Row("diagnosis", f"diagnosis ({o.name})", f"{repro.bug} -> {repro.cause}", named, detail, secs))
+    return rows
+
+
 def _fault_label(fault: str, rank: int | None, step: int) -> str:
-    """"bit_flip on rank 1 after step 2"; a fault on every rank, or from the start, says so."""
+    """ "bit_flip on rank 1 after step 2"; a fault on every rank, or from the start, says so."""
     who = "every rank its own way" if rank is None else f"rank {rank}"
     when = "from the start" if step < 0 else f"after step {step}"
     return f"{fault.replace('_', ' ')} on {who}, {when}"
@@ -417,6 +451,7 @@ RUNNERS: dict[str, Callable[[Path], list[Row]]] = {
     "grid": grid_rows,
     "accounting": accounting_rows,
     "replicas": replica_rows,
+    "diagnosis": diagnosis_rows,
     "pitfalls": pitfall_rows,
     "checkpoint": checkpoint_rows,
     "demos": demo_rows,

@@ -1,16 +1,21 @@
 """The replica checker: are the ranks' training states still bit-identical?
 
-Every `every` steps and after the last it compares every rank's state by digest
+Once before the first step (the starting point: a difference there is the initial weights),
+then every `every` steps and after the last, it compares every rank's state by digest
 (`distshare.integrity.replicas.compare_replicas`, a collective: 16 bytes per rank while all
-agree) and records the first divergence and the final report in the run's account. The last
-check's combined digest is the run's fingerprint.
+agree); when they differ, the gradients too: right after the step `.grad` still holds what the
+optimizer used, so a gradient that was never reduced is diagnosed as such. It records the first divergence
+(with its diagnosis) and the final report in the run's account. The last check's combined
+digest is the run's fingerprint. The check before the first step is not counted in `checks`.
+The gradients are digested only when the rest differs (`grads="on_divergence"`): a check that
+agrees costs what it did before, and the run's fingerprint stays the state's.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from distshare.integrity.replicas import compare_replicas
+from distshare.integrity.replicas import compare_replicas, forget
 from distshare.training.loop import Component, Loop
 
 
@@ -29,6 +34,13 @@ class ReplicaChecker(Component):
         in_sync = self._check(loop, step, last=step == loop.steps - 1)
         row["replicas_in_sync"] = in_sync
 
+    def begin(self, loop: Loop) -> None:
+        # After the checkpointer's begin (it comes first): a resumed run starts from what it restored.
+        forget(loop.run.model)  # a new run: nothing remembered of an earlier one on this module
+        report = compare_replicas(loop.run.wrapped, loop.run.optimizer)
+        if not report.in_sync and loop.result.first_divergence is None:
+            loop.result.first_divergence = report.to_dict()
+
     def end(self, loop: Loop) -> None:
         if loop.first_step == loop.steps and loop.result.final_report is None:
             # Resumed after the last step: nothing trained here, but the state still gets checked.
@@ -36,7 +48,8 @@ class ReplicaChecker(Component):
 
     def _check(self, loop: Loop, step: int, last: bool) -> bool:
         run, result = loop.run, loop.result
-        report = compare_replicas(run.model, run.optimizer, step=step)
+        # The DDP wrapper, where there is one: its buffer sync setting is evidence for a diagnosis.
+        report = compare_replicas(run.wrapped, run.optimizer, grads="on_divergence", step=step)
         result.checks += 1
         if not report.in_sync and result.first_divergence is None:
             result.first_divergence = report.to_dict()

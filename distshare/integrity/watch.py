@@ -1,0 +1,200 @@
+"""`distshare.watch`: the right replica checks at the right points of a user's own loop.
+
+    watcher = distshare.watch(ddp_model, optimizer, every=10)   # a collective: every rank, same point
+    for batch in loader:
+        optimizer.zero_grad()
+        loss_fn(ddp_model(batch)).backward()
+        optimizer.step()          # every 10th step: compare replicas, gradients included
+    watcher.close()               # a last check, hooks removed
+
+    with distshare.watch(ddp_model, optimizer) as watcher:    # the same, as a context manager
+        train(...)
+
+Where the checks go, and why there:
+
+- **when created**: the starting point, before the first update. A difference here is the
+  initial weights (`init_mismatch`); later diagnoses build on this check having agreed.
+- **right after `optimizer.step()`** (an optimizer step hook), every `every`-th step: the
+  gradients the optimizer just used are still in `.grad`, so a gradient DDP never reduced is
+  seen as such, not later as drifted optimizer state. By default they are digested only when
+  the state differs (`grads="on_divergence"`: free while replicas agree); `grads=True`
+  compares them at every check.
+- **as each training forward begins** (a forward pre-hook on the module, which runs after
+  DDP's buffer broadcast) the buffers are digested, not compared: that is how the report
+  tells DDP's normal per-forward broadcast from buffers that are never synced.
+
+Its checks run on a process group of their own, with a timeout, so they never interleave
+with DDP's all-reduces. A rank that calls `optimizer.step()` twice without a forward in
+between is counted (`optim/steps_taken` is compared like any state) but not checked a second
+time, so every rank's checks stay at the same points; a rank that skips a step leaves its peers
+waiting at the check, which then fails after `timeout_s` naming what to look for.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from distshare.errors import VerificationFailed
+from distshare.integrity.fingerprint import fingerprint_many
+from distshare.integrity.replicas import (
+    Extra,
+    ReplicaDivergenceError,
+    ReplicaReport,
+    compare_snapshot,
+    take_snapshot,
+)
+from distshare.integrity.state import unwrap
+
+
+class ReplicaCheckTimeout(VerificationFailed):
+    """The ranks did not all reach a replica check within the timeout."""
+
+
+class Watch:
+    """Replica checks placed by hooks: a baseline now, then after every `every`-th optimizer step."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        every: int = 1,
+        grads: bool | str = "on_divergence",
+        buffers: str = "compare",
+        extra: Extra = None,
+        raise_on_divergence: bool = True,
+        locate: bool | int = 16,
+        timeout_s: float = 300.0,
+        keep: int = 100,
+    ) -> None:
+        if every < 1:
+            raise ValueError(f"every={every}: expected a positive number of optimizer steps")
+        self.model, self.optimizer = model, optimizer
+        self.every, self.grads, self.buffers, self.extra = every, grads, buffers, extra
+        self.raise_on_divergence, self.locate, self.timeout_s = raise_on_divergence, locate, timeout_s
+        self.steps = 0  # optimizer.step() calls seen on this rank
+        self.iterations = 0  # of them, the steps with a training forward before them: what `every` counts
+        self.checks = 0
+        self.reports: deque[ReplicaReport] = deque(maxlen=keep)  # the latest checks' reports
+        self.first_divergence: ReplicaReport | None = None
+        self._checked_at = -1  # self.steps at the last check
+        self._forwards = 0
+        self._forward_since_step = False
+        self._entry_buffers: dict[str, str] | None = None
+        self._group = None
+        if dist.is_available() and dist.is_initialized():
+            # A group of its own (a collective: every rank creates the watch at the same point).
+            self._group = dist.new_group(timeout=timedelta(seconds=timeout_s))
+        inner = unwrap(model)
+        self._watch_buffers = buffers != "ignore" and any(True for _ in inner.buffers())
+        self._handles = [
+            optimizer.register_step_post_hook(self._after_step),
+            inner.register_forward_pre_hook(self._before_forward),
+        ]
+        self.check()  # the starting point
+
+    # ------------------------------------------------------------------------------ the hooks
+
+    def _before_forward(self, module: nn.Module, args: Any) -> None:
+        if not (module.training and torch.is_grad_enabled()):
+            return  # evaluation (possibly on one rank only) is not a training step
+        self._forwards += 1
+        first_since_step = not self._forward_since_step
+        self._forward_since_step = True
+        # The buffers as this forward receives them, after DDP's broadcast; from the second
+        # forward on, when an earlier forward has changed them (at the first, every rank
+        # still holds its initial buffers, synced or not).
+        if self._watch_buffers and first_since_step and self._forwards >= 2:
+            self._entry_buffers = fingerprint_many({f"buffer/{n}": b for n, b in module.named_buffers()})
+
+    def _after_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        self.steps += 1
+        if self._forwards and not self._forward_since_step:
+            return  # a second step without a forward between: counted, not checked (see the module doc)
+        self._forward_since_step = False
+        self.iterations += 1
+        if self.iterations % self.every == 0:
+            self.check(step=self.iterations - 1)
+
+    # ------------------------------------------------------------------------------ the checks
+
+    def check(self, step: int | None = None) -> ReplicaReport:
+        """Collective: compare the replicas now (every rank must call it at the same point)."""
+        snapshot = take_snapshot(
+            self.model, self.optimizer, self.grads, self.buffers, self.extra, steps_taken=self.steps
+        )
+        snapshot.forward_buffers = self._entry_buffers
+        try:
+            report = compare_snapshot(self.model, snapshot, step, self._group, self.locate, self.buffers)
+        except RuntimeError as exc:
+            if "timeout" not in str(exc).lower() and "timed out" not in str(exc).lower():
+                raise
+            at = f"step {step}" if step is not None else "the start"
+            raise ReplicaCheckTimeout(
+                f"distshare.watch: the replica check at {at} timed out after {self.timeout_s:g} s: some rank "
+                "did not reach it (it skipped an optimizer.step(), stepped inside a rank-dependent branch, or stopped)"
+            ) from None
+        self.checks += 1
+        self._checked_at = self.steps
+        self.reports.append(report)
+        if not report.in_sync and self.first_divergence is None:
+            self.first_divergence = report
+        if not report.in_sync and self.raise_on_divergence:
+            raise ReplicaDivergenceError(report)
+        return report
+
+    def close(self) -> ReplicaReport | None:
+        """A last check if steps were taken since the last one; then the hooks are removed."""
+        report = None
+        try:
+            if self._handles and self.steps != self._checked_at:
+                report = self.check(step=self.iterations - 1)
+        finally:
+            self.remove()
+        return report
+
+    def remove(self) -> None:
+        """Remove the hooks without a last check."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    @property
+    def in_sync(self) -> bool:
+        return self.first_divergence is None
+
+    def __enter__(self) -> Watch:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: Any) -> None:
+        if kind is None:
+            self.close()
+        else:
+            self.remove()  # an error is on its way: no collective that peers may never join
+
+
+def watch(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    every: int = 1,
+    grads: bool | str = "on_divergence",
+    buffers: str = "compare",
+    extra: Extra = None,
+    raise_on_divergence: bool = True,
+    locate: bool | int = 16,
+    timeout_s: float = 300.0,
+) -> Watch:
+    """Watch a training loop's replicas: a check now, then after every `every`-th `optimizer.step()`.
+
+    A collective at creation (every rank creates it at the same point). Pass the DDP-wrapped
+    model where there is one: its buffer sync setting is evidence. Raises
+    `ReplicaDivergenceError` from `optimizer.step()` on every rank when replicas differ (or
+    records it in `first_divergence`, with `raise_on_divergence=False`). Use it as a context
+    manager, or call `close()` after the loop for the last check.
+    """
+    return Watch(model, optimizer, every, grads, buffers, extra, raise_on_divergence, locate, timeout_s)
