@@ -52,14 +52,14 @@ OVERRIDES = [  # bench_check_cost.py's model
 MODES = ("state", "on_divergence", "grads", "diverged")
 
 
-def _measure(world: World, repeats: int) -> dict[str, Any]:
+def _measure(world: World, repeats: int, modes: tuple[str, ...] = MODES) -> dict[str, Any]:
     torch.set_num_threads(1)
     cfg = load_config(None, [*OVERRIDES, f"plan.world_size={world.world_size}", "steps=1"])
     run = build_run(cfg, world)
     train_step(run, 0)  # a trained state: Adam moments exist, .grad holds the step's gradients
     params = sum(p.numel() for p in run.model.parameters())
     weight = next(p for p in run.model.parameters() if p.dim() == 2)
-    totals = dict.fromkeys(MODES, 0.0)
+    totals = dict.fromkeys(modes, 0.0)
     causes = set()
 
     def call(mode: str) -> None:
@@ -75,13 +75,14 @@ def _measure(world: World, repeats: int) -> dict[str, Any]:
             with torch.no_grad():
                 weight.view(-1).view(torch.int32)[7] ^= 1 << 20
         if mode == "diverged":
-            causes.add(str(report.diagnosis.cause) if report.diagnosis else "in sync")
+            diagnosis = getattr(report, "diagnosis", None)  # None on a distshare without diagnoses
+            causes.add(str(diagnosis.cause) if diagnosis else "no diagnosis")
         elif not report.in_sync:
             raise RuntimeError(f"{mode}: replicas should agree: {report.summary()}")
 
     for i in range(repeats):
-        for j in range(len(MODES)):
-            call(MODES[(i + j) % len(MODES)])
+        for j in range(len(modes)):
+            call(modes[(i + j) % len(modes)])
     return {"parameters": params, "totals_s": totals, "diverged_cause": sorted(causes)}
 
 
@@ -89,9 +90,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--world-size", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument(
+        "--modes", default=",".join(MODES), help="comma-separated, of: " + ", ".join(MODES) + " (default: all)"
+    )
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
-    out = run_distributed(_measure, args.world_size, args.repeats, timeout_s=300, deadline_s=None)[0]
+    modes = tuple(m for m in args.modes.split(",") if m)
+    if not modes or any(m not in MODES for m in modes) or "state" not in modes:
+        parser.error(f"--modes: some of {', '.join(MODES)}, 'state' among them (the ratios' base)")
+    out = run_distributed(_measure, args.world_size, args.repeats, modes, timeout_s=300, deadline_s=None)[0]
     base = out["totals_s"]["state"]
     rows = {
         mode: {
