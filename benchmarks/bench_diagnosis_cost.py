@@ -31,6 +31,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
+from bench_check_cost import OVERRIDES  # noqa: E402 - the same 12.6M model
 
 from distshare.config import load_config  # noqa: E402
 from distshare.distributed.spawn import run_distributed  # noqa: E402
@@ -38,17 +39,6 @@ from distshare.distributed.world import World  # noqa: E402
 from distshare.integrity.replicas import compare_replicas  # noqa: E402
 from distshare.training import build_run, train_step  # noqa: E402
 
-OVERRIDES = [  # bench_check_cost.py's model
-    "model.d_model=512",
-    "model.n_heads=8",
-    "model.n_layers=4",
-    "model.d_ff=2048",
-    "optim.name=adamw",
-    "plan.global_batch=32",
-    "plan.accum_steps=1",
-    "plan.micro_batch=null",
-    "data.num_samples=512",
-]
 MODES = ("state", "on_divergence", "grads", "diverged")
 
 

@@ -31,6 +31,7 @@ DATASETS = ("svo", "shapes", "digits", "pydoc", "file")
 ENGINES = ("auto", "local", "torch", "accelerate", "ray")
 DEVICES = ("cpu", "cuda")
 SYNC_MODES = ("ddp", "allreduce", "exact")
+BUFFER_CHECKS = ("compare", "separate", "ignore")  # distshare.integrity.replicas.BUFFER_MODES
 DTYPES = {"float32": torch.float32, "float64": torch.float64}  # model.dtype: the name and the torch dtype
 NORMS = ("none", "batch", "group")
 OPTIMIZERS = ("sgd", "adam", "adamw")
@@ -159,6 +160,8 @@ class RunConfig:
     engine: str = "auto"
     device: str = "cpu"  # cpu (gloo) | cuda (nccl, one GPU per rank), under every engine and launcher
     check_every: int = 10  # compare replica fingerprints every N steps (verify: 1); 0 = only at the end
+    # compare | separate (buffers compared and reported, not a failure: BatchNorm under DDP) | ignore
+    check_buffers: str = "compare"
     timeout_s: float = 120.0  # bound on every collective and on waiting for ranks, seconds
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)  # checkpoints and resume
 
@@ -171,6 +174,7 @@ class RunConfig:
         _choice("data.task", self.data.task, SVO_TASKS)
         _choice("optim.name", self.optim.name, OPTIMIZERS)
         _choice("sync", self.sync, SYNC_MODES)
+        _choice("check_buffers", self.check_buffers, BUFFER_CHECKS)
         if self.sync == "exact" and self.model.name == "cnn" and self.model.norm == "batch":
             raise ConfigError(
                 "model.norm",

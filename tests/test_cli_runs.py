@@ -133,3 +133,9 @@ def test_batchnorm_running_stats_are_reported_as_diverged(tmp_path, cli):
     code, out, _ = cli("train", *args, "--no-progress", "--out", str(tmp_path / "table"))
     (why,) = [line for line in out.splitlines() if line.lstrip().startswith("why")]
     assert "buffers_only: " in why and "DDP's normal behaviour" in why and "Fix: " in why
+    # The fix it names: buffers checked apart, everything else still checked (and in sync).
+    separate = [*args, "--set", "check_buffers=separate"]
+    code, out, _ = cli("train", *separate, "--json", "--no-progress", "--out", str(tmp_path / "separate"))
+    result = json.loads(out)
+    assert code == 0 and result["ok"] and result["first_divergence"] is None
+    assert "4 buffer(s) differ at the last check (buffers_only), checked apart" in result["replicas_summary"]

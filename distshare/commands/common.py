@@ -219,11 +219,7 @@ def training_summary(cfg: RunConfig, results: list[TrainResult], plan: GlobalBat
         "replicas_in_sync": in_sync,
         **({"exact_underflows": main.exact_underflows} if main.exact_underflows is not None else {}),
         "replica_checks": main.checks,
-        "replicas_summary": (
-            f"{main.checks} checks over {main.world_size} rank(s) and one before the first step, all bit-identical"
-            if diverged is None
-            else diverged.summary()
-        ),
+        "replicas_summary": _in_sync_summary(main) if diverged is None else diverged.summary(),
         # Why they differ (the likely cause, its evidence and fix), and where, apart.
         "replicas_diagnosis": diverged.diagnosis.to_dict() if diverged and diverged.diagnosis else None,
         "replicas_where": None if diverged is None else _where(diverged),
@@ -236,6 +232,19 @@ def training_summary(cfg: RunConfig, results: list[TrainResult], plan: GlobalBat
         "final_loss": main.losses[-1] if main.losses else None,
         "seconds": round(main.seconds, 3),
     }
+
+
+def _in_sync_summary(main: TrainResult) -> str:
+    checks = f"{main.checks} checks over {main.world_size} rank(s) and one before the first step"
+    final = ReplicaReport.from_dict(main.final_report) if main.final_report else None
+    if final is None or final.identical:
+        return f"{checks}, all bit-identical"
+    # In sync, yet something differs: what check_buffers=separate compares apart.
+    why = f" ({final.diagnosis.cause.value})" if final.diagnosis else ""
+    return (
+        f"{checks}: parameters and optimizer state bit-identical; "
+        f"{len(final.differing)} buffer(s) differ at the last check{why}, checked apart (check_buffers=separate)"
+    )
 
 
 def _where(report: ReplicaReport) -> str:

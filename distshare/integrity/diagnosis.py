@@ -71,6 +71,7 @@ CORRUPTION_MAX_ELEMENTS = 16
 # rounding of g * c is about 1e-7 relative; a gradient of other data misses by order 1).
 SCALE_FIT = 1e-4
 STEPS_TAKEN = "optim/steps_taken"  # distshare.watch's own count of optimizer.step() calls
+BEFORE_FIRST_STEP = "before the first step"  # how a check before any update is named
 _GROUP = re.compile(r"group\d+")
 # Buffer names in a checkpoint, where parameters and buffers share the `model/` prefix.
 _BUFFER_LEAVES = ("running_mean", "running_var", "num_batches_tracked")
@@ -581,7 +582,7 @@ def _params_only(ev: Evidence) -> Diagnosis | None:
     if not ev.kinds("param"):
         return None
     moments = "state" in ev.compared
-    agreed_since = [f.last_in_sync for f in ev.facts if f.last_in_sync and f.last_in_sync != _BEFORE]
+    agreed_since = [f.last_in_sync for f in ev.facts if f.last_in_sync and f.last_in_sync != BEFORE_FIRST_STEP]
     if agreed_since:
         return _diagnosis(
             ev,
@@ -614,8 +615,6 @@ def _params_only(ev: Evidence) -> Diagnosis | None:
         )
     return d
 
-
-_BEFORE = "before the first step"
 
 # ---------------------------------------------------------------------------------- helpers
 

@@ -39,6 +39,7 @@ from torch import nn
 
 from distshare.errors import VerificationFailed
 from distshare.integrity.diagnosis import (
+    BEFORE_FIRST_STEP,
     KINDS,
     STEPS_TAKEN,
     Diagnosis,
@@ -55,7 +56,6 @@ from distshare.numerics.diff import TensorDiff, localize
 BUFFER_MODES = ("compare", "separate", "ignore")
 GRAD_MODES = (False, True, "on_divergence")
 Extra = Mapping[str, Any] | Callable[[], Mapping[str, Any]] | None
-BEFORE_FIRST_STEP = "before the first step"
 
 
 @dataclass
@@ -63,7 +63,9 @@ class ReplicaReport:
     """What every rank's digests say: in sync, or which tensors differ on which ranks, where, and why."""
 
     world_size: int
-    combined: list[str]  # combined fingerprint of each rank, index = rank
+    # Combined fingerprint of each rank (index = rank), of what `in_sync` judges: buffers
+    # compared apart (buffers="separate") and gradients digested late are not in it.
+    combined: list[str]
     differing: dict[str, list[int]] = field(default_factory=dict)  # tensor -> ranks off the majority
     step: int | None = None
     majority: dict[str, bool] = field(default_factory=dict)  # tensor -> did a strict majority agree?
@@ -91,6 +93,8 @@ class ReplicaReport:
         if self.identical:
             return f"all {self.world_size} replicas identical ({self.combined[0]})"
         at = f" at step {self.step}" if self.step is not None else ""
+        if not at and self.diagnosis is not None and self.diagnosis.evidence.get("check") == "before the first update":
+            at = " before the first update"
         head = "replicas differ" if not self.in_sync else "replicas agree except for separately checked"
         why = f"{self.diagnosis.describe()} | " if self.diagnosis is not None else ""
         return f"{head}{at}: {why}{self.locations(limit)}"
@@ -215,7 +219,7 @@ def compare_digests(
             majority[name] = strict
     report = ReplicaReport(
         world_size=len(per_rank),
-        combined=[combined_fingerprint(d) for d in per_rank],
+        combined=[_combined(d, separate or []) for d in per_rank],
         differing=differing,
         step=step,
         majority=majority,
@@ -358,7 +362,7 @@ def compare_snapshot(
     everyone = [torch.empty_like(mine) for _ in range(world_size)]
     dist.all_gather(everyone, mine, group=group)
     if all(torch.equal(t, mine) for t in everyone):
-        combined = combined_fingerprint(local)
+        combined = _combined(local, separate)
         report = ReplicaReport(world_size=world_size, combined=[combined] * world_size, step=step, separate=separate)
         _remember(history, report, snapshot, step)
         return report
@@ -382,11 +386,14 @@ def compare_snapshot(
             f.changed = [n for n in f.changed if n in report.differing]
     report = compare_digests(per_rank, step, all_facts, report.elements, separate)
     if snapshot.late_grads is not None:  # each rank's fingerprint stays that of its state alone
-        report.combined = [
-            combined_fingerprint({n: d for n, d in digests.items() if kind_of(n) != "grad"}) for digests in per_rank
-        ]
+        report.combined = [_combined(digests, [*separate, "grad"]) for digests in per_rank]
     _remember(history, report, snapshot, step)
     return report
+
+
+def _combined(digests: dict[str, str], leave_out: list[str]) -> str:
+    """One rank's combined fingerprint, without the kinds in `leave_out`."""
+    return combined_fingerprint({n: d for n, d in digests.items() if kind_of(n) not in leave_out})
 
 
 def _payload(local: dict[str, str], separate: list[str]) -> torch.Tensor:

@@ -178,23 +178,14 @@ class Watch:
             self.remove()  # an error is on its way: no collective that peers may never join
 
 
-def watch(
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    every: int = 1,
-    grads: bool | str = "on_divergence",
-    buffers: str = "compare",
-    extra: Extra = None,
-    raise_on_divergence: bool = True,
-    locate: bool | int = 16,
-    timeout_s: float = 300.0,
-) -> Watch:
+def watch(model: nn.Module, optimizer: torch.optim.Optimizer, every: int = 1, **options: Any) -> Watch:
     """Watch a training loop's replicas: a check now, then after every `every`-th `optimizer.step()`.
 
     A collective at creation (every rank creates it at the same point). Pass the DDP-wrapped
-    model where there is one: its buffer sync setting is evidence. Raises
-    `ReplicaDivergenceError` from `optimizer.step()` on every rank when replicas differ (or
-    records it in `first_divergence`, with `raise_on_divergence=False`). Use it as a context
-    manager, or call `close()` after the loop for the last check.
+    model where there is one: what it wrapped is evidence. Raises `ReplicaDivergenceError`
+    from `optimizer.step()` on every rank when replicas differ (or records it in
+    `first_divergence`, with `raise_on_divergence=False`). Use it as a context manager, or call
+    `close()` after the loop for the last check. `options`: those of `Watch` (grads, buffers,
+    extra, raise_on_divergence, locate, timeout_s, keep).
     """
-    return Watch(model, optimizer, every, grads, buffers, extra, raise_on_divergence, locate, timeout_s)
+    return Watch(model, optimizer, every, **options)

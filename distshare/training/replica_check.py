@@ -1,5 +1,9 @@
 """The replica checker: are the ranks' training states still bit-identical?
 
+With `check_buffers: separate` (config) buffers are compared and reported but a difference in
+them alone fails nothing (BatchNorm under DDP: each rank's forward updates its own running
+statistics after rank 0's are broadcast); `ignore` leaves them out.
+
 Once before the first step (the starting point: a difference there is the initial weights),
 then every `every` steps and after the last, it compares every rank's state by digest
 (`distshare.integrity.replicas.compare_replicas`, a collective: 16 bytes per rank while all
@@ -22,8 +26,8 @@ from distshare.training.loop import Component, Loop
 class ReplicaChecker(Component):
     """Compare replicas every `every` steps (0: only after the last step)."""
 
-    def __init__(self, every: int) -> None:
-        self.every = every
+    def __init__(self, every: int, buffers: str = "compare") -> None:
+        self.every, self.buffers = every, buffers  # buffers: compare | separate | ignore (config check_buffers)
 
     def due(self, step: int, steps: int) -> bool:
         return step == steps - 1 or bool(self.every and (step + 1) % self.every == 0)
@@ -37,7 +41,7 @@ class ReplicaChecker(Component):
     def begin(self, loop: Loop) -> None:
         # After the checkpointer's begin (it comes first): a resumed run starts from what it restored.
         forget(loop.run.model)  # a new run: nothing remembered of an earlier one on this module
-        report = compare_replicas(loop.run.wrapped, loop.run.optimizer)
+        report = compare_replicas(loop.run.wrapped, loop.run.optimizer, buffers=self.buffers)
         if not report.in_sync and loop.result.first_divergence is None:
             loop.result.first_divergence = report.to_dict()
 
@@ -49,7 +53,7 @@ class ReplicaChecker(Component):
     def _check(self, loop: Loop, step: int, last: bool) -> bool:
         run, result = loop.run, loop.result
         # The DDP wrapper, where there is one: its buffer sync setting is evidence for a diagnosis.
-        report = compare_replicas(run.wrapped, run.optimizer, grads="on_divergence", step=step)
+        report = compare_replicas(run.wrapped, run.optimizer, grads="on_divergence", step=step, buffers=self.buffers)
         result.checks += 1
         if not report.in_sync and result.first_divergence is None:
             result.first_divergence = report.to_dict()

@@ -53,7 +53,7 @@ def train(
     result.sync = run.sync.name
     result.device = world.device.type if world.device.type == "cpu" else str(world.device)
     result.restart = restart
-    standard: list[Component] = [Checkpointer(restart), ReplicaChecker(cfg.check_every)]
+    standard: list[Component] = [Checkpointer(restart), ReplicaChecker(cfg.check_every, cfg.check_buffers)]
     if metrics is None and out_dir is not None:
         metrics = FileSink(Path(out_dir) / METRICS_FILE)
     if metrics is not None:
