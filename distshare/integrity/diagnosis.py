@@ -226,7 +226,7 @@ class Evidence:
     @property
     def when(self) -> str:
         if self.updated is False:
-            return "before the first update"
+            return BEFORE_FIRST_STEP
         return f"step {self.step}" if self.step is not None else "this check"
 
     def kinds(self, *kinds: str) -> list[str]:
@@ -386,7 +386,7 @@ def _before_update(ev: Evidence) -> Diagnosis | None:
     if not (ev.updated is False or baseline_failed) or not ev.kinds("param", "buffer"):
         return None
     names = ev.kinds("param", "buffer")
-    when = "before any update" if ev.updated is False else "already at the check before the first update"
+    when = "before any update" if ev.updated is False else "already at the check before the first step"
     return _diagnosis(
         ev,
         Cause.INIT_MISMATCH,

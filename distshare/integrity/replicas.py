@@ -93,8 +93,8 @@ class ReplicaReport:
         if self.identical:
             return f"all {self.world_size} replicas identical ({self.combined[0]})"
         at = f" at step {self.step}" if self.step is not None else ""
-        if not at and self.diagnosis is not None and self.diagnosis.evidence.get("check") == "before the first update":
-            at = " before the first update"
+        if not at and self.diagnosis is not None and self.diagnosis.evidence.get("check") == BEFORE_FIRST_STEP:
+            at = f" {BEFORE_FIRST_STEP}"
         head = "replicas differ" if not self.in_sync else "replicas agree except for separately checked"
         why = f"{self.diagnosis.describe()} | " if self.diagnosis is not None else ""
         return f"{head}{at}: {why}{self.locations(limit)}"
