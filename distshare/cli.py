@@ -33,7 +33,11 @@ class _Parser(argparse.ArgumentParser):
         # (Checked on the strings given, not the value: a `type=` may turn one string into a list.)
         if action.option_strings and action.nargs is None and arg_strings in ([], ["--"]):
             self.error(f"argument {'/'.join(action.option_strings)}: expected one argument")
-        return super()._get_values(action, arg_strings)
+        value = super()._get_values(action, arg_strings)
+        # The same for a positional: `compare -- A --` gives B an empty list, not a path.
+        if not action.option_strings and action.nargs is None and isinstance(value, list):
+            self.error(f"argument {action.metavar or action.dest}: expected one argument")
+        return value
 
 
 # Order is the order of `distshare --help`. Each name is a module distshare/commands/<name>.py.

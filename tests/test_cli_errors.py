@@ -164,3 +164,12 @@ def test_help_exits_0(tmp_path):
     proc = run_cli("--help", cwd=tmp_path)
     assert proc.returncode == 0
     assert "verify" in proc.stdout and "train" in proc.stdout and "env" in proc.stdout
+
+
+def test_a_positional_emptied_by_double_dash_is_one_line_and_exit_2(capsys, tmp_path, monkeypatch):
+    """argparse before Python 3.12 turns `compare -- A --` into B = [] (found by test_fuzz_cli):
+    refused in one line naming B, not a TypeError from deep inside."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "junk.safetensors").write_bytes(b"")
+    line = refuse(capsys, ["compare", "--", "junk.safetensors", "--"])
+    assert "argument B: expected one argument" in line
