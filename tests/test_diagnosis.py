@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import re
 
 import pytest
 import torch
@@ -374,3 +375,25 @@ def test_compare_diagnoses_two_checkpoints(tmp_path, cli):
     assert code == 1 and "why: init_mismatch" in out
     code, out, _ = cli("compare", str(tmp_path / "a"), str(tmp_path / "a"), "--json")
     assert code == 0 and json.loads(out)["diagnosis"] is None
+
+
+def test_watch_refuses_bad_options_and_leaves_no_hook_behind():
+    model = nn.Linear(2, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for options, words in (
+        ({"every": 0}, "every=0"),
+        ({"buffers": "seperate"}, "expected one of compare, separate, ignore"),
+        ({"grads": "yes"}, "grads='yes'"),
+    ):
+        with pytest.raises(ValueError, match=re.escape(words)):
+            distshare.watch(model, opt, **options)
+    model(torch.randn(3, 2)).sum().backward()
+    opt.step()  # no hook of a watch that never started runs here
+    # One process: a watch checks (trivially in sync) and counts; close() makes no second check.
+    with distshare.watch(model, opt, every=2) as w:
+        for _ in range(3):
+            opt.zero_grad()
+            model(torch.randn(3, 2)).sum().backward()
+            opt.step()
+    assert (w.steps, w.iterations, w.checks, [r.step for r in w.reports]) == (3, 3, 3, [None, 1, 2])
+    assert w.in_sync and not w._handles

@@ -57,6 +57,9 @@ class Cause(str, Enum):
 
 
 KINDS = ("param", "grad", "state", "hyper", "buffer", "extra")
+# Causes that usually come from one rank, where "which one?" is worth a sentence; the others
+# (a bypassed wrapper, unsynced buffers, weights never broadcast) are in every rank's code.
+_ONE_RANK_CAUSES = (Cause.CORRUPTION, Cause.OPTIMIZER_STATE, Cause.OPTIMIZER_HYPERPARAMS, Cause.UNKNOWN)
 KIND_WORDS = {
     "param": "parameters",
     "grad": "gradients",
@@ -134,11 +137,11 @@ class Diagnosis:
 
     def describe(self) -> str:
         """ "<cause>: <explanation> Fix: <fix>" (+ what would decide), one line."""
-        text = f"{self.cause.value}: {self.explanation} Fix: {self.fix}"
+        text = f"{self.cause.value}: {_sentence(self.explanation)} Fix: {_sentence(self.fix)}"
         why = self.evidence.get("culprit_evidence")
         if self.culprit is not None:
             text += f" Likely culprit: rank {self.culprit}" + (f" ({why})." if why else ".")
-        elif why:
+        elif why and self.cause in _ONE_RANK_CAUSES:
             text += f" No culprit named: {why}."
         if self.alternatives:
             text += f" (Could also be {', '.join(self.alternatives)}; to decide: {self.decide}.)"
@@ -454,8 +457,9 @@ def _gradients(ev: Evidence) -> Diagnosis | None:
             d.evidence["culprit_evidence"] = f"rank {smaller}'s gradients are the smaller (clipping lowers a norm)"
         return d
     params = {parameter_of(n) for n in grads}
+    with_grad = " that have one" if ev.totals["grad"] < ev.totals["param"] else ""
     scope = (
-        f"for all {len(params)} parameters"
+        f"for all {len(params)} parameters{with_grad}"
         if len(params) >= ev.totals["grad"]
         else f"for {_count(sorted(params), 'parameter')}"
     )
@@ -658,3 +662,7 @@ def _names(names: list[str], limit: int = 3) -> str:
 def _count(names: list[str], what: str) -> str:
     n = len(names)
     return f"{n} {what}{'s' if n != 1 else ''} ({_names(names)})"
+
+
+def _sentence(text: str) -> str:
+    return text if text.endswith((".", "?", "!")) else text + "."

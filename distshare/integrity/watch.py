@@ -43,6 +43,8 @@ from torch import nn
 from distshare.errors import VerificationFailed
 from distshare.integrity.fingerprint import fingerprint_many
 from distshare.integrity.replicas import (
+    BUFFER_MODES,
+    GRAD_MODES,
     Extra,
     ReplicaDivergenceError,
     ReplicaReport,
@@ -74,6 +76,10 @@ class Watch:
     ) -> None:
         if every < 1:
             raise ValueError(f"every={every}: expected a positive number of optimizer steps")
+        if buffers not in BUFFER_MODES:
+            raise ValueError(f"buffers={buffers!r}: expected one of {', '.join(BUFFER_MODES)}")
+        if grads not in GRAD_MODES:
+            raise ValueError(f"grads={grads!r}: expected True, False or 'on_divergence'")
         self.model, self.optimizer = model, optimizer
         self.every, self.grads, self.buffers, self.extra = every, grads, buffers, extra
         self.raise_on_divergence, self.locate, self.timeout_s = raise_on_divergence, locate, timeout_s
@@ -96,7 +102,11 @@ class Watch:
             optimizer.register_step_post_hook(self._after_step),
             inner.register_forward_pre_hook(self._before_forward),
         ]
-        self.check()  # the starting point
+        try:
+            self.check()  # the starting point
+        except BaseException:
+            self.remove()  # a watch that failed to start leaves no hook behind
+            raise
 
     # ------------------------------------------------------------------------------ the hooks
 
