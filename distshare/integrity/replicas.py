@@ -40,6 +40,7 @@ from torch import nn
 from distshare.errors import VerificationFailed
 from distshare.integrity.diagnosis import (
     BEFORE_FIRST_STEP,
+    KIND_WORDS,
     KINDS,
     STEPS_TAKEN,
     Diagnosis,
@@ -95,7 +96,8 @@ class ReplicaReport:
         at = f" at step {self.step}" if self.step is not None else ""
         if not at and self.diagnosis is not None and self.diagnosis.evidence.get("check") == BEFORE_FIRST_STEP:
             at = f" {BEFORE_FIRST_STEP}"
-        head = "replicas differ" if not self.in_sync else "replicas agree except for separately checked"
+        apart = " and ".join(KIND_WORDS[k] for k in self.separate)
+        head = "replicas differ" if not self.in_sync else f"replicas in sync but for {apart} (checked apart)"
         why = f"{self.diagnosis.describe()} | " if self.diagnosis is not None else ""
         return f"{head}{at}: {why}{self.locations(limit)}"
 
