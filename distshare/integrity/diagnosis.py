@@ -376,7 +376,8 @@ def _hyperparams(ev: Evidence) -> Diagnosis | None:
     return _diagnosis(
         ev,
         Cause.OPTIMIZER_HYPERPARAMS,
-        f"the optimizer's {_names(names)} differ across ranks{values}: every update after that differs, "
+        f"the optimizer's {_names(names)} {'differs' if len(names) == 1 else 'differ'} across ranks{values}: "
+        "every update after that differs, "
         "whatever the gradients.",
         "step the learning-rate scheduler on every rank (not under `if rank == 0`), and take every "
         "hyperparameter from the config, never from the rank.",
@@ -482,8 +483,8 @@ _WRAPPER_WHY = {
         "call the DDP wrapper, ddp(x), never ddp.module(x)",
     ),
     "replaced": (
-        "{count} {be} not the parameter objects DDP wrapped (replaced after wrapping), so DDP's hooks never "
-        "see their gradients",
+        "{count} {be} not among the parameter objects DDP wrapped (replaced after wrapping), so DDP's hooks "
+        "never see their gradients",
         "assign new parameters before wrapping the model, then build the optimizer from it",
     ),
     "joined": (
