@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import pickle
 import re
+import time
 
 import pytest
 import torch
@@ -21,6 +22,7 @@ from distshare.distributed.spawn import run_distributed
 from distshare.integrity.checkpoint import save_checkpoint
 from distshare.integrity.diagnosis import Cause, RankFacts, diagnose, kind_of
 from distshare.integrity.replicas import ReplicaDivergenceError, ReplicaReport, compare_digests
+from distshare.integrity.watch import ReplicaCheckTimeout
 from distshare.numerics.diff import localize
 
 # ------------------------------------------------------------------ the rules, on synthetic evidence
@@ -397,3 +399,27 @@ def test_watch_refuses_bad_options_and_leaves_no_hook_behind():
             opt.step()
     assert (w.steps, w.iterations, w.checks, [r.step for r in w.reports]) == (3, 3, 3, [None, 1, 2])
     assert w.in_sync and not w._handles
+
+
+def _one_rank_skips_the_step(world):
+    torch.manual_seed(0)
+    model = nn.Linear(2, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    distshare.watch(model, opt, timeout_s=3)
+    model(torch.randn(3, 2)).sum().backward()
+    if world.rank != 0:
+        time.sleep(8)  # never steps, stays alive past rank 0's timeout: the check's peers wait for nobody
+        return None
+    start = time.monotonic()
+    try:
+        opt.step()  # the check in the step hook waits for rank 1, which never comes
+    except ReplicaCheckTimeout as exc:
+        return str(exc), time.monotonic() - start
+    return "no timeout", None
+
+
+@pytest.mark.slow
+def test_a_watch_check_a_rank_never_reaches_ends_in_its_timeout_naming_what_to_look_for():
+    message, waited = run_distributed(_one_rank_skips_the_step, 2, timeout_s=30, deadline_s=60)[0]
+    assert "timed out after 3 s: some rank did not reach it (it skipped an optimizer.step()" in message
+    assert waited < 10  # the watch's own timeout, not the process group's 30 s

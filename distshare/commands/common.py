@@ -21,6 +21,7 @@ from distshare.data.plan import GlobalBatchPlan
 from distshare.data.types import DataInfo
 from distshare.distributed import launchers
 from distshare.errors import UsageError
+from distshare.integrity.diagnosis import BEFORE_FIRST_STEP
 from distshare.integrity.replicas import ReplicaReport
 from distshare.report import write_atomic, write_result
 from distshare.training import TrainResult
@@ -248,7 +249,7 @@ def _in_sync_summary(main: TrainResult) -> str:
 
 
 def _where(report: ReplicaReport) -> str:
-    at = "before the first step" if report.step is None else f"at step {report.step}"
+    at = BEFORE_FIRST_STEP if report.step is None else f"at step {report.step}"
     return f"diverged {at}: {report.locations()}"
 
 

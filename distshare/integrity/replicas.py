@@ -209,28 +209,39 @@ def compare_digests(
     facts: list[RankFacts] | None = None,
     elements: dict[str, list[TensorDiff]] | None = None,
     separate: list[str] | None = None,
+    unfingerprinted: tuple[str, ...] = (),
 ) -> ReplicaReport:
-    """Majority vote per tensor over every rank's digests, and the diagnosis (pure; no communication)."""
-    names = sorted(set().union(*per_rank))
-    differing: dict[str, list[int]] = {}
-    majority: dict[str, bool] = {}
-    for name in names:
-        odd, _, strict = vote([d.get(name) for d in per_rank])
-        if odd:
-            differing[name] = odd
-            majority[name] = strict
+    """Majority vote per tensor over every rank's digests, and the diagnosis (pure; no communication).
+
+    Each rank's combined fingerprint leaves out the `separate` kinds and the `unfingerprinted`
+    ones (gradients digested late, as evidence only)."""
+    differing, majority = _vote_all(per_rank)
+    separate = list(separate or [])
     report = ReplicaReport(
         world_size=len(per_rank),
-        combined=[_combined(d, separate or []) for d in per_rank],
+        combined=[_combined(d, [*separate, *unfingerprinted]) for d in per_rank],
         differing=differing,
         step=step,
         majority=majority,
         elements=elements or {},
-        separate=list(separate or []),
+        separate=separate,
     )
     if differing:
+        names = set().union(*per_rank)
         report.diagnosis = diagnose(differing, majority, report.elements, names, len(per_rank), step, facts or [])
     return report
+
+
+def _vote_all(per_rank: list[dict[str, str]]) -> tuple[dict[str, list[int]], dict[str, bool]]:
+    """(tensor -> ranks off the majority, tensor -> was there a strict majority) for the differing tensors."""
+    differing: dict[str, list[int]] = {}
+    majority: dict[str, bool] = {}
+    for name in sorted(set().union(*per_rank)):
+        odd, _, strict = vote([d.get(name) for d in per_rank])
+        if odd:
+            differing[name] = odd
+            majority[name] = strict
+    return differing, majority
 
 
 # ------------------------------------------------------------------------- what a rank remembers
@@ -249,25 +260,28 @@ class _History:
 _histories: weakref.WeakKeyDictionary[nn.Module, _History] = weakref.WeakKeyDictionary()
 
 
-def forget(model: nn.Module) -> None:
-    """Drop what the checks remembered of `model` (a new run with the same module object)."""
-    _histories.pop(unwrap(model), None)
-
-
 @dataclass
 class Snapshot:
-    """One rank's state as a check sees it: digests, the tensors behind them, and facts about itself."""
+    """One rank's state as a check sees it: the digests and the tensors behind them."""
 
     digests: dict[str, str]
     tensors: dict[str, torch.Tensor]
-    updated: bool | None
-    buffer_sync: bool | None
-    steps: int | None
-    forward_buffers: dict[str, str] | None = None
+    updated: bool | None  # has an update happened (None: no optimizer, no gradient: cannot tell)
+    optimizer: torch.optim.Optimizer | None = None
+    steps_taken: int | None = None  # distshare.watch's count of optimizer.step() calls
+    forward_buffers: dict[str, str] | None = None  # buffers as the last training forward received them (watch)
     # grads="on_divergence": the gradients are digested only once the state is found to differ
     # (they are still in .grad then: the same point of the step), so a check that agrees costs
     # nothing for them. A gradient that differs has already made the state differ by then.
     late_grads: nn.Module | None = None
+
+
+def check_modes(grads: bool | str, buffers: str) -> None:
+    """Refuse a `grads` or `buffers` option that is none of the known ones (ValueError)."""
+    if buffers not in BUFFER_MODES:
+        raise ValueError(f"buffers={buffers!r}: expected one of {', '.join(BUFFER_MODES)}")
+    if grads not in GRAD_MODES:
+        raise ValueError(f"grads={grads!r}: expected True, False or 'on_divergence'")
 
 
 def take_snapshot(
@@ -279,22 +293,20 @@ def take_snapshot(
     steps_taken: int | None = None,
 ) -> Snapshot:
     """This rank's state, digested (local: no communication)."""
-    if buffers not in BUFFER_MODES:
-        raise ValueError(f"buffers={buffers!r}: expected one of {', '.join(BUFFER_MODES)}")
-    if grads not in GRAD_MODES:
-        raise ValueError(f"grads={grads!r}: expected True, False or 'on_divergence'")
+    check_modes(grads, buffers)
     tensors = dict(named_state_tensors(model, optimizer, grads is True, buffers != "ignore", extra))
     if steps_taken is not None:  # distshare.watch counts optimizer.step() calls: state no optimizer keeps
         tensors[STEPS_TAKEN] = torch.tensor(steps_taken, dtype=torch.int64)
     inner = unwrap(model)
     has_grads = any(p.grad is not None for p in inner.parameters())
-    updated = bool(optimizer is not None and optimizer.state) or has_grads or steps_taken not in (None, 0)
+    updated = bool(optimizer is not None and optimizer.state) or has_grads or bool(steps_taken)
+    known = optimizer is not None or has_grads or steps_taken is not None
     return Snapshot(
         digests=fingerprint_many(tensors),
         tensors=tensors,
-        updated=updated if optimizer is not None or has_grads or steps_taken is not None else None,
-        buffer_sync=buffer_sync(model),
-        steps=steps_taken if steps_taken is not None else _optimizer_steps(optimizer),
+        updated=updated if known else None,
+        optimizer=optimizer,
+        steps_taken=steps_taken,
         late_grads=inner if grads == "on_divergence" else None,
     )
 
@@ -358,18 +370,18 @@ def compare_snapshot(
         _remember(history, report, snapshot, step)
         return report
     world_size = dist.get_world_size(group)
-    mine = _payload(local, separate)
+    combined = _combined(local, separate)
+    mine = _payload(combined, local, separate)
     if dist.get_backend(group) == "nccl":
         mine = mine.cuda()
     everyone = [torch.empty_like(mine) for _ in range(world_size)]
     dist.all_gather(everyone, mine, group=group)
     if all(torch.equal(t, mine) for t in everyone):
-        combined = _combined(local, separate)
         report = ReplicaReport(world_size=world_size, combined=[combined] * world_size, step=step, separate=separate)
         _remember(history, report, snapshot, step)
         return report
-    facts = _facts(dist.get_rank(group), snapshot, history)
-    facts.wrapper = wrapper_notes(model, snapshot.updated)
+    # They differ: from here on every piece of evidence is worth its cost.
+    facts = _facts(dist.get_rank(group), model, snapshot, history)
     if snapshot.late_grads is not None:  # now that they are evidence
         named = snapshot.late_grads.named_parameters()
         grads = {f"grad/{n}": local_shard(p.grad) for n, p in named if p.grad is not None}
@@ -379,16 +391,17 @@ def compare_snapshot(
     dist.all_gather_object(gathered, (local, facts), group=group)
     per_rank = [g[0] if g else {} for g in gathered]
     all_facts = [g[1] for g in gathered if g]
-    report = compare_digests(per_rank, step, separate=separate)  # which tensors, before localizing
-    if locate and report.differing:
-        limit = len(report.differing) if locate is True else int(locate)
-        report.elements = _locate(_by_kind_in_turn(report.differing, limit), per_rank, snapshot.tensors, group)
+    differing, _ = _vote_all(per_rank)
+    elements: dict[str, list[TensorDiff]] = {}
+    if locate and differing:
+        limit = len(differing) if locate is True else int(locate)
+        elements = _locate(_by_kind_in_turn(differing, limit), per_rank, snapshot.tensors, group)
     for f in all_facts:  # the tensors each rank changed since they agreed: only those that differ matter
         if f.changed is not None:
-            f.changed = [n for n in f.changed if n in report.differing]
-    report = compare_digests(per_rank, step, all_facts, report.elements, separate)
-    if snapshot.late_grads is not None:  # each rank's fingerprint stays that of its state alone
-        report.combined = [_combined(digests, [*separate, "grad"]) for digests in per_rank]
+            f.changed = [n for n in f.changed if n in differing]
+    # Each rank's fingerprint stays that of its state alone, without gradients digested late.
+    late = ("grad",) if snapshot.late_grads is not None else ()
+    report = compare_digests(per_rank, step, all_facts, elements, separate, late)
     _remember(history, report, snapshot, step)
     return report
 
@@ -398,34 +411,34 @@ def _combined(digests: dict[str, str], leave_out: list[str]) -> str:
     return combined_fingerprint({n: d for n, d in digests.items() if kind_of(n) not in leave_out})
 
 
-def _payload(local: dict[str, str], separate: list[str]) -> torch.Tensor:
+def _payload(combined: str, local: dict[str, str], separate: list[str]) -> torch.Tensor:
     """What the first round gathers: the combined digest (16 bytes), and with buffers="separate"
-    the counted and the separate tensors' combined digests apart (32 bytes)."""
+    the separate tensors' combined digest beside it (32 bytes)."""
+    digests = [combined]
     if separate:
-        counted = {n: d for n, d in local.items() if kind_of(n) not in separate}
-        apart = {n: d for n, d in local.items() if kind_of(n) in separate}
-        digests = [combined_fingerprint(counted), combined_fingerprint(apart)]
-    else:
-        digests = [combined_fingerprint(local)]
+        digests.append(_combined(local, [k for k in KINDS if k not in separate]))
     raw = b"".join(bytes.fromhex(d.split(":", 1)[1]) for d in digests)
     return torch.frombuffer(bytearray(raw), dtype=torch.uint8)
 
 
-def _facts(rank: int, snapshot: Snapshot, history: _History) -> RankFacts:
+def _facts(rank: int, model: nn.Module, snapshot: Snapshot, history: _History) -> RankFacts:
+    """What this rank knows of itself: read only once replicas are found to differ."""
     changed = None
     if history.digests is not None:
         before = history.digests
         changed = [n for n, d in snapshot.digests.items() if before.get(n) != d]
+    steps = snapshot.steps_taken if snapshot.steps_taken is not None else _optimizer_steps(snapshot.optimizer)
     return RankFacts(
         rank=rank,
         updated=snapshot.updated,
-        buffer_sync=snapshot.buffer_sync,
+        buffer_sync=buffer_sync(model),
         forward_buffers=snapshot.forward_buffers,
         changed=changed,
-        steps=snapshot.steps,
+        steps=steps,
         baseline=history.baseline,
         last_in_sync=history.last_in_sync,
         prior=history.prior,
+        wrapper=wrapper_notes(model, snapshot.updated),
     )
 
 

@@ -43,11 +43,10 @@ from torch import nn
 from distshare.errors import VerificationFailed
 from distshare.integrity.fingerprint import fingerprint_many
 from distshare.integrity.replicas import (
-    BUFFER_MODES,
-    GRAD_MODES,
     Extra,
     ReplicaDivergenceError,
     ReplicaReport,
+    check_modes,
     compare_snapshot,
     take_snapshot,
 )
@@ -76,10 +75,7 @@ class Watch:
     ) -> None:
         if every < 1:
             raise ValueError(f"every={every}: expected a positive number of optimizer steps")
-        if buffers not in BUFFER_MODES:
-            raise ValueError(f"buffers={buffers!r}: expected one of {', '.join(BUFFER_MODES)}")
-        if grads not in GRAD_MODES:
-            raise ValueError(f"grads={grads!r}: expected True, False or 'on_divergence'")
+        check_modes(grads, buffers)  # before any hook is registered
         self.model, self.optimizer = model, optimizer
         self.every, self.grads, self.buffers, self.extra = every, grads, buffers, extra
         self.raise_on_divergence, self.locate, self.timeout_s = raise_on_divergence, locate, timeout_s

@@ -69,8 +69,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from distshare.distributed.world import World
 from distshare.integrity.replicas import ReplicaReport, compare_replicas
+from distshare.testing.faults import BEFORE_FIRST_STEP
 
-BASELINE = -1  # `detected_at` of the check before any training
+BASELINE = BEFORE_FIRST_STEP  # `detected_at` of the check before any training (-1, as for the faults)
 STEPS = 5  # optimizer steps per reproduction: a divergence shows within one or two
 LR = 0.1  # SGD learning rate of the MLP reproductions (Adam ones use 0.01)
 FLIP_TENSOR = "0.weight"  # bit_flip: the parameter, its element and bit

@@ -94,7 +94,7 @@ EXPECTED_CAUSES = {
     "unsynced_buffers": "buffers_only",
     "optimizer_drift": "corruption",
 }
-BEFORE_FIRST_STEP = -1  # `detected_at` of the check before the first step
+BEFORE_FIRST_STEP = -1  # `detected_at` of the check before the first step (divergences.BASELINE too)
 
 
 def _outcome(

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from distshare.integrity.replicas import compare_replicas, forget
+from distshare.integrity.replicas import compare_replicas
 from distshare.training.loop import Component, Loop
 
 
@@ -40,7 +40,6 @@ class ReplicaChecker(Component):
 
     def begin(self, loop: Loop) -> None:
         # After the checkpointer's begin (it comes first): a resumed run starts from what it restored.
-        forget(loop.run.model)  # a new run: nothing remembered of an earlier one on this module
         report = compare_replicas(loop.run.wrapped, loop.run.optimizer, buffers=self.buffers)
         if not report.in_sync and loop.result.first_divergence is None:
             loop.result.first_divergence = report.to_dict()
