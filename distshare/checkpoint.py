@@ -1,7 +1,8 @@
 """The public checkpoint API (`distshare.checkpoint`), kept at its documented path.
 
 The implementation lives in `distshare.integrity.checkpoint`; this module only names what
-users import: save, load, verify and compare verified safetensors checkpoints.
+users import: save, load, verify and compare verified safetensors checkpoints (and the
+ecosystem's safetensors folders), and match a live model against one.
 """
 
 from distshare.integrity.checkpoint import (
@@ -12,8 +13,10 @@ from distshare.integrity.checkpoint import (
     CheckpointCheck,
     CheckpointComparison,
     CheckpointCorrupted,
+    CheckpointMatch,
     compare_checkpoints,
     load_checkpoint,
+    match_checkpoint,
     read_manifest,
     save_checkpoint,
     verify_checkpoint,
@@ -27,8 +30,10 @@ __all__ = [
     "CheckpointCheck",
     "CheckpointComparison",
     "CheckpointCorrupted",
+    "CheckpointMatch",
     "compare_checkpoints",
     "load_checkpoint",
+    "match_checkpoint",
     "read_manifest",
     "save_checkpoint",
     "verify_checkpoint",

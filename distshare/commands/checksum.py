@@ -3,11 +3,20 @@
     distshare checksum runs/ckpt/step-100                 # per-tensor digests, combined digest
     distshare checksum ckpt/rank0 ckpt/rank1 --json        # several, as one JSON object
     distshare checksum weights.safetensors                 # a bare file: digests only
+    distshare checksum gpt2-finetuned/                     # an HF save_pretrained folder, sharded or not
 
 A checkpoint directory (written by `distshare.checkpoint.save_checkpoint`) is read tensor by
 tensor and every digest is recomputed from the stored bytes: a flipped bit, a truncated file
-or a hand-edited manifest is named by tensor. Exit codes: 0 every tensor verified, 1 a
-tensor is damaged, 2 a path is missing or not a checkpoint.
+or a hand-edited manifest is named by tensor. A tied tensor (GPT-2's `lm_head.weight`) is
+stored once; its row says which tensor it is stored as. The `state digest` line is what
+`distshare.state_digest(model, optimizer)` gives for the saved state.
+
+A bare `.safetensors` file or a folder of them (an HF `save_pretrained` folder) has no
+manifest: its digests are computed, not verified (compare it with another copy to find a
+changed value), and its structure is checked: every tensor inside its file, and a sharded
+folder's index against its shards (a missing shard, a tensor missing from its shard, a
+truncated shard: each named). Exit codes: 0 every tensor verified (or read), 1 a tensor is
+damaged, 2 a path is missing or not a checkpoint.
 """
 
 from __future__ import annotations
@@ -28,7 +37,9 @@ def checksum_command_parser(subparsers: argparse._SubParsersAction) -> argparse.
         __doc__,
         checksum_command,
     )
-    parser.add_argument("paths", nargs="+", metavar="PATH", help="checkpoint directory or .safetensors file")
+    parser.add_argument(
+        "paths", nargs="+", metavar="PATH", help="checkpoint directory, .safetensors file or folder of them"
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     return parser
 
@@ -45,7 +56,12 @@ def checksum_command(args: argparse.Namespace) -> int:
             _print_table(c)
         tensors = sum(len(c.info) for c in checks)
         if ok:
-            verdict = f"OK {len(checks)} checkpoint(s), {tensors} tensors verified"
+            unrecorded = sum(len(c.info) for c in checks if c.kind != "distshare")
+            parts = [f"{tensors - unrecorded} tensors verified"] if tensors > unrecorded or not unrecorded else []
+            if unrecorded:
+                read = "read from safetensors (no manifest: structure checked, digests computed)"
+                parts.append(f"{unrecorded} tensors {read}")
+            verdict = f"OK {len(checks)} checkpoint(s), {', '.join(parts)}"
         else:
             bad = sum(len(c.problems) for c in checks)
             verdict = (
@@ -58,13 +74,19 @@ def checksum_command(args: argparse.Namespace) -> int:
 
 def _print_table(c: CheckpointCheck) -> None:
     step = f"step {c.step}, " if c.step is not None else ""
-    print(f"{c.path}  ({step}{len(c.info)} tensors)")
+    what = "" if c.kind == "distshare" else ", safetensors: no manifest, digests computed only"
+    tied = f", {len(c.aliases)} tied (stored once)" if c.aliases else ""
+    print(f"{c.path}  ({step}{len(c.info)} tensors{tied}{what})")
     names = sorted(set(c.info) | set(c.problems))
     width = max((len(n) for n in names), default=0)
     for name in names:
         info = c.info.get(name, {})
-        shape = "[" + ", ".join(str(s) for s in info.get("shape") or []) + "]" if info else ""
+        shape = "[" + ", ".join(str(s) for s in info["shape"]) + "]" if info.get("shape") is not None else ""
         digest = c.digests.get(name, "-")
         status = "DAMAGED " + c.problems[name] if name in c.problems else ("ok" if c.recorded else "")
-        print(f"  {name:<{width}}  {info.get('dtype', ''):<8} {shape:<12} {digest}  {status}".rstrip())
+        if name in c.aliases and name not in c.problems:
+            status += f" (tied: stored once, as {c.aliases[name]})"
+        print(f"  {name:<{width}}  {info.get('dtype') or '':<8} {shape:<12} {digest}  {status}".rstrip())
     print(f"  {'combined':<{width}}  {'':<8} {'':<12} {c.combined}")
+    if c.state_digest is not None:
+        print(f"  {'state digest':<{width}}  {'':<8} {'':<12} {c.state_digest}  (= state_digest(model, optimizer))")

@@ -237,9 +237,19 @@ def fingerprint_state(
     return fingerprint_many(dict(named_state_tensors(model, optimizer, grads)), algorithm)
 
 
-def state_digest(model: nn.Module, optimizer: torch.optim.Optimizer | None = None, grads: bool = False) -> str:
-    """One digest for the whole training state (parameters, buffers, optimizer state)."""
-    return combined_fingerprint(fingerprint_state(model, optimizer, grads))
+def state_digest(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None = None,
+    grads: bool = False,
+    algorithm: str | None = None,
+) -> str:
+    """One digest for the whole training state (parameters, buffers, optimizer state).
+
+    A checkpoint's manifest records it as `state_digest` (computed on the host, `xxh3_128`):
+    `state_digest(model, optimizer, algorithm="xxh3_128")` equals it for the saved state,
+    wherever the model lives (a GPU model's default digest is `dsh128`, another algorithm).
+    """
+    return combined_fingerprint(fingerprint_state(model, optimizer, grads, algorithm))
 
 
 def fingerprint_grads(model: nn.Module) -> dict[str, str]:

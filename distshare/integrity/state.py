@@ -32,6 +32,12 @@ def unwrap(model: nn.Module) -> nn.Module:
     return inner if isinstance(inner, nn.Module) else model
 
 
+def hyperparameters(group: dict) -> Iterable[tuple[str, torch.Tensor]]:
+    """A param group's numeric settings as tensors, under the keys `named_state_tensors` uses
+    (`optim/group<i>/<key>`); also for a group read back from a checkpoint's manifest."""
+    yield from _hyperparameters(group)
+
+
 def _hyperparameters(group: dict) -> Iterable[tuple[str, torch.Tensor]]:
     # Numbers only (lr, betas, eps, weight decay, ...): a learning-rate schedule that drifts on
     # one rank is optimizer state that differs, even though no tensor of `optimizer.state` does.

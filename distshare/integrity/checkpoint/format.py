@@ -13,7 +13,9 @@ import torch
 from distshare.errors import VerificationFailed
 
 FORMAT = "distshare-checkpoint"
-VERSION = 1
+# 2: tied tensors stored once (`stored_as`, `alias_of`), each tensor's live name (`live`), the
+# live state's digest (`state_digest`, `live_only`). Version 1 manifests read as before.
+VERSION = 2
 MANIFEST = "manifest.json"
 MODEL_FILE = "model.safetensors"
 OPTIM_FILE = "optimizer.safetensors"
@@ -46,7 +48,7 @@ class CheckpointCorrupted(VerificationFailed):
 
 @dataclass
 class CheckpointCheck:
-    """The result of verifying one checkpoint (or one bare safetensors file)."""
+    """The result of verifying one checkpoint (or a bare safetensors file, or a folder of them)."""
 
     path: str
     digests: dict[str, str]  # tensor -> digest of the bytes as stored now
@@ -55,6 +57,13 @@ class CheckpointCheck:
     problems: dict[str, str] = field(default_factory=dict)  # tensor (or file) -> what is wrong
     info: dict[str, Any] = field(default_factory=dict)  # tensor -> {"dtype", "shape", "file"}
     step: int | None = None
+    # "distshare": a checkpoint with a manifest; "safetensors": a bare file or a folder of them
+    # (an HF `save_pretrained` folder), whose digests are only computed: nothing recorded them.
+    kind: str = "distshare"
+    aliases: dict[str, str] = field(default_factory=dict)  # tied tensor -> the tensor it is stored as
+    # The digest `state_digest(model, optimizer)` gives for the saved state (version 2 manifests):
+    # recomputed from the stored bytes under the live names, None where no manifest records them.
+    state_digest: str | None = None
 
     @property
     def ok(self) -> bool:
@@ -64,10 +73,18 @@ class CheckpointCheck:
         return {
             "path": self.path,
             "ok": self.ok,
+            "kind": self.kind,
             "step": self.step,
             "combined": self.combined,
+            "state_digest": self.state_digest,
+            "aliases": self.aliases,
             "tensors": {
-                name: {**self.info.get(name, {}), "digest": self.digests.get(name), "problem": self.problems.get(name)}
+                name: {
+                    **self.info.get(name, {}),
+                    "digest": self.digests.get(name),
+                    "alias_of": self.aliases.get(name),
+                    "problem": self.problems.get(name),
+                }
                 for name in sorted(set(self.digests) | set(self.recorded) | set(self.info))
             },
             "problems": self.problems,

@@ -48,6 +48,18 @@ def _check_entries(path: Path, manifest: dict[str, Any]) -> None:
             if not isinstance(e, dict) or not all(isinstance(e.get(f), t) for f, t in fields.items())
         }
     )
+    # Version 2's optional fields (tied aliases, live names, digests of what no file stores).
+    optional = ("stored_as", "alias_of", "live")
+    if not bad:
+        bad = {
+            str(name): f"manifest entry's {f} is not a string"
+            for name, e in tensors.items()
+            for f in optional
+            if f in e and not isinstance(e[f], str)
+        }
+    live_only = manifest.get("live_only", {})
+    if not isinstance(live_only, dict) or not all(isinstance(v, str) for v in live_only.values()):
+        bad[MANIFEST] = "'live_only' is not a mapping of names to digests"
     if bad:
         raise CheckpointCorrupted(path, bad)
 

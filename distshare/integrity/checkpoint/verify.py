@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from distshare.errors import UsageError
+from distshare.integrity.checkpoint.folder import is_safetensors_folder, verify_file, verify_folder
 from distshare.integrity.checkpoint.format import (
     MANIFEST,
     MODEL_FILE,
@@ -22,7 +23,9 @@ from distshare.integrity.checkpoint.format import (
     CheckpointCorrupted,
     meta_digest,
 )
+from distshare.integrity.checkpoint.live import recorded_state_digest
 from distshare.integrity.checkpoint.read import SafetensorsFile, read_manifest
+from distshare.integrity.checkpoint.ties import restore_ties
 from distshare.integrity.fingerprint import ALGORITHM, combined_fingerprint, fingerprint
 from distshare.integrity.state import unwrap
 
@@ -30,19 +33,35 @@ from distshare.integrity.state import unwrap
 def verify_checkpoint(path: str | Path, keep: dict[str, torch.Tensor] | None = None) -> CheckpointCheck:
     """Recompute every tensor's digest from the stored bytes and compare with the manifest.
 
-    A checkpoint directory is checked against its manifest; a bare `.safetensors` file has
-    no manifest, so its digests are only computed. `keep`, if given, receives the tensors
-    read (so a load reads each file once).
+    A checkpoint directory is checked against its manifest. A bare `.safetensors` file, or a
+    folder of them (an HF `save_pretrained` folder, sharded with its index or not), has no
+    manifest: its digests are only computed, and a sharded folder's index is checked against
+    its shards (`folder.py`). `keep`, if given, receives the tensors read (so a load reads
+    each file once).
     """
     path = Path(path)
+    if not path.exists():
+        raise UsageError(f"{path}: no such file or directory")
     if path.is_file():
-        return _verify_bare(path, keep)
+        return verify_file(path, keep)
+    if not (path / MANIFEST).exists():
+        if is_safetensors_folder(path):
+            return verify_folder(path, keep)
+        raise UsageError(f"{path}: not a distshare checkpoint (no {MANIFEST}) nor a folder of .safetensors files")
     manifest = read_manifest(path)
     recorded = {name: e["digest"] for name, e in manifest["tensors"].items()}
     check = CheckpointCheck(str(path), {}, recorded, "", step=manifest.get("step"))
     files: dict[str, SafetensorsFile] = {}
+    read: dict[tuple[str, str], torch.Tensor] = {}  # a tied tensor is read once for all its names
     for name, entry in manifest["tensors"].items():
         check.info[name] = {"dtype": entry["dtype"], "shape": entry["shape"], "file": entry["file"]}
+        key = entry.get("stored_as", entry["key"])
+        if "alias_of" in entry:
+            check.aliases[name] = entry["alias_of"]
+            target = manifest["tensors"].get(entry["alias_of"])
+            if target is None or target.get("stored_as", target["key"]) != key or target["file"] != entry["file"]:
+                check.problems[name] = f"alias of {entry['alias_of']}, which is not stored as {key} (manifest edited)"
+                continue
         f = files.get(entry["file"])
         if f is None:
             f = files[entry["file"]] = SafetensorsFile(path / entry["file"])
@@ -50,7 +69,9 @@ def verify_checkpoint(path: str | Path, keep: dict[str, torch.Tensor] | None = N
             check.problems[name] = f.error
             continue
         try:
-            t = f.read(entry["key"])
+            t = read.get((entry["file"], key))
+            if t is None:
+                t = read[entry["file"], key] = f.read(key)
         except (ValueError, KeyError, TypeError, OSError) as exc:
             check.problems[name] = str(exc)
             continue
@@ -61,11 +82,12 @@ def verify_checkpoint(path: str | Path, keep: dict[str, torch.Tensor] | None = N
                 f"stored as {t.dtype} {list(t.shape)}, manifest says {entry['dtype']} {entry['shape']}"
             )
         elif digest != entry["digest"]:
-            check.problems[name] = f"digest {digest} != recorded {entry['digest']} (bytes changed)"
+            changed = f"bytes of {check.aliases[name]} changed" if name in check.aliases else "bytes changed"
+            check.problems[name] = f"digest {digest} != recorded {entry['digest']} ({changed})"
         if keep is not None:
             keep[name] = t
     for file, f in files.items():  # tensors added to a file behind the manifest's back
-        listed = {e["key"] for e in manifest["tensors"].values() if e["file"] == file}
+        listed = {e.get("stored_as", e["key"]) for e in manifest["tensors"].values() if e["file"] == file}
         for key in f.names():
             if key not in listed:
                 check.problems[f"{file}:{key}"] = f"in {file} but not in the manifest"
@@ -73,31 +95,17 @@ def verify_checkpoint(path: str | Path, keep: dict[str, torch.Tensor] | None = N
         check.problems[MANIFEST] = "combined digest does not match the per-tensor digests (manifest edited)"
     elif "meta_digest" in manifest and meta_digest(manifest) != manifest["meta_digest"]:
         check.problems[MANIFEST] = "step, position, optimizer settings or config edited (meta digest differs)"
+    elif "state_digest" in manifest and _live_digest(recorded, manifest) != manifest["state_digest"]:
+        check.problems[MANIFEST] = "state digest does not match the live names' digests (manifest edited)"
     check.combined = combined_fingerprint(check.digests) if not check.problems else combined_fingerprint(recorded)
+    if "state_digest" in manifest:
+        digests = check.digests if not check.problems else recorded
+        check.state_digest = _live_digest(digests, manifest)
     return check
 
 
-def _verify_bare(path: Path, keep: dict[str, torch.Tensor] | None) -> CheckpointCheck:
-    if path.suffix != ".safetensors":
-        raise UsageError(f"{path}: not a distshare checkpoint (a directory with {MANIFEST}) or a .safetensors file")
-    f = SafetensorsFile(path)
-    check = CheckpointCheck(str(path), {}, {}, "")
-    if f.error:
-        check.problems[path.name] = f.error
-        return check
-    for name in f.names():
-        meta = f.header[name]
-        check.info[name] = {"dtype": meta.get("dtype"), "shape": meta.get("shape"), "file": path.name}
-        try:
-            t = f.read(name)
-        except (ValueError, KeyError, TypeError, OSError) as exc:
-            check.problems[name] = str(exc)
-            continue
-        check.digests[name] = fingerprint(t, ALGORITHM)
-        if keep is not None:
-            keep[name] = t
-    check.combined = combined_fingerprint(check.digests)
-    return check
+def _live_digest(digests: dict[str, str], manifest: dict[str, Any]) -> str:
+    return recorded_state_digest(digests, manifest["tensors"], manifest.get("live_only") or {})
 
 
 def load_checkpoint(
@@ -121,6 +129,8 @@ def load_checkpoint(
         raise CheckpointCorrupted(path, check.problems)
     model_state = {e["key"]: stored[n] for n, e in manifest["tensors"].items() if e["file"] == MODEL_FILE}
     unwrap(model).load_state_dict(model_state)
+    # What was one tensor when saved is one tensor again (a no-op where the model ties it itself).
+    restore_ties(unwrap(model), {e["key"]: e["stored_as"] for e in manifest["tensors"].values() if "alias_of" in e})
     if state is not None:
         state.update({e["key"]: stored[n] for n, e in manifest["tensors"].items() if e["file"] == STATE_FILE})
     if optimizer is not None:

@@ -32,6 +32,8 @@ from distshare.integrity.checkpoint.format import (
     entry_name,
     meta_digest,
 )
+from distshare.integrity.checkpoint.live import live_names, recorded_state_digest
+from distshare.integrity.checkpoint.ties import shared_views
 from distshare.integrity.fingerprint import ALGORITHM, combined_fingerprint, fingerprint
 from distshare.integrity.state import unwrap
 
@@ -64,7 +66,13 @@ def save_checkpoint(
     path = Path(path)
     if path.exists() and not overwrite:
         raise UsageError(f"{path}: exists (pass overwrite=True to replace it)")
-    model_tensors = {k: _host(v) for k, v in unwrap(model).state_dict().items()}
+    bare = unwrap(model)
+    model_state = bare.state_dict()
+    # A tied weight is stored once, under the name `named_parameters` gives it; its other names
+    # are aliases in the manifest (see ties.py).
+    canonical = [n for n, _ in bare.named_parameters()] + [n for n, _ in bare.named_buffers()]
+    aliases = shared_views(model_state, prefer=canonical)
+    model_tensors = {k: _host(v) for k, v in model_state.items() if k not in aliases}
     optim_tensors: dict[str, torch.Tensor] = {}
     optim_meta: dict[str, Any] | None = None
     if optimizer is not None:
@@ -89,6 +97,17 @@ def save_checkpoint(
                 "shape": list(t.shape),
                 "digest": fingerprint(t, ALGORITHM),
             }
+    for alias, target in aliases.items():
+        stored = tensors[entry_name(MODEL_FILE, target)]
+        tensors[entry_name(MODEL_FILE, alias)] = {
+            **stored,
+            "key": alias,  # the state_dict key, as for any model tensor
+            "stored_as": target,  # the key whose bytes it is in the file
+            "alias_of": entry_name(MODEL_FILE, target),
+        }
+    live = live_names(model, optimizer, tensors)
+    for name, live_name in (live[0] if live else {}).items():
+        tensors[name]["live"] = live_name
     manifest = {
         "format": FORMAT,
         "version": VERSION,
@@ -102,6 +121,11 @@ def save_checkpoint(
         "versions": _versions(),
         "extra": extra or {},
     }
+    if live is not None:
+        # What `state_digest(model, optimizer)` gives for this state (on the host: xxh3_128).
+        digests = {n: e["digest"] for n, e in tensors.items()}
+        manifest["state_digest"] = recorded_state_digest(digests, tensors, live[1])
+        manifest["live_only"] = live[1]
     manifest["meta_digest"] = meta_digest(manifest)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
@@ -206,8 +230,8 @@ def _replace_dir(new: Path, target: Path) -> None:
 
 
 def _host(t: torch.Tensor) -> torch.Tensor:
-    # A copy: safetensors refuses tensors that share storage (tied weights), and the file
-    # must hold the values as of this call.
+    # A copy: the file must hold the values as of this call (and safetensors refuses tensors
+    # that share storage: views of one weight that are not tied aliases).
     return t.detach().to("cpu", copy=True).contiguous()
 
 
