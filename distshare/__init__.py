@@ -14,6 +14,7 @@ The Python surface (the CLI is `distshare`):
 - `distshare.testing.run_distributed(fn, world_size)`: run a function on simulated ranks.
 """
 
+from distshare.integrity.data_parallel import DataParallelReport, NotDataParallelError
 from distshare.integrity.diagnosis import Cause, Diagnosis
 from distshare.integrity.fingerprint import combined_fingerprint, fingerprint, fingerprint_state, state_digest
 from distshare.integrity.replicas import (
@@ -28,6 +29,8 @@ from distshare.integrity.watch import Watch, watch
 __version__ = "0.1.0"
 
 __all__ = [
+    "DataParallelReport",
+    "NotDataParallelError",
     "Cause",
     "Diagnosis",
     "ReplicaDivergenceError",

@@ -19,6 +19,12 @@ Where the checks go, and why there:
   seen as such, not later as drifted optimizer state. By default they are digested only when
   the state differs (`grads="on_divergence"`: free while replicas agree); `grads=True`
   compares them at every check.
+- **over the whole step, with `data_parallel=True`**: is the step really data-parallel? Did
+  the ranks see different inputs, do their local gradients differ before the sync, is the
+  synced gradient their mean (`distshare.integrity.data_parallel`)? Hooks armed after the
+  step before each checked one, judged right after its `optimizer.step()`; a run where every
+  rank trains alone on all the data raises `NotDataParallelError` naming the likely cause.
+  Off by default: it costs one all-reduce of the gradients per check.
 - **as each training forward begins** (a forward pre-hook on the module, which runs after
   DDP's buffer broadcast) the buffers are digested, not compared: that is how the report
   tells DDP's normal per-forward broadcast from buffers that are never synced.
@@ -33,6 +39,7 @@ waiting at the check, which then fails after `timeout_s` naming what to look for
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Mapping
 from datetime import timedelta
 from typing import Any
 
@@ -41,6 +48,7 @@ import torch.distributed as dist
 from torch import nn
 
 from distshare.errors import VerificationFailed
+from distshare.integrity.data_parallel import DataParallelCheck, DataParallelReport, NotDataParallelError
 from distshare.integrity.fingerprint import fingerprint_many
 from distshare.integrity.replicas import (
     Extra,
@@ -72,10 +80,16 @@ class Watch:
         locate: bool | int = 16,
         timeout_s: float = 300.0,
         keep: int = 100,
+        data_parallel: bool | Mapping[str, Any] = False,
     ) -> None:
         if every < 1:
             raise ValueError(f"every={every}: expected a positive number of optimizer steps")
         check_modes(grads, buffers)  # before any hook is registered
+        # accelerate's AcceleratedOptimizer subclasses Optimizer without its hook tables; its
+        # step() calls the torch optimizer inside on the steps that really update: hook that one.
+        inside = getattr(optimizer, "optimizer", None)
+        if isinstance(inside, torch.optim.Optimizer):
+            optimizer = inside
         self.model, self.optimizer = model, optimizer
         self.every, self.grads, self.buffers, self.extra = every, grads, buffers, extra
         self.raise_on_divergence, self.locate, self.timeout_s = raise_on_divergence, locate, timeout_s
@@ -92,6 +106,13 @@ class Watch:
         if dist.is_available() and dist.is_initialized():
             # A group of its own (a collective: every rank creates the watch at the same point).
             self._group = dist.new_group(timeout=timedelta(seconds=timeout_s))
+        # The data-parallel check (options: a mapping of DataParallelCheck's), on this group.
+        self.data_parallel: DataParallelCheck | None = None
+        self.data_parallel_report: DataParallelReport | None = None  # the latest
+        self.first_not_parallel: DataParallelReport | None = None
+        if data_parallel:
+            dp_options = dict(data_parallel) if isinstance(data_parallel, Mapping) else {}
+            self.data_parallel = DataParallelCheck(model, timeout_s=timeout_s, group=self._group, **dp_options)
         inner = unwrap(model)
         self._watch_buffers = buffers != "ignore" and any(True for _ in inner.buffers())
         self._handles = [
@@ -103,6 +124,7 @@ class Watch:
         except BaseException:
             self.remove()  # a watch that failed to start leaves no hook behind
             raise
+        self._arm_data_parallel()
 
     # ------------------------------------------------------------------------------ the hooks
 
@@ -126,6 +148,13 @@ class Watch:
         self.iterations += 1
         if self.iterations % self.every == 0:
             self.check(step=self.iterations - 1)
+            self.check_data_parallel(step=self.iterations - 1)
+        self._arm_data_parallel()
+
+    def _arm_data_parallel(self) -> None:
+        # The hooks watch only the step before a check: armed once the step before it is over.
+        if self.data_parallel is not None and (self.iterations + 1) % self.every == 0:
+            self.data_parallel.arm()
 
     # ------------------------------------------------------------------------------ the checks
 
@@ -154,6 +183,18 @@ class Watch:
             raise ReplicaDivergenceError(report)
         return report
 
+    def check_data_parallel(self, step: int | None = None) -> DataParallelReport | None:
+        """Collective: judge the step the data-parallel check watched (None: off, or not armed)."""
+        if self.data_parallel is None or not self.data_parallel.armed:
+            return None
+        report = self.data_parallel.verify(step)
+        self.data_parallel_report = report
+        if not report.ok and self.first_not_parallel is None:
+            self.first_not_parallel = report
+        if not report.ok and self.raise_on_divergence:
+            raise NotDataParallelError(report)
+        return report
+
     def close(self) -> ReplicaReport | None:
         """A last check if steps were taken since the last one; then the hooks are removed."""
         report = None
@@ -169,6 +210,8 @@ class Watch:
         for handle in self._handles:
             handle.remove()
         self._handles = []
+        if self.data_parallel is not None:
+            self.data_parallel.remove()
 
     @property
     def in_sync(self) -> bool:
@@ -192,6 +235,8 @@ def watch(model: nn.Module, optimizer: torch.optim.Optimizer, every: int = 1, **
     from `optimizer.step()` on every rank when replicas differ (or records it in
     `first_divergence`, with `raise_on_divergence=False`). Use it as a context manager, or call
     `close()` after the loop for the last check. `options`: those of `Watch` (grads, buffers,
-    extra, raise_on_divergence, locate, timeout_s, keep).
+    extra, raise_on_divergence, locate, timeout_s, keep, data_parallel). `data_parallel=True`
+    also checks each checked step is data-parallel (`NotDataParallelError`; a mapping passes
+    options such as `replicated_inputs=True` or `reduction="sum"`).
     """
     return Watch(model, optimizer, every, **options)

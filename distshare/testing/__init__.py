@@ -31,6 +31,7 @@ from distshare.distributed.spawn import run_distributed
 from distshare.distributed.world import World
 from distshare.equivalence import assert_accumulation_equivalent
 from distshare.errors import RankError
+from distshare.integrity.data_parallel import DataParallelReport, NotDataParallelError, assert_data_parallel
 from distshare.integrity.replicas import (
     ReplicaDivergenceError,
     ReplicaReport,
@@ -39,6 +40,9 @@ from distshare.integrity.replicas import (
 )
 
 __all__ = [
+    "DataParallelReport",
+    "NotDataParallelError",
+    "assert_data_parallel",
     "RankError",
     "ReplicaDivergenceError",
     "ReplicaReport",
