@@ -2,6 +2,18 @@
 
     python benchmarks/bench_exact.py                       # both demo models, 2 ranks, about 1 minute
     python benchmarks/bench_exact.py --nproc 1 --json --out bench-exact.json
+    python benchmarks/bench_exact.py --models gpt2          # transformers' GPT-2 (tiny config), one process
+
+GPT-2 (issue 16: exact mode for users' models). transformers' GPT2LMHeadModel from a tiny
+config (2 layers, width 32, 2 heads, vocabulary 64, no dropout), G = 32 right-padded
+sequences of 16 tokens with their attention mask, k = 2, SGD, one process and one thread
+(`--threads`). A user's plain loop in two modes, in a rotated order every repeat, each timed
+in total over `--steps` steps (after `--warmup` untimed ones): normal (summed next-token
+loss / global token count, backward per micro-batch) and exact (`distshare.exact.
+ExactGradients`: start_step, accumulate per micro-batch, synchronize). The ratio is the
+median over repeats of total(exact) / total(normal). Peak RSS (`ru_maxrss`, the process's
+high-water mark) is read after the first repeat's normal steps, before any exact step, and
+at the end.
 
 Time. Both modes run on the same spawned gloo ranks (one `run_distributed` call: one process
 group, one thread setting), on the shipped configs (`configs/train/<model>.yaml`, G = 32,
@@ -87,6 +99,93 @@ def timing(model: str, nproc: int, steps: int, repeats: int, warmup: int) -> dic
     }
 
 
+GPT2_VOCAB, GPT2_LENGTH, GPT2_BATCH, GPT2_ACCUM = 64, 16, 32, 2
+
+
+def _gpt2_setup() -> tuple[torch.nn.Module, list[tuple[torch.Tensor, torch.Tensor]], int]:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    config = GPT2Config(
+        n_layer=2, n_embd=32, n_head=2, vocab_size=GPT2_VOCAB, n_positions=GPT2_LENGTH,
+        attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0, bos_token_id=0, eos_token_id=0,
+    )  # fmt: skip
+    model = GPT2LMHeadModel(config)
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(2, GPT2_VOCAB, (GPT2_BATCH, GPT2_LENGTH), generator=gen)
+    lengths = torch.randint(GPT2_LENGTH // 2, GPT2_LENGTH + 1, (GPT2_BATCH,), generator=gen)
+    mask = (torch.arange(GPT2_LENGTH) < lengths.unsqueeze(1)).long()
+    b = GPT2_BATCH // GPT2_ACCUM
+    micro = [(ids[i : i + b] * mask[i : i + b], mask[i : i + b]) for i in range(0, GPT2_BATCH, b)]
+    return model, micro, int(mask[:, 1:].sum())
+
+
+def _gpt2_losses(model: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """Each sequence's summed next-token loss (padding labels -100): what exact mode differentiates."""
+    ids, mask = batch
+    logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
+    labels = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
+    per_token = torch.nn.functional.cross_entropy(
+        logits.reshape(-1, GPT2_VOCAB), labels.reshape(-1), reduction="none", ignore_index=-100
+    )
+    return per_token.view(labels.shape).sum(dim=1)
+
+
+def gpt2_timing(steps: int, repeats: int, warmup: int, threads: int) -> dict[str, Any]:
+    """A user's loop on tiny GPT-2, normal and exact, side by side in this process."""
+    import resource
+
+    from distshare.exact import ExactGradients
+
+    torch.set_num_threads(threads)
+    model, micro, tokens = _gpt2_setup()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    exact = ExactGradients(model)
+
+    def normal_step() -> None:
+        for batch in micro:
+            (_gpt2_losses(model, batch).sum() / tokens).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    def exact_step() -> None:
+        exact.start_step(global_items=tokens, global_samples=GPT2_BATCH)
+        for batch in micro:
+            exact.accumulate(batch, _gpt2_losses)
+        exact.synchronize()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    runs = {"normal": normal_step, "exact": exact_step}
+    totals: dict[str, list[float]] = {m: [] for m in runs}
+    rss_normal = 0.0
+    for r in range(repeats):
+        for mode in list(runs)[r % 2 :] + list(runs)[: r % 2]:
+            for _ in range(warmup):
+                runs[mode]()
+            start = time.perf_counter()
+            for _ in range(steps):
+                runs[mode]()
+            totals[mode].append(time.perf_counter() - start)
+            if r == 0 and mode == "normal":
+                rss_normal = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    ratios = [e / n for e, n in zip(totals["exact"], totals["normal"], strict=True)]
+    return {
+        "model": "gpt2",
+        "world_size": 1,
+        "threads": threads,
+        "method": exact.method,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "normal_step_ms": 1e3 * statistics.median(totals["normal"]) / steps,
+        "exact_step_ms": 1e3 * statistics.median(totals["exact"]) / steps,
+        "ratio": statistics.median(ratios),
+        "ratios": ratios,
+        "peak_rss_mb_after_normal": rss_normal,
+        "peak_rss_mb_at_end": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "goal": GOAL,
+    }
+
+
 def precision(model: str, steps: int) -> dict[str, Any]:
     """float32 normal and exact against float64, at the same parameters and after training."""
     base = _config(model, f"steps={steps}", "check_every=0", "plan.accum_steps=1", "plan.micro_batch=null")
@@ -128,12 +227,13 @@ def _brief(d: Any) -> dict[str, float]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--models", default="transformer,cnn")
+    p.add_argument("--models", default="transformer,cnn,gpt2")
     p.add_argument("--nproc", type=int, default=2)
     p.add_argument("--steps", type=int, default=25)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--precision-steps", type=int, default=30)
+    p.add_argument("--threads", type=int, default=1, help="torch threads for the GPT-2 row")
     p.add_argument("--json", action="store_true")
     p.add_argument("--out", help="write the results as JSON to this file")
     args = p.parse_args(argv)
@@ -143,14 +243,23 @@ def main(argv: list[str] | None = None) -> int:
     models = [m for m in args.models.split(",") if m]
     results: dict[str, Any] = {"timing": [], "precision": [], "torch": torch.__version__}
     for m in models:
-        t = timing(m, args.nproc, args.steps, args.repeats, args.warmup)
+        if m == "gpt2":
+            t = gpt2_timing(args.steps, args.repeats, args.warmup, args.threads)
+        else:
+            t = timing(m, args.nproc, args.steps, args.repeats, args.warmup)
         results["timing"].append(t)
         if not args.json:
             print(
                 f"{m:12s} W={t['world_size']}  normal {t['normal_step_ms']:7.2f} ms  exact {t['exact_step_ms']:7.2f} ms"
                 f"  ratio {t['ratio']:.2f} (goal <= {GOAL:g}; per repeat {', '.join(f'{r:.2f}' for r in t['ratios'])})"
             )
-    for m in models:
+            if m == "gpt2":
+                print(
+                    f"{'':12s} {t['threads']} thread(s), method {t['method']}; peak RSS "
+                    f"{t['peak_rss_mb_after_normal']:.0f} MB after normal steps, "
+                    f"{t['peak_rss_mb_at_end']:.0f} MB at the end"
+                )
+    for m in (m for m in models if m != "gpt2"):  # GPT-2: bitwise equality is tested, not benchmarked
         pr = precision(m, args.precision_steps)
         results["precision"].append(pr)
         if not args.json:

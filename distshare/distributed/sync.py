@@ -114,14 +114,18 @@ class ExactSync(GradSync):
 
     The micro-batches of a step are only collected here and computed together in `synchronize`,
     in the fixed-size chunks `distshare.numerics.exact_sum` needs anyway: a sample's result does not
-    depend on its micro-batch, so k costs nothing extra.
+    depend on its micro-batch, so k costs nothing extra. `method` chooses how per-sample
+    gradients are computed (`distshare.numerics.per_sample`); `group` is the process group
+    the sum runs over (None: the default group).
     """
 
     name = "exact"
     per_sample = True
 
-    def __init__(self, world_size: int = 1) -> None:
+    def __init__(self, world_size: int = 1, group: dist.ProcessGroup | None = None, method: str = "auto") -> None:
         self.world_size = world_size
+        self.group = group
+        self.method = method
         self.samples: list[Any] = []
         self.loss_fn: LossFn | None = None
         self.global_samples, self.normalizer = 1, 1.0
@@ -141,17 +145,17 @@ class ExactSync(GradSync):
         self.loss_fn = loss_fn
 
     def synchronize(self, model: nn.Module) -> None:
-        acc = ExactGradSum(model, self.global_samples, self.world_size)
+        acc = ExactGradSum(model, self.global_samples, self.world_size, self.group)
         if self.samples and self.loss_fn is not None:
             batch = tree_map(lambda *parts: torch.cat(parts), *self.samples)
-            rows, losses = per_sample_grads(model, batch, self.loss_fn)
+            rows, losses = per_sample_grads(model, batch, self.loss_fn, self.method)
             acc.add(rows)
             self.step_loss = float(losses.sum())
         else:
             self.step_loss = 0.0
+        self.samples = []
         acc.write_grads(self.normalizer)
         self.underflows += acc.underflows
-        self.samples = []
 
 
 def sum_hook(state: object, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:

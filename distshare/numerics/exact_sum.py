@@ -31,7 +31,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from distshare.errors import VerificationFailed
+from distshare.errors import UsageError, VerificationFailed
 
 INT_BITS = 62  # headroom below int64's 63 bits: n contributions of < 2^(62 - h) sum to < 2^62
 
@@ -42,13 +42,17 @@ class ExactOverflow(VerificationFailed):
 class ExactGradSum:
     """One step's exact sum of per-sample gradient contributions, over micro-batches and ranks."""
 
-    def __init__(self, model: nn.Module, global_samples: int, world_size: int = 1) -> None:
+    def __init__(
+        self, model: nn.Module, global_samples: int, world_size: int = 1, group: dist.ProcessGroup | None = None
+    ) -> None:
         self.params = list(model.named_parameters())  # the order `per_sample_grads` flattens in
         self.size = sum(p.numel() for _, p in self.params)
         first = self.params[0][1]
         self.dtype, self.device = first.dtype, first.device
+        self.global_samples = global_samples
         self.n = max(1, global_samples)
         self.world_size = world_size
+        self.group = group
         self.rows: list[torch.Tensor] = []
         self.underflows = 0  # contributions of this step that rounded to 0 (all ranks)
 
@@ -66,7 +70,7 @@ class ExactGradSum:
         top = local.abs().amax(dim=0) if local.shape[0] else local.new_zeros(self.size)
         top = torch.where(torch.isnan(top), torch.full_like(top, math.inf), top)
         if self._distributed:
-            dist.all_reduce(top, op=dist.ReduceOp.MAX)
+            dist.all_reduce(top, op=dist.ReduceOp.MAX, group=self.group)
         bad = ~torch.isfinite(top)
         if bool(bad.any()):
             raise ExactOverflow(f"sync=exact: the gradient of {self._name_at(int(bad.nonzero()[0]))} is not finite")
@@ -76,11 +80,19 @@ class ExactGradSum:
         ints = _to_fixed(local, shift)
         # Rounding never turns 0 into non-zero: the non-zeros that vanished are the underflows.
         lost = torch.count_nonzero(local) - torch.count_nonzero(ints)
-        summed = torch.cat([ints.sum(dim=0), lost.reshape(1)])
+        counts = torch.tensor([int(lost), local.shape[0]], dtype=torch.int64, device=ints.device)
+        summed = torch.cat([ints.sum(dim=0), counts])
         if self._distributed:
-            dist.all_reduce(summed, op=dist.ReduceOp.SUM)
-        self.underflows = int(summed[-1])
-        return _ldexp(summed[:-1].to(torch.float64), -shift)
+            dist.all_reduce(summed, op=dist.ReduceOp.SUM, group=self.group)
+        self.underflows = int(summed[-2])
+        if int(summed[-1]) != self.global_samples:
+            # More contributions than the headroom was sized for may have wrapped the integer
+            # sum around; fewer mean a sample missing from the step. Either way: refused.
+            raise UsageError(
+                f"sync=exact: the step was started for global_samples={self.global_samples}, but the ranks "
+                f"added {int(summed[-1])} samples' gradients: pass the sample count of the whole global batch"
+            )
+        return _ldexp(summed[:-2].to(torch.float64), -shift)
 
     def write_grads(self, normalizer: float) -> None:
         """Set every parameter's .grad to total / normalizer in its own dtype; collective."""

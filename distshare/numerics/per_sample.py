@@ -1,21 +1,37 @@
 """Per-sample gradients in one fixed shape: each sample's contribution, whatever the split.
 
-Per-sample gradients (torch's expanded weights, or `torch.func.vmap(grad(...))`) are taken
-over chunks of exactly `CHUNK` samples (the last chunk padded by repeating a sample whose
-result is then dropped). A batched forward at batch size 1 can differ in its last bits from
+Per-sample gradients are taken over chunks of exactly `CHUNK` samples (the last chunk padded
+by repeating a sample whose result is then dropped). A batched forward at batch size 1 can differ in its last bits from
 the same rows at batch size 2+, and vmapped per-sample gradients at 2 or 3 from those at 4+
 (BLAS picks kernels by size). A fixed shape makes a sample's gradient a function of the
 sample and the parameters only: not of the micro-batch size, its position in it, the rank
 or k. Layers whose result depends on the split by design (BatchNorm in training mode,
 dropout) are refused.
+
+Three ways to compute them, chosen once per model from its layers (`method`), so one model
+always takes the same one whatever the split:
+
+- `hooks` (the fastest: about the cost of one normal backward): one batched forward with the
+  inputs of every Linear, Conv1D (transformers' GPT-2), Embedding and LayerNorm recorded, one
+  backward to those layers' outputs only, and each sample's weight gradient as a batched
+  matrix product of its own activations and output gradients. For models whose parameters
+  are all held by those layers, each used only there (checked on the autograd graph);
+- `expanded`: torch's expanded weights (`call_for_per_sample_grads`), for models of Linear,
+  Embedding, LayerNorm, GroupNorm, InstanceNorm and convolutions;
+- `vmap`: `torch.func.vmap(grad(...))` of one sample's loss, for anything else that vmap can run.
+
+Where `expanded` or `vmap` cannot run a model, the raw error becomes one line (`UsageError`)
+naming the layer and the known fix.
 """
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad_and_value, vmap
 from torch.utils._pytree import tree_leaves, tree_map
@@ -61,34 +77,72 @@ _EXPANDABLE = (
 )
 
 
-def per_sample_grads(model: nn.Module, batch: Any, losses_fn: LossFn) -> tuple[torch.Tensor, torch.Tensor]:
+METHODS = ("auto", "hooks", "expanded", "vmap")
+
+
+def per_sample_grads(
+    model: nn.Module, batch: Any, losses_fn: LossFn, method: str = "auto"
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-sample gradients as one [n, P] matrix (parameters flattened in order), and the n losses.
 
     `batch` is a pytree (dict / tuple) of tensors with the samples along dim 0;
     `losses_fn(model, batch)` returns each sample's summed loss, [n]. Every gradient call sees
     exactly `CHUNK` samples, whatever n is: the last chunk is padded by repeating its last
-    sample, whose rows are dropped.
-
-    Two ways to compute them, chosen by the model (so one model always takes the same one):
-    torch's expanded weights (one batched forward and backward, about 1.5x faster) when every
-    layer holding parameters is one it supports, else `torch.func.vmap` of `grad`.
+    sample, whose rows are dropped. `method` is "auto" (the model's layers choose: see the
+    module docstring), or one of "hooks", "expanded", "vmap".
     """
+    if method not in METHODS:
+        raise UsageError(f"sync=exact: per-sample method {method!r} is not one of {', '.join(METHODS)}")
     leaves = _leaves(batch)
     n = int(leaves[0].shape[0]) if leaves else 0
     params = [p for _, p in model.named_parameters()]
     if n == 0:
         size = sum(p.numel() for p in params)
         return params[0].new_zeros(0, size), torch.zeros(0, dtype=torch.float64)
-    chunk_grads = _expanded_grads if _expandable(model) else _vmap_grads(model, losses_fn)
+    chosen = choose_method(model) if method == "auto" else method
     rows, losses = [], []
     for start in range(0, n, CHUNK):
         take = min(CHUNK, n - start)
         index = torch.arange(start, start + CHUNK, device=leaves[0].device).clamp(max=start + take - 1)
         chunk = tree_map(lambda t, index=index: t.index_select(0, index), batch)
-        g, loss = chunk_grads(model, chunk, losses_fn)
+        try:
+            g, loss = _compute(chosen, model, chunk, losses_fn)
+        except _NotHookable as exc:
+            if method != "auto":
+                raise UsageError(f"sync=exact: method='hooks' cannot run this model: {exc}; use 'vmap'") from None
+            # Found on the first chunk the model runs (it is a property of the model, not of
+            # the data): every later chunk, step and rank takes the fallback too.
+            _fallback[model] = chosen = "vmap"  # a parameter used outside its layer: expanded weights cannot either
+            if rows:
+                raise UsageError(f"sync=exact: method='hooks' cannot compute this model: {exc}") from None
+            g, loss = _compute(chosen, model, chunk, losses_fn)
         rows.append(g[:take])
         losses.append(loss[:take].detach().to(torch.float64).cpu())
     return (rows[0] if len(rows) == 1 else torch.cat(rows)), torch.cat(losses)
+
+
+# Models whose hooks check failed once (a parameter used outside its layer): their fallback.
+_fallback: weakref.WeakKeyDictionary[nn.Module, str] = weakref.WeakKeyDictionary()
+
+
+def choose_method(model: nn.Module) -> str:
+    """The method "auto" takes for `model`: fixed by its layers (and a failed hooks check)."""
+    return _fallback.get(model) or _static_method(model, hooks=True)
+
+
+def _static_method(model: nn.Module, hooks: bool) -> str:
+    if hooks and _hookable(model):
+        return "hooks"
+    return "expanded" if _expandable(model) else "vmap"
+
+
+def _compute(method: str, model: nn.Module, chunk: Any, losses_fn: LossFn) -> tuple[torch.Tensor, torch.Tensor]:
+    if method == "hooks":
+        return _hook_grads(model, chunk, losses_fn)
+    with _Explained(model, method):
+        if method == "expanded":
+            return _expanded_grads(model, chunk, losses_fn)
+        return _vmap_grads(model, losses_fn)(model, chunk, losses_fn)
 
 
 def _expandable(model: nn.Module) -> bool:
@@ -152,3 +206,246 @@ class _WithLoss(nn.Module):
 
 def _leaves(tree: Any) -> list[torch.Tensor]:
     return [t for t in tree_leaves(tree) if isinstance(t, torch.Tensor)]
+
+
+# ---------------------------------------------------------------- hooks: per-sample rules per layer
+
+
+class _NotHookable(Exception):
+    """The hooks method cannot compute this model (found while running it); the reason."""
+
+
+def _is_conv1d(module: nn.Module) -> bool:
+    # transformers' Conv1D (GPT-2): a linear layer with its weight stored [in, out], y = x @ W + b.
+    return type(module).__name__ == "Conv1D" and type(module).__module__.startswith("transformers")
+
+
+def _hook_kind(module: nn.Module) -> str | None:
+    if isinstance(module, nn.Linear):
+        return "linear"
+    if _is_conv1d(module):
+        return "conv1d"
+    if isinstance(module, nn.Embedding) and module.max_norm is None and not module.scale_grad_by_freq:
+        return "embedding"
+    if isinstance(module, nn.LayerNorm):
+        return "layer_norm"
+    return None
+
+
+def _hookable(model: nn.Module) -> bool:
+    """Every trainable parameter is held by a layer with a per-sample rule.
+
+    A module without a rule may hold a parameter too, if a ruled layer holds the same one
+    (BERT's output bias is `cls.predictions.bias` and `decoder.bias`); that it is used only
+    through the ruled layer is checked on the autograd graph of every chunk.
+    """
+    covered = {id(p) for m in model.modules() if _hook_kind(m) for p in m.parameters(recurse=False)}
+    return all(id(p) in covered for p in model.parameters() if p.requires_grad)
+
+
+class _Call:
+    """One call of a ruled layer: its input and output (the output's gradient comes later)."""
+
+    __slots__ = ("module", "kind", "x", "y")
+
+    def __init__(self, module: nn.Module, kind: str, x: torch.Tensor, y: torch.Tensor) -> None:
+        self.module, self.kind, self.x, self.y = module, kind, x, y
+
+
+def _hook_grads(model: nn.Module, chunk: Any, losses_fn: LossFn) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample gradients from one batched forward and one backward to the ruled layers' outputs.
+
+    A sample's weight gradient is a product of its own rows only (its activations and output
+    gradients, summed over its positions): `torch.bmm` over the chunk, one matrix product per
+    sample in the fixed chunk shape, so no other sample of the chunk enters it.
+    """
+    named = list(model.named_parameters())
+    calls: list[_Call] = []
+    handles = []
+    for name, module in model.named_modules():
+        kind = _hook_kind(module)
+        if kind is None or next(module.parameters(recurse=False), None) is None:
+            continue
+        if kind == "embedding":
+            handles.append(module.register_forward_pre_hook(_per_sample_lookup))
+        handles.append(module.register_forward_hook(_recorder(calls, kind, name)))
+    try:
+        losses = losses_fn(model, chunk)
+    finally:
+        for h in handles:
+            h.remove()
+    if losses.shape != (CHUNK,):
+        raise UsageError(
+            f"sync=exact: the per-sample loss function returned shape {tuple(losses.shape)}, "
+            f"not one loss per sample ({CHUNK},): sum each sample's losses, e.g. .view(n, -1).sum(1)"
+        )
+    reached = [c for c in calls if c.y.requires_grad]
+    outputs = torch.autograd.grad(losses.sum(), [c.y for c in reached], allow_unused=True) if reached else []
+    used = [(c, g) for c, g in zip(reached, outputs, strict=True) if g is not None]
+    _check_every_use_ruled(losses, named, used)
+    offsets, offset = {}, 0
+    for _, p in named:
+        offsets[id(p)] = (offset, p)
+        offset += p.numel()
+    rows = named[0][1].new_zeros(CHUNK, offset)
+    # A tied parameter (GPT-2's lm_head and wte) gets one contribution per use, in the
+    # forward's order: the same order for every sample and split.
+    for call, gy in used:
+        for p, g in _rule(call, gy):
+            start, _ = offsets[id(p)]
+            rows[:, start : start + p.numel()] += g.reshape(CHUNK, -1)
+    return rows, losses.detach()
+
+
+def _per_sample_lookup(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
+    # An embedding looked up with a batch of 1 (positions shared by every sample: GPT-2's and
+    # BERT's position ids) gets one gradient for all samples, summed by broadcasting. Looked up
+    # once per sample instead, its rows are the same values (a lookup is a copy), so a model
+    # that broadcasts them computes the same; each sample's rows then get their own gradient.
+    ids = args[0]
+    if isinstance(ids, torch.Tensor) and ids.dim() >= 1 and ids.shape[0] == 1:
+        return (ids.expand(CHUNK, *ids.shape[1:]), *args[1:])
+    return None
+
+
+def _recorder(calls: list[_Call], kind: str, name: str) -> Callable[..., None]:
+    def record(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+        x = args[0] if args else None
+        if not isinstance(x, torch.Tensor) or not isinstance(output, torch.Tensor):
+            raise _NotHookable(f"layer '{name}' was called without a tensor input")
+        if x.dim() < 1 or x.shape[0] != CHUNK:
+            # Samples must run along dim 0 for a sample's rows to be its own.
+            raise _NotHookable(f"layer '{name}' sees an input of shape {tuple(x.shape)}, not samples along dim 0")
+        calls.append(_Call(module, kind, x.detach(), output))
+
+    return record
+
+
+def _rule(call: _Call, gy: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(parameter, its per-sample gradient [CHUNK, ...]) of one call."""
+    m, x, n = call.module, call.x, CHUNK
+    out: list[tuple[torch.Tensor, torch.Tensor]] = []
+    if call.kind in ("linear", "conv1d"):
+        x2 = x.reshape(n, -1, x.shape[-1])
+        g2 = gy.reshape(n, -1, gy.shape[-1])
+        if call.kind == "linear":  # weight [out, in]
+            out.append((m.weight, torch.bmm(g2.transpose(1, 2), x2)))
+        else:  # Conv1D: weight [in, out]
+            out.append((m.weight, torch.bmm(x2.transpose(1, 2), g2)))
+        if m.bias is not None:
+            out.append((m.bias, g2.sum(dim=1)))
+    elif call.kind == "embedding":
+        vocab, width = m.weight.shape
+        ids = x.reshape(n, -1) + torch.arange(n, device=x.device).unsqueeze(1) * vocab
+        g = m.weight.new_zeros(n * vocab, width).index_add_(0, ids.reshape(-1), gy.reshape(-1, width))
+        g = g.view(n, vocab, width)
+        if m.padding_idx is not None:
+            g[:, m.padding_idx] = 0  # as F.embedding's backward: the padding row learns nothing
+        out.append((m.weight, g))
+    else:  # layer_norm
+        shape = m.normalized_shape
+        g2 = gy.reshape(n, -1, *shape)
+        if m.weight is not None:
+            x_hat = F.layer_norm(x, shape, eps=m.eps).reshape(n, -1, *shape)
+            out.append((m.weight, (g2 * x_hat).sum(dim=1)))
+        if m.bias is not None:
+            out.append((m.bias, g2.sum(dim=1)))
+    return [(p, g) for p, g in out if p.requires_grad]
+
+
+def _check_every_use_ruled(
+    losses: torch.Tensor, named: list[tuple[str, nn.Parameter]], used: list[tuple[_Call, torch.Tensor]]
+) -> None:
+    """Each parameter enters the loss's graph exactly as often as ruled layers used it.
+
+    A use the hooks did not see (a weight read directly by its parent module, say) would
+    give that parameter a per-sample gradient without that use: counting the graph's edges
+    into each parameter makes such a model fall back instead of computing less.
+    """
+    edges: dict[int, int] = {}
+    seen: set[Any] = set()
+    stack = [losses.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        for nxt, _ in node.next_functions:
+            if nxt is None:
+                continue
+            var = getattr(nxt, "variable", None)
+            if var is not None:
+                edges[id(var)] = edges.get(id(var), 0) + 1
+            else:
+                stack.append(nxt)
+    ruled: dict[int, int] = {}
+    for call, _ in used:
+        for p in call.module.parameters(recurse=False):
+            ruled[id(p)] = ruled.get(id(p), 0) + 1
+    for name, p in named:
+        if p.requires_grad and edges.get(id(p), 0) != ruled.get(id(p), 0):
+            raise _NotHookable(
+                f"parameter '{name}' enters the loss {edges.get(id(p), 0)} times, "
+                f"through layers with a per-sample rule {ruled.get(id(p), 0)} times"
+            )
+
+
+# ---------------------------------------------------------------- raw errors, explained
+
+
+class _Explained:
+    """Turns a failure of expanded weights or vmap inside a model into one line: layer, cause, fix.
+
+    The innermost module running when the error came is the layer named (forward hooks keep
+    the stack); the operation is the innermost frame outside torch.
+    """
+
+    def __init__(self, model: nn.Module, method: str) -> None:
+        self.model, self.method = model, method
+        self.stack: list[str] = []
+        self.handles: list[Any] = []
+
+    def __enter__(self) -> None:
+        for name, module in self.model.named_modules():
+            self.handles.append(module.register_forward_pre_hook(lambda *_, name=name: self.stack.append(name)))
+            self.handles.append(module.register_forward_hook(self._leave))
+
+    def _leave(self, *_: Any) -> None:
+        self.stack.pop()
+
+    def __exit__(self, kind: type | None, exc: BaseException | None, tb: Any) -> bool:
+        for h in self.handles:
+            h.remove()
+        if not isinstance(exc, RuntimeError):
+            return False
+        layer = f"layer '{self.stack[-1] or type(self.model).__name__}'" if self.stack else "the model"
+        raise UsageError(_explain(self.method, layer, _operation(tb), str(exc))) from exc
+
+
+def _explain(method: str, layer: str, operation: str, error: str) -> str:
+    first = error.strip().splitlines()[0] if error.strip() else type(error).__name__
+    if method == "expanded" and "batch size matching input" in error:
+        return (
+            f"sync=exact: expanded weights: {layer} is called with a batch of 1 (ids the model builds once for "
+            "every sample, e.g. BERT's position_ids / token_type_ids): pass position_ids and token_type_ids "
+            "of the batch's size, or use method='hooks'"
+        )
+    if method == "vmap" and (".item()" in error or "data-dependent control flow" in error):
+        return (
+            f"sync=exact: vmap: {layer} calls .item() or branches on a tensor's value at {operation} "
+            "(transformers' attention-mask code does): use method='hooks' (Linear, Conv1D, Embedding and "
+            "LayerNorm layers), or pass no attention_mask for a right-padded causal LM whose padding labels are -100"
+        )
+    other = "'vmap'" if method == "expanded" else "'hooks' or 'expanded'"
+    return f"sync=exact: {method} cannot run {layer} at {operation}: {first}; try method={other}"
+
+
+def _operation(tb: Any) -> str:
+    """The innermost frame of the traceback outside torch: file name, line and function."""
+    where = "unknown"
+    while tb is not None:
+        code = tb.tb_frame.f_code
+        if "/torch/" not in code.co_filename and "distshare/numerics" not in code.co_filename:
+            where = f"{code.co_filename.rsplit('/', 1)[-1]}:{tb.tb_lineno} ({code.co_name})"
+        tb = tb.tb_next
+    return where
