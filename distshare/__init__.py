@@ -11,6 +11,8 @@ The Python surface (the CLI is `distshare`):
   baseline, then after every N-th `optimizer.step()`, gradients included); a divergence's
   report carries its likely cause (`ReplicaReport.diagnosis`);
 - `distshare.checkpoint`: safetensors checkpoints with a manifest of fingerprints;
+- `distshare.exact.ExactGradients(model)`: exact mode in your own loop: per-sample gradients
+  added as integers, the same bits for every split W x k of the global batch;
 - `distshare.testing.run_distributed(fn, world_size)`: run a function on simulated ranks.
 """
 

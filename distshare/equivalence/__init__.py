@@ -30,6 +30,9 @@ The modules, in the order they build on each other:
     runs.py        one partition run, and what rank 0 records of it
     reference.py   the reference run, the rounding bound's magnitudes, the envelope
     grid.py        comparing a partition with its reference; the grid; the public assert
+    loop_context.py   what a user's own training loop gets on each rank, and what is recorded of it
+    loop_runs.py   one run of the user's loop on one rank, and what it left
+    loop.py        the user's loop under every split, against its measured reordering spread
     pitfalls/      eight ways training code breaks the equivalence, each beside its fix
     report.py      tables, heatmap and report.md from the result
 """
@@ -43,6 +46,8 @@ from distshare.equivalence.grid import (
     compare,
     run_grid,
 )
+from distshare.equivalence.loop import LoopResult, SplitResult, assert_loop_equivalent
+from distshare.equivalence.loop_context import LoopContext
 from distshare.equivalence.reference import Reference, run_reference
 from distshare.equivalence.runs import PartitionRun, Tensors, run_partition
 from distshare.equivalence.tasks import AUTOCAST, ConfigTask, GridTask, Trainee, UserTask
@@ -53,13 +58,17 @@ __all__ = [
     "GridResult",
     "GridTask",
     "HoldParameters",
+    "LoopContext",
+    "LoopResult",
     "PartitionResult",
     "PartitionRun",
     "Reference",
+    "SplitResult",
     "Tensors",
     "Trainee",
     "UserTask",
     "assert_accumulation_equivalent",
+    "assert_loop_equivalent",
     "check_partitions",
     "compare",
     "run_grid",

@@ -326,15 +326,29 @@ def assert_accumulation_equivalent(
     uses_per_sample: int = 1,
     timeout_s: float = 120.0,
     progress: bool = False,
+    sample_loss_fn: Callable[[nn.Module, Any], torch.Tensor] | None = None,
+    count_items: Callable[[Any], int] | None = None,
 ) -> GridResult:
     """Assert that every W x k split trains `model_fn()` like one process on the whole batch.
 
     `model_fn()` returns a fresh model (module-level: spawned ranks import it; it is called
     under a fixed seed); `loss_fn(model, batch)` returns the *summed* loss of a batch (the
-    step divides by the global batch size); `dataset` is a `TensorDataset`, a tensor, or a
-    sequence of samples that `default_collate` can batch. Each world size W > 1 runs on W
-    spawned CPU ranks (real gloo groups). `uses_per_sample` is how often one weight is used
-    per sample (positions, pixels): it widens the rounding bound's term count.
+    step divides by the global batch size, or its item count: `count_items`); `dataset` is
+    a `TensorDataset`, a tensor, or a sequence of samples that `default_collate` can batch.
+    Each world size W > 1 runs on W spawned CPU ranks (real gloo groups). `uses_per_sample`
+    is how often one weight is used per sample (positions, pixels): it widens the rounding
+    bound's term count.
+
+    `sync="exact"` (`distshare.exact`) differentiates `sample_loss_fn(model, batch)`, each
+    sample's summed loss ([n]), instead of `loss_fn`, and requires every partition to be
+    bitwise equal to the big batch (parameters and gradients at every step), not merely
+    within rounding. (Per-sample losses are not derived from `loss_fn`: calling it on one
+    sample at a time would change the shapes the model computes in.)
+
+    `count_items(batch) -> int` counts a collated batch's loss items (a causal LM: its label
+    tokens != -100): the step, and its reference, then divide the summed loss by the count
+    over the whole global batch instead of its number of samples, which is the large-batch
+    normalization of a token-level loss with sequences of varying length.
 
     Returns the `GridResult`; raises AssertionError with the grid's table when a partition
     differs from the big batch by more than rounding.
@@ -344,12 +358,19 @@ def assert_accumulation_equivalent(
         global_batch = lcm * max(1, -(-8 // lcm))
     if len(dataset) < global_batch:
         raise ValueError(f"the data set has {len(dataset)} samples, fewer than one global batch of {global_batch}")
-    if sync == "exact":
-        raise ValueError("sync='exact' is for distshare's own models: run `distshare equivalence --sync exact`")
+    if sync == "exact" and sample_loss_fn is None:
+        raise UsageError("sync='exact' needs sample_loss_fn(model, batch) -> each sample's summed loss, shape [n]")
     if optimizer not in ("sgd", "adamw"):
         raise ValueError(f"optimizer must be 'sgd' or 'adamw', got {optimizer!r}")
     task = UserTask(model_fn, loss_fn, dataset, global_batch, optimizer, lr, sync, seed, uses_per_sample)
+    task.sample_loss_fn = sample_loss_fn
+    task.count_items = count_items
     result = run_grid(task, world_sizes, accum_steps, [None], steps, progress=progress, timeout_s=timeout_s)
     if not result.ok:
         raise AssertionError("gradient accumulation is not equivalent to one big batch:\n" + result.text())
+    not_bitwise = [p.label for p in result.partitions if not (p.bitwise_equal and p.grad_bitwise_equal)]
+    if sync == "exact" and not_bitwise:  # exact mode promises bits: within rounding is a failure
+        raise AssertionError(
+            f"exact mode is not bitwise for {', '.join(not_bitwise)} (sync='exact'):\n" + result.text()
+        )
     return result

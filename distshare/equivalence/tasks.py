@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -24,6 +25,7 @@ from distshare.data.plan import GlobalBatchPlan
 from distshare.distributed.sync import ExactSync, make_sync
 from distshare.distributed.world import World
 from distshare.equivalence.gradient import step_gradient
+from distshare.errors import UsageError
 from distshare.models import build_model
 from distshare.numerics.rounding import unit_roundoff
 from distshare.training import Run, build_optimizer, build_run, loss_sum, optimizer_step, sample_losses, train_step
@@ -195,6 +197,13 @@ class UserTask:
     sync: str = "ddp"
     seed: int = 0
     uses_per_sample: int = 1
+    # Exact mode (sync="exact"): each sample's summed loss, [n], of a collated batch; what
+    # exact mode differentiates (per-sample gradients) instead of loss_fn's summed loss.
+    sample_loss_fn: Callable[[nn.Module, Any], torch.Tensor] | None = None
+    # count_items(batch) -> int: the loss items of a collated batch (e.g. label tokens != -100).
+    # The step divides the summed loss by their count over the whole global batch; None: by
+    # its sample count. Summed over micro-batches it must equal the count of their union.
+    count_items: Callable[[Any], int] | None = None
 
     def terms_per_sample(self) -> int:
         return self.uses_per_sample
@@ -226,6 +235,17 @@ class UserTask:
         resolved = PlanConfig(world_size, self.global_batch, accum_steps, None).resolve()
         plan = GlobalBatchPlan(len(self.dataset), resolved, seed=self.seed)
 
+        @functools.cache
+        def items(s: int) -> float:
+            # What step s divides the summed loss by: the global batch's items, on every rank alike.
+            indices = [int(i) for i in plan.global_batch(s)]
+            if self.count_items is None:
+                return float(len(indices))
+            count = int(self.count_items(self._collate(indices)))
+            if count <= 0:
+                raise UsageError(f"count_items gave {count} items for the global batch of step {s}: nothing to divide")
+            return float(count)
+
         def batch_loss(module: nn.Module, indices: list[int]) -> torch.Tensor:
             # Collated inside the step's micro-step, one micro-batch at a time, as it is used.
             return self.loss_fn(module, self._collate(indices))
@@ -240,10 +260,18 @@ class UserTask:
                 consumed.append(list(indices))  # accounting reads what the loss was computed from
                 return batch_loss(module, indices)
 
-            return optimizer_step(model, wrapped, opt, sync, micro, float(n), n, step_loss), consumed
+            if sync.per_sample:
+                # Exact mode: the sync takes the collated samples (tensors, samples along dim 0) and
+                # computes them in its own chunks; what it consumes is exactly what it is handed.
+                micro = [m for m in micro if m]
+                consumed.extend(micro)
+                micro = [self._collate(m) for m in micro]
+            return optimizer_step(
+                model, wrapped, opt, sync, micro, items(s), n, step_loss, self.sample_loss_fn
+            ), consumed
 
         dtype = _dtype(model)
-        return Trainee(
+        trainee = Trainee(
             label=str(dtype).removeprefix("torch."),
             u=unit_roundoff(dtype),
             model=model,
@@ -251,8 +279,28 @@ class UserTask:
             micro_batch=resolved.micro_batch,
             step=step,
             global_batch=lambda s: [int(i) for i in plan.global_batch(s)],
-            normalizer=lambda s: float(len(plan.global_batch(s))),
+            normalizer=items,
             batch_loss=batch_loss,
             fresh_model=self._fresh,
             fresh_optimizer=lambda m: self._optimizer(m.parameters()),
         )
+        if sync.per_sample:
+            trainee.exact_grad = self._exact_grad(trainee)
+        return trainee
+
+    def _exact_grad(self, trainee: Trainee) -> Callable[[nn.Module, int], None]:
+        """The big batch's exact-mode gradient at a step, on one process: what every partition reaches."""
+
+        def exact_grad(model: nn.Module, s: int) -> None:
+            indices = trainee.global_batch(s)
+            step_gradient(
+                model,
+                [self._collate(indices)],
+                trainee.normalizer(s),
+                len(indices),
+                lambda module, b: self.loss_fn(module, b),  # never called: exact mode differentiates per sample
+                sync=ExactSync(),
+                sample_loss_fn=self.sample_loss_fn,
+            )
+
+        return exact_grad

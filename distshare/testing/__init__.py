@@ -29,7 +29,7 @@ from __future__ import annotations
 
 from distshare.distributed.spawn import run_distributed
 from distshare.distributed.world import World
-from distshare.equivalence import assert_accumulation_equivalent
+from distshare.equivalence import LoopContext, LoopResult, assert_accumulation_equivalent, assert_loop_equivalent
 from distshare.errors import RankError
 from distshare.integrity.data_parallel import DataParallelReport, NotDataParallelError, assert_data_parallel
 from distshare.integrity.replicas import (
@@ -47,7 +47,10 @@ __all__ = [
     "ReplicaDivergenceError",
     "ReplicaReport",
     "World",
+    "LoopContext",
+    "LoopResult",
     "assert_accumulation_equivalent",
+    "assert_loop_equivalent",
     "assert_replicas_in_sync",
     "compare_replicas",
     "run_distributed",
