@@ -36,9 +36,7 @@ from typing import Any
 import torch
 
 from distshare.errors import UsageError
-from distshare.integrations.options import check_options
-from distshare.integrity.replicas import ReplicaReport
-from distshare.integrity.watch import Watch, watch
+from distshare.integrations.options import WatchingCallback
 
 try:
     from transformers import TrainerCallback
@@ -60,7 +58,7 @@ def innermost_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimiz
     return optimizer
 
 
-class DistshareCallback(TrainerCallback):
+class DistshareCallback(WatchingCallback, TrainerCallback):
     """Check, every `every` optimizer steps, that every rank of a `Trainer` run holds the same state.
 
     Args:
@@ -89,10 +87,8 @@ class DistshareCallback(TrainerCallback):
         timeout_s: float = 300.0,
         verbose: bool = True,
     ) -> None:
-        check_options(every, grads, buffers)
-        self.every, self.grads, self.buffers, self.scheduler = every, grads, buffers, scheduler
-        self.locate, self.timeout_s, self.verbose = locate, timeout_s, verbose
-        self.watcher: Watch | None = None
+        super().__init__(every, grads, buffers, locate, timeout_s, verbose)
+        self.scheduler = scheduler
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         model, optimizer, lr_scheduler = kwargs.get("model"), kwargs.get("optimizer"), kwargs.get("lr_scheduler")
@@ -101,31 +97,11 @@ class DistshareCallback(TrainerCallback):
                 "DistshareCallback: Trainer passed no model or optimizer to on_train_begin; "
                 "pass the callback to Trainer(callbacks=[...]) and call trainer.train()"
             )
-        if self.watcher is not None:
-            self.watcher.remove()  # a second train(): the last run's hooks go
         extra = None
         if self.scheduler and lr_scheduler is not None:
             extra = lambda: {"lr_scheduler": lr_scheduler.state_dict()}  # noqa: E731 (read at each check)
         # `model` is Trainer's bare model (callbacks never see the DDP wrapper): names carry no prefix.
-        self.watcher = watch(
-            model,
-            innermost_optimizer(optimizer),
-            every=self.every,
-            grads=self.grads,
-            buffers=self.buffers,
-            extra=extra,
-            locate=self.locate,
-            timeout_s=self.timeout_s,
-        )
-        self._say(state, "before the first step", self.watcher.reports[-1])
+        self._start(model, innermost_optimizer(optimizer), extra, state.is_world_process_zero)
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        if self.watcher is None:
-            return
-        report = self.watcher.close()  # raises ReplicaDivergenceError when the last steps diverged
-        self._say(state, f"after {self.watcher.iterations} optimizer steps", report or self.watcher.reports[-1])
-
-    def _say(self, state: Any, when: str, report: ReplicaReport) -> None:
-        if self.verbose and state.is_world_process_zero and self.watcher is not None:
-            checks = self.watcher.checks
-            print(f"distshare: replicas in sync {when} ({checks} check(s)): {report.summary()}", flush=True)
+        self._finish(state.is_world_process_zero)  # raises ReplicaDivergenceError when the last steps diverged

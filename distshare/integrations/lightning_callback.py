@@ -32,9 +32,7 @@ from __future__ import annotations
 from typing import Any
 
 from distshare.errors import UsageError
-from distshare.integrations.options import check_options
-from distshare.integrity.replicas import ReplicaReport
-from distshare.integrity.watch import Watch, watch
+from distshare.integrations.options import WatchingCallback
 
 try:
     from lightning.pytorch import Callback
@@ -48,7 +46,7 @@ except ImportError:
         ) from None
 
 
-class DistshareLightningCallback(Callback):
+class DistshareLightningCallback(WatchingCallback, Callback):
     """Check, every `every` optimizer steps, that every rank of a Lightning run holds the same state.
 
     Args:
@@ -77,10 +75,8 @@ class DistshareLightningCallback(Callback):
         timeout_s: float = 300.0,
         verbose: bool = True,
     ) -> None:
-        check_options(every, grads, buffers)
-        self.every, self.grads, self.buffers, self.schedulers = every, grads, buffers, schedulers
-        self.locate, self.timeout_s, self.verbose = locate, timeout_s, verbose
-        self.watcher: Watch | None = None
+        super().__init__(every, grads, buffers, locate, timeout_s, verbose)
+        self.schedulers = schedulers
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         optimizers = list(trainer.optimizers)
@@ -93,32 +89,12 @@ class DistshareLightningCallback(Callback):
         schedulers = [c.scheduler for c in trainer.lr_scheduler_configs]
         if self.schedulers and schedulers:
             extra = lambda: {"lr_scheduler": [s.state_dict() for s in schedulers]}  # noqa: E731 (read at each check)
-        if self.watcher is not None:
-            self.watcher.remove()  # a second fit(): the last run's hooks go
         # The strategy's model is the DDP wrapper under strategy="ddp" (the module itself otherwise).
-        self.watcher = watch(
-            trainer.strategy.model,
-            optimizers[0],
-            every=self.every,
-            grads=self.grads,
-            buffers=self.buffers,
-            extra=extra,
-            locate=self.locate,
-            timeout_s=self.timeout_s,
-        )
-        self._say(trainer, "before the first step", self.watcher.reports[-1])
+        self._start(trainer.strategy.model, optimizers[0], extra, trainer.is_global_zero)
 
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
-        if self.watcher is None:
-            return
-        report = self.watcher.close()  # raises ReplicaDivergenceError when the last steps diverged
-        self._say(trainer, f"after {self.watcher.iterations} optimizer steps", report or self.watcher.reports[-1])
+        self._finish(trainer.is_global_zero)  # raises ReplicaDivergenceError when the last steps diverged
 
     def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
         if self.watcher is not None:
             self.watcher.remove()  # no last check: an error is on its way, peers may never join one
-
-    def _say(self, trainer: Any, when: str, report: ReplicaReport) -> None:
-        if self.verbose and trainer.is_global_zero and self.watcher is not None:
-            checks = self.watcher.checks
-            print(f"distshare: replicas in sync {when} ({checks} check(s)): {report.summary()}", flush=True)
