@@ -20,17 +20,15 @@ uncaught, as a user's script runs: a divergence ends the process with `ReplicaDi
 
 from __future__ import annotations
 
-import json
 import sys
 import tempfile
-import time
 
 import lightning.pytorch as L
 import torch
+from scenarios import run_scenarios  # this folder is first on sys.path when launched
 from torch import nn
 from torch.nn import functional as F
 
-from distshare import ReplicaDivergenceError
 from distshare.integrations.lightning_callback import DistshareLightningCallback
 
 STEPS = 4  # optimizer steps
@@ -121,30 +119,7 @@ def train(scenario: str, out: str) -> DistshareLightningCallback:
 
 def main(scenarios: list[str]) -> None:
     with tempfile.TemporaryDirectory(prefix="distshare-lightning-") as out:  # no checkpoint, no logger: stays empty
-        run(scenarios, out)
-
-
-def run(scenarios: list[str], out: str) -> None:
-    for i, scenario in enumerate(scenarios):
-        start = time.perf_counter()
-        if i == len(scenarios) - 1:  # as a user's script: a divergence ends the run
-            check, error = train(scenario, out), None
-        else:
-            try:
-                check, error = train(scenario, out), None
-            except ReplicaDivergenceError as exc:
-                check, error = None, exc
-        if torch.distributed.get_rank() == 0:
-            row = {
-                "scenario": scenario,
-                "world_size": torch.distributed.get_world_size(),
-                "in_sync": error is None and check.watcher.in_sync,
-                "checks": check.watcher.checks if check else None,
-                "error": str(error) if error else None,
-                "cause": str(error.report.diagnosis.cause) if error and error.report.diagnosis else None,
-                "seconds": round(time.perf_counter() - start, 2),
-            }
-            print(json.dumps(row), flush=True)
+        run_scenarios(train, scenarios, out)
 
 
 if __name__ == "__main__":

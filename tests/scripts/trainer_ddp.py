@@ -20,15 +20,13 @@ divergence ends the process with `ReplicaDivergenceError` and torchrun exits non
 
 from __future__ import annotations
 
-import json
 import sys
 import tempfile
-import time
 
 import torch
+from scenarios import run_scenarios  # this folder is first on sys.path when launched
 from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainerCallback, TrainingArguments
 
-from distshare import ReplicaDivergenceError
 from distshare.integrations.hf_trainer import DistshareCallback
 
 STEPS = 4  # optimizer steps
@@ -110,32 +108,7 @@ def train(scenario: str, out: str) -> DistshareCallback:
 
 def main(scenarios: list[str]) -> None:
     with tempfile.TemporaryDirectory(prefix="distshare-trainer-") as out:  # nothing is saved there (save_strategy "no")
-        run(scenarios, out)
-
-
-def run(scenarios: list[str], out: str) -> None:
-    for i, scenario in enumerate(scenarios):
-        start = time.perf_counter()
-        if i == len(scenarios) - 1:  # as a user's script: a divergence ends the run
-            check = train(scenario, out)
-            error = None
-        else:
-            try:
-                check = train(scenario, out)
-                error = None
-            except ReplicaDivergenceError as exc:
-                check, error = None, exc
-        if torch.distributed.get_rank() == 0:
-            row = {
-                "scenario": scenario,
-                "world_size": torch.distributed.get_world_size(),
-                "in_sync": error is None and check.watcher.in_sync,
-                "checks": check.watcher.checks if check else None,
-                "error": str(error) if error else None,
-                "cause": str(error.report.diagnosis.cause) if error and error.report.diagnosis else None,
-                "seconds": round(time.perf_counter() - start, 2),
-            }
-            print(json.dumps(row), flush=True)
+        run_scenarios(train, scenarios, out)
 
 
 if __name__ == "__main__":
