@@ -14,9 +14,12 @@ rank and b=8 on two.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
+import os
 import types
 import typing
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Union
@@ -277,11 +280,23 @@ def _approx(n: int) -> str:
 def _quotient(g: int, w: int, other: int, other_name: str) -> int:
     """G / (W x other), refusing a remainder: no rank may get a different share."""
     if g % (w * other):
+        fix = nearest_global_batch(g, [w * other])
         raise ConfigError(
             "plan.global_batch",
-            f"{g} is not divisible by world_size x {other_name} = {w} x {other} = {w * other}",
+            f"{g} is not divisible by world_size x {other_name} = {w} x {other} = {w * other}; "
+            f"the nearest that is: --set plan.global_batch={fix}",
         )
     return g // (w * other)
+
+
+def nearest_global_batch(g: int, divisors: Iterable[int]) -> int:
+    """The global batch nearest `g` that every one of `divisors` divides (the smaller on a
+    tie): a multiple of their least common multiple, never 0. For one plan the divisor is
+    W x k; for a grid of partitions, every W x k of the grid (W in 1,2,3,4 x k in 1,2,4,8: 96)."""
+    step = math.lcm(*divisors)
+    below = g - g % step
+    above = below + step
+    return above if below == 0 or above - g < g - below else below
 
 
 def _positive(name: str, value: int) -> None:
@@ -298,14 +313,51 @@ def _choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
 # Loading: YAML -> dict -> dataclasses, with every key and type checked by name.
 
 
+# The run configs shipped with the package, so that `--config transformer` works wherever
+# distshare is installed. The repository's top-level `configs/` is a link to this folder:
+# one copy of every file, edited in either place. (A path, not importlib.resources: the
+# files are read with open(), and distshare is never imported from a zip.)
+SHIPPED_CONFIGS = Path(__file__).resolve().parent / "configs"
+
+
+def shipped_configs() -> dict[str, Path]:
+    """Every run config shipped with distshare, by name: `--config cnn`, `--config transformer`."""
+    return {p.stem: p for p in sorted((SHIPPED_CONFIGS / "train").glob("*.yaml"))}
+
+
+def config_path(text: str | Path) -> Path:
+    """The file `--config TEXT` means: a file that exists as given (a user's path always
+    wins), else the shipped config named TEXT (`transformer`, `cnn.yaml`); else a
+    UsageError that says why and names the shipped configs."""
+    p = Path(text)
+    if p.is_file():
+        return p
+    text = str(text)
+    bare = text not in ("", ".", "..") and os.sep not in text and not (os.altsep and os.altsep in text)
+    name = text.removesuffix(".yaml").removesuffix(".yml")
+    shipped = shipped_configs()
+    if bare and name in shipped:
+        return shipped[name]
+    names = ", ".join(shipped) or "none"
+    if p.is_dir() or p.exists():
+        what = "that is a directory" if p.is_dir() else "not a regular file"
+        raise UsageError(f"config file not found: {p} ({what}); shipped configs by name: {names}")
+    if not bare and p.stem in shipped:  # a checkout's path, used outside the checkout
+        raise UsageError(
+            f"config file not found: {p} (relative to {Path.cwd()}); the same config ships with distshare: "
+            f"--config {p.stem}"
+        )
+    close = difflib.get_close_matches(name, list(shipped), n=1)
+    hint = f"; did you mean --config {close[0]}?" if bare and close else ""
+    raise UsageError(f"config file not found: {p} (give a path, or a shipped config by name: {names}){hint}")
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
-    """Read a YAML config (or the defaults), apply `key=value` overrides, validate."""
+    """Read a YAML config (a path or a shipped name; or the defaults), apply `key=value`
+    overrides, validate."""
     raw: dict[str, Any] = {}
     if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            what = " (that is a directory)" if p.is_dir() else " (not a regular file)" if p.exists() else ""
-            raise UsageError(f"config file not found: {p}{what}")
+        p = config_path(path)
         try:
             text = p.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as exc:

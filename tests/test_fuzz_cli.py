@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 from collections import Counter
 from pathlib import Path
 
@@ -49,6 +50,7 @@ def _would_run(*args, **kwargs):
 STOPS = [
     "distshare.commands.train.run_engine",
     "distshare.commands.verify.run_engine",
+    "distshare.commands.common.relaunch",  # --engine torchrun: a real torchrun
     "distshare.commands.verify.run_parity",
     "distshare.commands.equivalence.run_grid",
     "distshare.commands.demo.run_demo",
@@ -215,7 +217,7 @@ def check(root: Path, capsys, argv: list[str]) -> str | None:
     if code == 2:
         lines = err.strip().splitlines()
         assert len(lines) == 1, f"{argv!r}: expected one line, got {err!r}"
-        assert lines[0].startswith("distshare: error: "), f"{argv!r}: {lines[0]!r}"
+        assert re.match(r"distshare( [a-z]+)?: error: ", lines[0]), f"{argv!r}: {lines[0]!r}"
         assert not new_complete, f"{argv!r}: a refused run left {new_complete}"
         return "refused"
     # Only commands that finish without training may exit otherwise: env, and checksum and

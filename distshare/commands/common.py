@@ -14,12 +14,13 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from distshare.config import ENGINES, SYNC_MODES, RunConfig, load_config, to_dict
+from distshare.config import ENGINES, SYNC_MODES, RunConfig, load_config, shipped_configs, to_dict
 from distshare.data import build_dataset
 from distshare.data.accounting import Accounting, account
 from distshare.data.plan import GlobalBatchPlan
 from distshare.data.types import DataInfo
 from distshare.distributed import launchers
+from distshare.engines.torchrun import command_flags, relaunch
 from distshare.errors import UsageError
 from distshare.integrity.diagnosis import BEFORE_FIRST_STEP
 from distshare.integrity.replicas import ReplicaReport
@@ -68,13 +69,19 @@ def add_command(
     parser = subparsers.add_parser(
         name, help=summary, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.set_defaults(func=func)
+    # The parser travels with the arguments: `--engine torchrun` rebuilds the command line from it.
+    parser.set_defaults(func=func, command_parser=parser)
     return parser
 
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     """--config and --set: where a run's config comes from."""
-    parser.add_argument("--config", metavar="PATH", help="YAML run config (configs/train/*.yaml)")
+    parser.add_argument(
+        "--config",
+        metavar="PATH|NAME",
+        help="YAML run config: a path, or a config shipped with distshare by name "
+        f"({', '.join(shipped_configs())}); a file of that name here wins",
+    )
     parser.add_argument(
         "--set",
         metavar="KEY=VALUE",
@@ -91,7 +98,9 @@ def add_run_arguments(parser: argparse.ArgumentParser, default_world: str, parit
     parser.add_argument(
         "--nproc",
         type=positive_int,
-        help=f"simulated CPU ranks (gloo); ignored under torchrun (default: {default_world})",
+        help=f"ranks: spawned gloo processes, or torchrun's with --engine torchrun (default: {default_world}). "
+        "Under a launcher use its own flag instead (torchrun --nproc_per_node N, accelerate launch "
+        "--num_processes N): torchrun refuses --nproc anywhere on its command line, as ambiguous",
     )
     parser.add_argument("--steps", type=positive_int, help="optimizer steps (overrides config 'steps')")
     parser.add_argument("--seed", type=int, help="parameter init seed (overrides config 'seed')")
@@ -103,8 +112,9 @@ def add_run_arguments(parser: argparse.ArgumentParser, default_world: str, parit
     )
     parser.add_argument(
         "--engine",
-        choices=ENGINES + (("all",) if parity else ()),
-        help="who starts the ranks (default auto: the launcher's, else torch for N > 1, else local)"
+        choices=ENGINES + ("torchrun",) + (("all",) if parity else ()),
+        help="who starts the ranks (default auto: the launcher's, else torch for N > 1, else local); "
+        "torchrun: this command under torchrun --standalone --nproc_per_node N"
         + ("; all: every engine, fingerprints side by side" if parity else ""),
     )
     parser.add_argument(
@@ -144,9 +154,35 @@ def config_from_args(args: argparse.Namespace, base: list[str] | None = None) ->
         if flag == "engine" and getattr(args, flag, None) == "all":
             continue  # verify's parity run: each engine is set per run
         value = getattr(args, flag, None)
+        if flag == "engine" and value == "torchrun":
+            value = "torch"  # torchrun starts the processes (run_under_torchrun); torch runs in each
         if value is not None:
             overrides.append(f"{key}={value}")
     return load_config(args.config, overrides)
+
+
+def run_under_torchrun(args: argparse.Namespace, cfg: RunConfig) -> int:
+    """`--engine torchrun`: this command again under a real torchrun with `--nproc` ranks
+    (checked here first, so a mistake is one line, not one per rank); its exit code."""
+    if getattr(args, "max_failures", None) is not None:
+        raise UsageError("--max-failures restarts Ray Train workers; under torchrun use torchrun --max-restarts N")
+    warn_oversubscribed(cfg.plan.world_size)
+    flags = command_flags(args.command_parser, args, leave_out=("nproc", "engine"))
+    return relaunch(cfg.plan.world_size, [args.command, *flags, "--engine=torch"])
+
+
+def warn_if_oversubscribed(engine: str, cfg: RunConfig, args: argparse.Namespace) -> None:
+    """`warn_oversubscribed` where this machine starts the ranks: spawned torch ranks, or
+    Ray workers on a local Ray (not a launcher's ranks, not a cluster's)."""
+    if launchers.launched():
+        return
+    if engine == "torch" or (engine == "ray" and not launchers.ray_address(getattr(args, "ray_address", None))):
+        warn_oversubscribed(cfg.plan.world_size)
+
+
+def under_torchrun(args: argparse.Namespace) -> bool:
+    """`--engine torchrun` given to a plain command: start torchrun (inside one, run as torch)."""
+    return getattr(args, "engine", None) == "torchrun" and not launchers.launched()
 
 
 def output_file(text: str, flag: str) -> Path:
@@ -189,6 +225,28 @@ def preflight(cfg: RunConfig) -> tuple[GlobalBatchPlan, DataInfo]:
 
 def is_main_process() -> bool:
     return launchers.is_launched_main()
+
+
+def available_cores() -> int:
+    """The CPU cores this process may run on: its affinity mask where the OS keeps one (a
+    container's or `taskset`'s share), else every core of the machine."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
+
+
+def warn_oversubscribed(ranks: int, flag: str = "--nproc") -> None:
+    """One line on stderr when more rank processes start here than there are cores: they
+    take turns, so a run is far slower; its results are the same."""
+    cores = available_cores()
+    if ranks > cores and is_main_process():
+        print(
+            f"distshare: warning: {flag} {ranks}: {ranks} rank processes on {cores} CPU core(s) take turns, "
+            "so each step is much slower (the results are the same)",
+            file=sys.stderr,
+            flush=True,
+        )
 
 
 def exact_line(underflows: int) -> str:

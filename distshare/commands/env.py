@@ -8,6 +8,7 @@ import os
 import platform
 
 from distshare.commands.common import versions
+from distshare.config import SHIPPED_CONFIGS
 from distshare.distributed import launchers
 
 
@@ -32,6 +33,8 @@ def environment() -> dict:
         "mpi": dist.is_available() and dist.is_mpi_available(),
     }
     info["launcher_env"] = launchers.launcher_environment()
+    # Where the shipped configs are, for a pip install: `accelerate launch --config_file <configs>/accelerate/cpu.yaml`.
+    info["configs"] = str(SHIPPED_CONFIGS)
     return info
 
 

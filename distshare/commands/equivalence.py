@@ -20,8 +20,15 @@ import argparse
 import math
 from typing import Any
 
-from distshare.commands.common import add_command, add_config_arguments, finish, positive_float, positive_int
-from distshare.config import SYNC_MODES, load_config
+from distshare.commands.common import (
+    add_command,
+    add_config_arguments,
+    finish,
+    positive_float,
+    positive_int,
+    warn_oversubscribed,
+)
+from distshare.config import SYNC_MODES, load_config, nearest_global_batch
 from distshare.equivalence import AUTOCAST, ConfigTask, check_partitions, run_grid
 from distshare.equivalence.report import pitfall_rows, plot_heatmap, plot_loss_curves, render, table_rows
 from distshare.errors import UsageError
@@ -98,7 +105,9 @@ def equivalence_command(args: argparse.Namespace) -> int:
     if cfg.device != "cpu":
         raise UsageError("distshare equivalence runs its ranks on the CPU (spawned gloo ranks); set device=cpu")
     task = ConfigTask(cfg)
+    _check_grid(task.global_batch, args.world_sizes, args.accum_steps)
     check_partitions(task.global_batch, args.world_sizes, args.accum_steps)  # before anything starts
+    warn_oversubscribed(max(args.world_sizes), "--world-sizes")
     dtypes = DTYPE_CHOICES[args.dtype]
     out = run_dir(args.out, "equivalence")
     progress = not args.no_progress
@@ -131,6 +140,22 @@ def equivalence_command(args: argparse.Namespace) -> int:
         caught = sum(p["detected"] for p in result["pitfalls"])
         verdict += f"; {caught}/{len(result['pitfalls'])} pitfalls caught"
     return finish("equivalence", cfg, _strict_json(result), table, verdict, args.json, out, render)
+
+
+def _check_grid(global_batch: int, world_sizes: list[int], accum_steps: list[int]) -> None:
+    """Refuse a G that some W x k of the grid does not divide, naming the G that every one
+    divides (a multiple of their lcm: W in 1,2,3,4 x k in 1,2,4,8 needs 96, not 32)."""
+    splits = [(w, k) for w in world_sizes for k in accum_steps]
+    bad = next(((w, k) for w, k in splits if global_batch % (w * k)), None)
+    if bad is None:
+        return
+    w, k = bad
+    fix = nearest_global_batch(global_batch, [w * k for w, k in splits])
+    step = math.lcm(*(w * k for w, k in splits))
+    raise UsageError(
+        f"global batch {global_batch} is not divisible by W x k = {w} x {k} = {w * k}; every partition of "
+        f"this grid divides a multiple of {step} (the lcm of every W x k): --set plan.global_batch={fix}"
+    )
 
 
 def _strict_json(value: Any) -> Any:

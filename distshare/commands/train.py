@@ -5,6 +5,7 @@ distshare train --config configs/train/transformer.yaml --nproc 2       # 2 gloo
 torchrun --standalone --nproc_per_node 2 -m distshare train --config configs/train/cnn.yaml
 accelerate launch --config_file configs/accelerate/cpu.yaml -m distshare train --engine accelerate
 distshare train --engine ray --nproc 2                                   # Ray Train, local Ray
+distshare train --engine torchrun --nproc 2                              # = the torchrun line above
 
 Checkpoints, resume and restarts (distshare/training/checkpointer.py):
 
@@ -33,7 +34,10 @@ from distshare.commands.common import (
     positive_int,
     preflight,
     register,
+    run_under_torchrun,
     training_summary,
+    under_torchrun,
+    warn_if_oversubscribed,
 )
 from distshare.config import RunConfig
 from distshare.distributed.launchers import restart_count
@@ -123,6 +127,9 @@ def train_command(args: argparse.Namespace) -> int:
     find_resume(cfg, cfg.plan.world_size, restart_count())
     if args.save_params is not None:  # written after training: a path that cannot be written is refused before it
         output_file(args.save_params, "--save-params")
+    if under_torchrun(args):
+        return run_under_torchrun(args, cfg)
+    warn_if_oversubscribed(engine, cfg, args)
     main = is_main_process()
     out = run_dir(args.out, "train") if main else None
     keep = bool(args.save_params)

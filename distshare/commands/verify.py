@@ -3,6 +3,7 @@ parameter set while every rank sees different data.
 
     distshare verify                 # tiny transformer, sentence corpus, 2 simulated CPU ranks
     distshare verify --nproc 3 --json
+    distshare verify --engine torchrun   # the same, its 2 ranks started by torchrun
 
 It trains on W ranks (default 2), compares the replicas' fingerprints at every step, and
 trains the same model once more in a single process on the same global batches. The checks:
@@ -33,7 +34,11 @@ from distshare.commands.common import (
     is_main_process,
     preflight,
     register,
+    run_under_torchrun,
     training_summary,
+    under_torchrun,
+    warn_if_oversubscribed,
+    warn_oversubscribed,
 )
 from distshare.config import DTYPES, RunConfig
 from distshare.data.types import DataInfo
@@ -123,6 +128,9 @@ def verify_command(args: argparse.Namespace) -> int:
         return _parity_command(args, cfg)
     engine = resolve_engine(cfg, "verify")
     plan, info = preflight(cfg)
+    if under_torchrun(args):
+        return run_under_torchrun(args, cfg)
+    warn_if_oversubscribed(engine, cfg, args)
     main = is_main_process()
     out = run_dir(args.out, "verify") if main else None
     progress = not args.no_progress
@@ -316,6 +324,7 @@ def _parity_command(args: argparse.Namespace, cfg: RunConfig) -> int:
             "verify --engine all starts every launcher itself: run it as a plain command with --nproc >= 2"
         )
     plan, info = preflight(cfg)
+    warn_oversubscribed(cfg.plan.world_size)  # each engine in turn starts W ranks here
     out = run_dir(args.out, "verify")
     table = run_parity(cfg, out, ray_address=args.ray_address, progress=not args.no_progress)
     require_all_ran(table)

@@ -27,6 +27,7 @@ import yaml
 from safetensors.torch import load_file
 
 from distshare.config import RunConfig, dump_config
+from distshare.engines.torchrun import torchrun_command
 from distshare.errors import DistshareError
 from distshare.numerics.diff import diff
 
@@ -134,8 +135,7 @@ def _run_engine(
     if launcher == "spawn":
         cmd = py + train + ["--engine", "torch", "--nproc", str(w)]
     elif launcher == "torchrun":
-        cmd = py + ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(w)] + train
-        cmd += ["--engine", "torch"]
+        cmd = torchrun_command(w, train[2:]) + ["--engine", "torch"]  # what `--engine torchrun` runs
     elif engine == "accelerate":
         if not _installed("accelerate"):
             return EngineRun(engine, launcher, [], w, skipped="accelerate not installed")
