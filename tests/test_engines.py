@@ -13,10 +13,12 @@ import torch
 from conftest import get_launch_command, rank0_json, read_metrics, read_result, run_cli, run_command
 from small_split import SMALL_SPLIT
 
-from distshare.config import load_config
+from distshare.config import SHIPPED_CONFIGS, load_config
 from distshare.engines import resolve_engine
 from distshare.engines.accelerate import exact_unscale
 from distshare.errors import UsageError
+
+CPU_YAML = SHIPPED_CONFIGS / "accelerate" / "cpu.yaml"  # the shipped config a refusal names
 
 # Small and quick, but a real split: G = 16 = W 2 x k 2 x b 4, float64; 40 steps with the
 # replicas compared at every one, so each engine's run is also 40 checks without a false alarm.
@@ -135,7 +137,7 @@ def test_parity_table_every_engine_bitwise_float64(ray_cluster, tmp_path):
 @pytest.mark.parametrize(
     ("engine", "nproc", "env", "expect"),
     [
-        ("accelerate", 2, {}, "accelerate launch --config_file configs/accelerate/cpu.yaml --num_processes 2"),
+        ("accelerate", 2, {}, f"accelerate launch --config_file {CPU_YAML} --num_processes 2"),
         ("local", 2, {}, "--engine torch --nproc 2"),
         ("ray", 2, {"RANK": "0", "WORLD_SIZE": "2"}, "not under a launcher"),
         ("accelerate", 2, {"RANK": "0", "WORLD_SIZE": "2"}, "not torchrun"),

@@ -204,9 +204,9 @@ def output_file(text: str, flag: str) -> Path:
 
 
 def world_size_for(args: argparse.Namespace) -> int | None:
-    """The launcher's world size when launched, else --nproc if given, else None (the config's)."""
-    place = launchers.launched_place()
-    return place.world_size if place is not None else args.nproc
+    """The launcher's world size when launched, else --nproc if given, else None (the config's);
+    a --nproc that disagrees with the launcher is refused in one line."""
+    return launchers.launched_world_size(args.nproc, args.command)
 
 
 def preflight(cfg: RunConfig) -> tuple[GlobalBatchPlan, DataInfo]:

@@ -1,7 +1,9 @@
 """The one place that reads launcher environments: who started this process, and how.
 
     torchrun                RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT, TORCHELASTIC_RESTART_COUNT
-    accelerate launch       the same (it starts torchrun's agent), plus its settings as ACCELERATE_*
+    accelerate launch       the same (it starts torchrun's agent), plus its settings as ACCELERATE_*;
+                            its single-process launcher (`--cpu`, or no --multi_gpu without a GPU)
+                            sets no RANK or WORLD_SIZE, and MASTER_ADDR/PORT only when asked for more
     Ray                     RAY_ADDRESS: the cluster to join (Ray Train hands workers their place itself)
     spawned ranks           nothing: `distshare.distributed.spawn` passes rank and rendezvous explicitly
 
@@ -12,7 +14,15 @@ are written down once.
 from __future__ import annotations
 
 import os
+import shlex
 from dataclasses import dataclass
+
+from distshare.config import SHIPPED_CONFIGS
+from distshare.errors import UsageError
+
+# What an MPI launcher (accelerate's simple launcher with --mpirun_hostfile) tells each process
+# about its world instead of WORLD_SIZE: such a process is one of several, not a lone one.
+MPI_WORLD_SIZE = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
 
 
 def launched() -> bool:
@@ -23,6 +33,56 @@ def launched() -> bool:
 def launched_by_accelerate() -> bool:
     """True inside `accelerate launch` (it exports its settings as ACCELERATE_* variables)."""
     return "ACCELERATE_MIXED_PRECISION" in os.environ
+
+
+def accelerate_started_one_of_several() -> bool:
+    """True inside `accelerate launch` when it was asked for several processes but started one.
+
+    `accelerate launch --cpu --num_processes 2` (and `--num_processes 2` without --multi_gpu
+    on a machine with no GPU) runs accelerate's *single-process* launcher: it starts the
+    script once, with no RANK or WORLD_SIZE, so the run trains on 1 rank and exits 0. That
+    launcher exports MASTER_ADDR and MASTER_PORT only when --num_processes (or
+    --num_machines) is above 1, which is the one trace the request leaves in the process.
+    (A shell that exported MASTER_ADDR/PORT itself looks the same: the refusal says so.)
+    """
+    if not launched_by_accelerate() or launched() or any(k in os.environ for k in MPI_WORLD_SIZE):
+        return False
+    return "MASTER_ADDR" in os.environ and "MASTER_PORT" in os.environ
+
+
+def accelerate_command(command: str, nproc: int, device: str = "cpu") -> str:
+    """The `accelerate launch` line that runs `distshare COMMAND` on `nproc` processes: the
+    shipped config (cpu.yaml: MULTI_GPU with use_cpu, which is how accelerate starts several
+    CPU processes on gloo; multi_gpu.yaml for CUDA), as an absolute path that works anywhere."""
+    config = SHIPPED_CONFIGS / "accelerate" / ("multi_gpu.yaml" if device == "cuda" else "cpu.yaml")
+    return (
+        f"accelerate launch --config_file {shlex.quote(str(config))} --num_processes {nproc} "
+        f"-m distshare {command} --engine accelerate"
+    )
+
+
+def launched_world_size(requested: int | None, command: str = "train") -> int | None:
+    """The run's world size: the launcher's when launched, else `requested` (--nproc), else None.
+
+    Under a launcher the processes exist before distshare reads its flags, so a --nproc that
+    disagrees cannot be honoured; taking the launcher's count silently would train another
+    world than the one asked for. Refused in one line that puts the count on the launcher.
+    """
+    place = launched_place()
+    if place is None:
+        return requested
+    if requested is not None and requested != place.world_size:
+        if launched_by_accelerate():
+            fix = accelerate_command(command, requested)
+            who = "accelerate launch"
+        else:
+            fix = f"torchrun --standalone --nproc_per_node {requested} -m distshare {command}"
+            who = "torchrun"
+        raise UsageError(
+            f"--nproc {requested} disagrees with {who}, which started {place.world_size} processes: "
+            f"give the count to the launcher, without --nproc: {fix}"
+        )
+    return place.world_size
 
 
 @dataclass(frozen=True)

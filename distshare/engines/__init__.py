@@ -18,12 +18,15 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from distshare.config import RunConfig
-from distshare.distributed.launchers import launched, launched_by_accelerate
+from distshare.distributed.launchers import (
+    accelerate_command,
+    accelerate_started_one_of_several,
+    launched,
+    launched_by_accelerate,
+)
 from distshare.engines.runner import RankJob
 from distshare.errors import UsageError
 from distshare.training import Component, TrainResult
-
-ACCELERATE_CPU = "accelerate launch --config_file configs/accelerate/cpu.yaml --num_processes {n} -m distshare {cmd}"
 
 
 def resolve_engine(cfg: RunConfig, command: str = "train") -> str:
@@ -44,6 +47,7 @@ def _resolve(cfg: RunConfig, command: str) -> str:
     inside_torchrun = launched() and not inside_accelerate
     if requested == "auto":
         if inside_accelerate:
+            _refuse_a_lone_accelerate_process(cfg, command)
             return "accelerate"
         return "torch" if inside_torchrun or n > 1 else "local"
     if requested == "local":
@@ -52,10 +56,12 @@ def _resolve(cfg: RunConfig, command: str) -> str:
         return "local"
     if requested == "accelerate":
         _need("accelerate", "accelerate")
+        fix = accelerate_command(command, n, cfg.device)
         if inside_torchrun:
-            raise UsageError(f"--engine accelerate runs under accelerate launch, not torchrun: {_acc(n, command)}")
+            raise UsageError(f"--engine accelerate runs under accelerate launch, not torchrun: {fix}")
         if not inside_accelerate and n > 1:
-            raise UsageError(f"--engine accelerate with {n} processes needs its launcher: {_acc(n, command)}")
+            raise UsageError(f"--engine accelerate with {n} processes needs its launcher: {fix}")
+        _refuse_a_lone_accelerate_process(cfg, command)
         return "accelerate"
     if requested == "ray":
         _need("ray", "ray[train]")
@@ -103,8 +109,24 @@ def run_engine(
     return torch_training(job, engine)
 
 
-def _acc(n: int, command: str) -> str:
-    return ACCELERATE_CPU.format(n=n, cmd=f"{command} --engine accelerate ...")
+def _refuse_a_lone_accelerate_process(cfg: RunConfig, command: str) -> None:
+    """`accelerate launch --cpu --num_processes N` starts one process, which would train alone
+    and report OK on 1 rank: refuse it, with the launch that starts N. The same for a --nproc
+    N > 1 given to that one process (the accelerate engine trains the launcher's world)."""
+    n = cfg.plan.world_size
+    if not launched() and n > 1:  # --nproc N, and the launcher started this one process alone
+        raise UsageError(
+            f"--nproc {n} under accelerate launch, which started 1 process: give the count to the launcher, "
+            f"without --nproc: {accelerate_command(command, n, cfg.device)}"
+        )
+    if accelerate_started_one_of_several():
+        n = 2  # cpu.yaml's count; the single-process launcher does not pass on the one asked for
+        raise UsageError(
+            "accelerate launch started 1 process, not the several asked for: with --cpu, or without "
+            "--multi_gpu on a machine with no GPU, it runs its single-process launcher (seen as MASTER_ADDR "
+            "and MASTER_PORT without RANK; if your shell exported them, unset them). "
+            f"For {n} processes (--num_processes N for N): {accelerate_command(command, n, cfg.device)}"
+        )
 
 
 def _need(module: str, package: str) -> None:

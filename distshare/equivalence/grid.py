@@ -20,6 +20,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from distshare.config import nearest_global_batch
 from distshare.data.accounting import account_batches
 from distshare.distributed.spawn import run_distributed
 from distshare.distributed.world import World
@@ -29,6 +30,8 @@ from distshare.equivalence.tasks import GridTask, UserTask
 from distshare.errors import UsageError
 from distshare.numerics.diff import Diff, diff, worst
 from distshare.numerics.rounding import excess, norm_rel
+
+MIN_MICRO_BATCH = 2  # samples per micro-batch in a default grid: BatchNorm needs two to train
 
 
 @dataclass
@@ -241,10 +244,27 @@ def check_partitions(global_batch: int, world_sizes: Sequence[int], accum_steps:
             if w < 1 or k < 1:
                 raise UsageError(f"world sizes and accumulation steps must be positive, got W={w}, k={k}")
             if global_batch % (w * k):
+                fix = nearest_global_batch(global_batch, [a * b for a in world_sizes for b in accum_steps])
                 raise UsageError(
                     f"global batch {global_batch} is not divisible by W x k = {w} x {k} = {w * k}; "
-                    "pick a G that every partition divides (e.g. 32 for W in 1,2,4 and k in 1,2,4,8)"
+                    f"the nearest that every partition of this grid divides: global_batch={fix}"
                 )
+
+
+def default_global_batch(world_sizes: Sequence[int], accum_steps: Sequence[int]) -> int:
+    """The global batch a grid uses when none is given: the smallest multiple of every W x k
+    that is at least 8 and gives every micro-batch at least `MIN_MICRO_BATCH` samples.
+
+    Why not simply the smallest G every split divides: with W x k = 8 that is G = 8, and the
+    split W = 2, k = 4 then runs one-sample micro-batches, on which a BatchNorm model fails
+    inside its rank ("Expected more than 1 value per channel") before anything is compared.
+    """
+    products = [w * k for w in world_sizes for k in accum_steps]
+    if not products:
+        return 8  # check_partitions refuses the empty grid, in its own words
+    need = max(8, MIN_MICRO_BATCH * max(products))
+    step = math.lcm(*products)
+    return step * -(-need // step)
 
 
 def run_grid(
@@ -337,7 +357,8 @@ def assert_accumulation_equivalent(
     a `TensorDataset`, a tensor, or a sequence of samples that `default_collate` can batch.
     Each world size W > 1 runs on W spawned CPU ranks (real gloo groups). `uses_per_sample`
     is how often one weight is used per sample (positions, pixels): it widens the rounding
-    bound's term count.
+    bound's term count. `global_batch` defaults to `default_global_batch(world_sizes,
+    accum_steps)`: 16 for the default grid, two samples in its smallest micro-batch.
 
     `sync="exact"` (`distshare.exact`) differentiates `sample_loss_fn(model, batch)`, each
     sample's summed loss ([n]), instead of `loss_fn`, and requires every partition to be
@@ -354,8 +375,7 @@ def assert_accumulation_equivalent(
     differs from the big batch by more than rounding.
     """
     if global_batch is None:
-        lcm = math.lcm(*(w * k for w in world_sizes for k in accum_steps))
-        global_batch = lcm * max(1, -(-8 // lcm))
+        global_batch = default_global_batch(world_sizes, accum_steps)
     if len(dataset) < global_batch:
         raise ValueError(f"the data set has {len(dataset)} samples, fewer than one global batch of {global_batch}")
     if sync == "exact" and sample_loss_fn is None:
