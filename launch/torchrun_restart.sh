@@ -7,7 +7,9 @@
 #
 # This script runs that with rank 1 killed right after step 12 (the test plugin
 # distshare.testing.faults, DISTSHARE_FAULT_EXIT, first attempt only): the restarted ranks
-# continue from ckpt/step-000010 and end with the final fingerprint of a run that never stopped. result.json says "restarts": 1 and from which step.
+# continue from ckpt/step-000010 and end with the final fingerprint of a run that never stopped.
+# result.json says "restarts": 1 and from which step. The restart continues the first attempt's
+# run directory (runs/train-<time>; ckpt/.distshare-run-dir remembers which): one directory per run.
 #
 # Usage: launch/torchrun_restart.sh [CKPT_DIR] [extra distshare train args...]
 set -euo pipefail

@@ -63,10 +63,15 @@ def _assert_restarted_and_exact(
 
 
 def test_torchrun_restarts_a_dead_worker_from_the_last_checkpoint(uninterrupted, tmp_path):
-    out, ck = tmp_path / "out", tmp_path / "ckpt"
+    ck = tmp_path / "ckpt"
     cmd = [*get_launch_command("torchrun", max_restarts=1), "train"]
-    proc = run_command([*cmd, *RUN, *CHECKPOINTS, "--checkpoint-dir", str(ck), "--out", str(out)], **KILL)
+    # No --out: each attempt's rank 0 picks runs/train-<time>; the restarted one must continue the first's.
+    proc = run_command([*cmd, *RUN, *CHECKPOINTS, "--checkpoint-dir", str(ck)], cwd=tmp_path, **KILL)
+    runs = sorted((tmp_path / "runs").iterdir()) if (tmp_path / "runs").is_dir() else []
+    assert len(runs) == 1, f"{runs}: the first attempt's run directory was left behind\n{proc.stderr[-2000:]}"
+    out = runs[0]
     result = _assert_restarted_and_exact(proc, uninterrupted, out)
+    assert not (out / "INCOMPLETE").exists() and result["run_dir"].endswith(out.name)
     assert result["engine"] == "torch" and result["launcher"] == "torchrun"
 
 

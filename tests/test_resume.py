@@ -302,7 +302,7 @@ def test_a_save_cut_short_leaves_the_previous_checkpoint_the_newest_valid_one(on
     code, resumed, err = _train(tmp_path / "b", *ONE, "--checkpoint-dir", str(ck), "--resume", "auto")
     assert code == 0 and resumed["resume"]["from_step"] == 5, err
     assert resumed["final_fingerprint"] == one_straight["final_fingerprint"]
-    assert not [p for p in ck.iterdir() if p.name.startswith(".")]  # the next save cleared the leftover
+    assert not [p for p in ck.iterdir() if p.name.startswith(".step-")]  # the next save cleared the leftover
 
 
 def test_rng_states_round_trip_through_a_checkpoint(tmp_path):

@@ -1,9 +1,13 @@
 """`distshare checksum`: the fingerprints of a checkpoint, each checked against its manifest.
 
     distshare checksum runs/ckpt/step-100                 # per-tensor digests, combined digest
-    distshare checksum ckpt/rank0 ckpt/rank1 --json        # several, as one JSON object
+    distshare checksum ckpt/rank0/step-000010 ckpt/rank1/step-000010 --json   # several, as one JSON object
     distshare checksum weights.safetensors                 # a bare file: digests only
     distshare checksum gpt2-finetuned/                     # an HF save_pretrained folder, sharded or not
+
+A checkpoint that `distshare train` wrote, `step-000030`, is the state after 30 steps (steps
+0..29): its header says "after 30 steps (0..29)", the same count as its name. A checkpoint a
+caller saved with `save_checkpoint(..., step=4)` and no plan position says "step 4", as given.
 
 A checkpoint directory (written by `distshare.checkpoint.save_checkpoint`) is read tensor by
 tensor and every digest is recomputed from the stored bytes: a flipped bit, a truncated file
@@ -24,9 +28,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from distshare.commands.common import add_command
-from distshare.integrity.checkpoint import CheckpointCheck, verify_checkpoint
+from distshare.integrity.checkpoint import MANIFEST, CheckpointCheck, verify_checkpoint
 
 
 def checksum_command_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -50,7 +55,7 @@ def checksum_command(args: argparse.Namespace) -> int:
     checks = [verify_checkpoint(p) for p in args.paths]
     ok = all(c.ok for c in checks)
     if args.json:
-        print(json.dumps({"ok": ok, "checkpoints": [c.to_dict() for c in checks]}))
+        print(json.dumps({"ok": ok, "checkpoints": [{**c.to_dict(), "steps_done": steps_done(c)} for c in checks]}))
     else:
         for c in checks:
             _print_table(c)
@@ -72,8 +77,28 @@ def checksum_command(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
+def steps_done(c: CheckpointCheck) -> int | None:
+    """How many steps the checkpointed state has taken: its plan position's next step (a
+    `distshare train` checkpoint: `step-000030` holds 30), None when it records no position."""
+    if c.kind != "distshare":
+        return None
+    try:
+        position = json.loads((Path(c.path) / MANIFEST).read_text()).get("position") or {}
+    except (OSError, ValueError):  # a damaged manifest is reported by the verification itself
+        return None
+    done = position.get("next_step") if isinstance(position, dict) else None
+    return done if isinstance(done, int) else None
+
+
+def _step_text(c: CheckpointCheck) -> str:
+    done = steps_done(c)
+    if done is not None:  # the manifest's `step` is the index of the last step: 29 after 30 steps
+        return f"after {done} steps (0..{done - 1}), " if done else "after 0 steps, "
+    return f"step {c.step}, " if c.step is not None else ""
+
+
 def _print_table(c: CheckpointCheck) -> None:
-    step = f"step {c.step}, " if c.step is not None else ""
+    step = _step_text(c)
     what = "" if c.kind == "distshare" else ", safetensors: no manifest, digests computed only"
     tied = f", {len(c.aliases)} tied (stored once)" if c.aliases else ""
     print(f"{c.path}  ({step}{len(c.info)} tensors{tied}{what})")

@@ -4,6 +4,7 @@ same pre-flight checks, the same ending (a table, result files, one verdict line
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -19,13 +20,44 @@ from distshare.data import build_dataset
 from distshare.data.accounting import Accounting, account
 from distshare.data.plan import GlobalBatchPlan
 from distshare.data.types import DataInfo
-from distshare.distributed import launchers
+from distshare.distributed import launchers, watchdog
 from distshare.engines.torchrun import command_flags, relaunch
-from distshare.errors import UsageError
+from distshare.errors import DistshareError, RankError, RankSilent, UsageError
 from distshare.integrity.diagnosis import BEFORE_FIRST_STEP
 from distshare.integrity.replicas import ReplicaReport
-from distshare.report import write_atomic, write_result
+from distshare.report import mark_failed, write_atomic, write_result
 from distshare.training import TrainResult
+
+
+class RunInterrupted(DistshareError):
+    """Ctrl-C during a run: said in one line, with the command that continues it."""
+
+    exit_code = 130  # 128 + SIGINT, as a shell reports an interrupted program
+
+
+def failure_reason(exc: BaseException) -> str:
+    """Why a run ended without a result, in one line starting with its kind: hang, interrupted, error."""
+    exc = watchdog.explain(exc)  # a timed-out collective: which rank went silent?
+    if isinstance(exc, RunInterrupted):
+        return str(exc)
+    if isinstance(exc, KeyboardInterrupt):
+        return "interrupted (Ctrl-C)"
+    if isinstance(exc, RankSilent):
+        return f"hang: {exc}"
+    if isinstance(exc, UsageError) or (isinstance(exc, RankError) and exc.exit_code == UsageError.exit_code):
+        return f"bad input: {exc}"  # also a user's mistake found inside a rank
+    if isinstance(exc, RankError):
+        return f"error: {exc}"
+    return f"error: {type(exc).__name__}: {exc}".splitlines()[0]
+
+
+def record_failure(out_dir: Path | None, exc: BaseException) -> None:
+    """Write why the run failed into its `INCOMPLETE` marker (rank 0's run directory)."""
+    if out_dir is None:
+        return
+    # The directory went away or filled up: the failure itself is what must be reported.
+    with contextlib.suppress(OSError):
+        mark_failed(out_dir, failure_reason(exc))
 
 
 def positive_int(text: str) -> int:

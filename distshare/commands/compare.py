@@ -1,6 +1,6 @@
 """`distshare compare`: two checkpoints, tensor by tensor, and where they differ.
 
-    distshare compare ckpt/rank0 ckpt/rank1          # two ranks' checkpoints of one step
+    distshare compare ckpt/rank0/step-000010 ckpt/rank1/step-000010   # two ranks' replicas (train --save-every-rank)
     distshare compare run-a/step-100 run-b/step-100 --json
     distshare compare ckpt/step-100 gpt2-finetuned/  # a distshare checkpoint against an HF folder
 

@@ -107,9 +107,9 @@ def equivalence_command(args: argparse.Namespace) -> int:
     task = ConfigTask(cfg)
     _check_grid(task.global_batch, args.world_sizes, args.accum_steps)
     check_partitions(task.global_batch, args.world_sizes, args.accum_steps)  # before anything starts
-    warn_oversubscribed(max(args.world_sizes), "--world-sizes")
     dtypes = DTYPE_CHOICES[args.dtype]
-    out = run_dir(args.out, "equivalence")
+    out = run_dir(args.out, "equivalence")  # may refuse --out: a warning before it would make two lines
+    warn_oversubscribed(max(args.world_sizes), "--world-sizes")
     progress = not args.no_progress
     grid = run_grid(task, args.world_sizes, args.accum_steps, dtypes, cfg.steps, progress, cfg.timeout_s)
     # `ok` and `partitions` at the top level: the contract of --json.

@@ -14,17 +14,20 @@ distshare train --nproc 2 --steps 20 --checkpoint-dir ckpt --resume ckpt        
 distshare train --nproc 2 --steps 20 --checkpoint-dir ckpt --resume auto          # resume if ckpt holds one
 torchrun --standalone --nproc_per_node 2 --max-restarts 1 -m distshare train --checkpoint-dir ckpt
 distshare train --engine ray --nproc 2 --max-failures 1 --checkpoint-dir ckpt
+distshare train --nproc 2 --checkpoint-dir ckpt --save-every-rank   # + ckpt/rank0/step-..., ckpt/rank1/step-...
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import shlex
 from pathlib import Path
 
 from safetensors.torch import save_file
 
 from distshare.commands.common import (
+    RunInterrupted,
     config_from_args,
     exact_line,
     finish,
@@ -33,6 +36,7 @@ from distshare.commands.common import (
     output_file,
     positive_int,
     preflight,
+    record_failure,
     register,
     run_under_torchrun,
     training_summary,
@@ -40,12 +44,21 @@ from distshare.commands.common import (
     warn_if_oversubscribed,
 )
 from distshare.config import RunConfig
-from distshare.distributed.launchers import restart_count
+from distshare.distributed.launchers import launched, restart_count
 from distshare.engines import resolve_engine, run_engine
+from distshare.engines.torchrun import command_flags
 from distshare.errors import UsageError
 from distshare.integrity.diagnosis import Diagnosis
-from distshare.integrity.resume import find_resume, with_absolute_paths
-from distshare.report import markdown_table, plot_losses, run_dir, usable_dir
+from distshare.integrity.resume import find_resume, list_checkpoints, with_absolute_paths
+from distshare.report import (
+    markdown_table,
+    plot_losses,
+    remember_run_dir,
+    run_dir,
+    run_dir_to_continue,
+    usable_dir,
+)
+from distshare.training.checkpointer import ReplicaCheckpoints
 
 
 def train_command_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -88,6 +101,12 @@ def train_command_parser(subparsers: argparse._SubParsersAction) -> argparse.Arg
         "and said so); auto: from --checkpoint-dir if it holds one, else start at step 0",
     )
     ck.add_argument(
+        "--save-every-rank",
+        action="store_true",
+        help="every rank also writes the replica it holds to DIR/rank{r}/step-NNNNNN when a checkpoint is due, "
+        "so `distshare compare DIR/rank0/step-NNNNNN DIR/rank1/step-NNNNNN` compares two ranks' states",
+    )
+    ck.add_argument(
         "--max-failures",
         type=non_negative_int,
         metavar="N",
@@ -125,23 +144,34 @@ def train_command(args: argparse.Namespace) -> int:
     # Refuse a resume that cannot continue this run before any rank starts (the ranks
     # decide again, with the model's tensors at hand: rank 0 for all of them).
     find_resume(cfg, cfg.plan.world_size, restart_count())
+    if args.save_every_rank and cfg.checkpoint.dir is None:
+        raise UsageError("--save-every-rank writes into the checkpoint directory: give --checkpoint-dir DIR too")
     if args.save_params is not None:  # written after training: a path that cannot be written is refused before it
         output_file(args.save_params, "--save-params")
     if under_torchrun(args):
         return run_under_torchrun(args, cfg)
-    warn_if_oversubscribed(engine, cfg, args)
     main = is_main_process()
-    out = run_dir(args.out, "train") if main else None
+    out = _run_dir(args, cfg) if main else None
+    warn_if_oversubscribed(engine, cfg, args)  # after --out is accepted: a refusal stays one line
     keep = bool(args.save_params)
-    results = run_engine(
-        engine,
-        cfg,
-        out,
-        not args.no_progress,
-        keep_state=keep,
-        ray_address=args.ray_address,
-        max_failures=args.max_failures,
-    )
+    try:
+        results = run_engine(
+            engine,
+            cfg,
+            out,
+            not args.no_progress,
+            keep_state=keep,
+            ray_address=args.ray_address,
+            max_failures=args.max_failures,
+            components=[ReplicaCheckpoints()] if args.save_every_rank else [],
+        )
+    except KeyboardInterrupt as exc:
+        interrupted = RunInterrupted(f"interrupted: {_resume_hint(args, cfg)}")
+        record_failure(out, interrupted)
+        raise interrupted from exc
+    except BaseException as exc:
+        record_failure(out, exc)
+        raise
     if results is None:  # a non-zero rank under a launcher: rank 0 reports
         return 0
     if keep and results[0].state is not None:
@@ -183,6 +213,36 @@ def train_command(args: argparse.Namespace) -> int:
         f"replicas {'in sync' if summary['replicas_in_sync'] else 'DIVERGED'}"
     )
     return finish("train", cfg, result, table, verdict, args.json, out, _report)
+
+
+def _run_dir(args: argparse.Namespace, cfg: RunConfig) -> Path:
+    """Rank 0's run directory. A worker its launcher restarted continues the run directory of
+    the attempt before it (its checkpoint directory remembers which), so a restart leaves one
+    directory with the whole run, not a second one and an orphan that looks like a failure."""
+    restart = restart_count()
+    ck = cfg.checkpoint.dir
+    out = args.out
+    if out is None and restart > 0 and ck is not None:
+        out = run_dir_to_continue(Path(ck))
+    path = run_dir(out, "train", attempt=f"restart {restart} of the launcher, continuing this run" if restart else "")
+    if ck is not None:
+        remember_run_dir(Path(ck), path)
+    return path
+
+
+def _resume_hint(args: argparse.Namespace, cfg: RunConfig) -> str:
+    """The command that continues an interrupted run, exactly (or why there is none)."""
+    ck = cfg.checkpoint.dir
+    if ck is None:
+        return "no checkpoint was written (no --checkpoint-dir): give --checkpoint-dir DIR to make a run resumable"
+    done = list_checkpoints(ck)
+    if not done:
+        return f"no checkpoint in {ck} yet: run the same command again"
+    flags = command_flags(args.command_parser, args, leave_out=("resume",))
+    command = shlex.join(["distshare", "train", *flags, f"--resume={ck}"])
+    if launched():  # the launcher's own command line is not ours to rebuild
+        return f"resume from {done[0][1].name} with your launch command and --resume={ck} added ({command})"
+    return f"resume from {done[0][1].name} with: {command}"
 
 
 def _resume_line(restart: int, resumed: dict | None) -> str:

@@ -130,9 +130,9 @@ def verify_command(args: argparse.Namespace) -> int:
     plan, info = preflight(cfg)
     if under_torchrun(args):
         return run_under_torchrun(args, cfg)
-    warn_if_oversubscribed(engine, cfg, args)
     main = is_main_process()
     out = run_dir(args.out, "verify") if main else None
+    warn_if_oversubscribed(engine, cfg, args)  # after --out is accepted: a refusal stays one line
     progress = not args.no_progress
     results = run_engine(
         engine,

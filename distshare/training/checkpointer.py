@@ -8,6 +8,11 @@ Before the first step it decides (rank 0, for everyone) whether the run continue
 checkpoint, and restores parameters, optimizer state, every rank's RNG states and the run's
 history; after each step it decides for itself whether one is due. What a checkpoint holds and
 when a resume is refused: `distshare.integrity.resume`.
+
+`ReplicaCheckpoints` (`distshare train --save-every-rank`) has every rank also write the
+replica it holds, to DIR/rank{r}/step-NNNNNN, when the checkpointer writes DIR/step-NNNNNN:
+`distshare compare DIR/rank0/step-000010 DIR/rank1/step-000010` then compares two ranks'
+states from the files, tensor by tensor. Rank 0's own checkpoint stays the one a resume reads.
 """
 
 from __future__ import annotations
@@ -185,3 +190,28 @@ def save(
     save_run_checkpoint(path, run, step, extra=extra, state=state, after_file=after_file)
     prune(root, ck.keep, step + 1)
     return path
+
+
+class ReplicaCheckpoints(Component):
+    """Every rank writes its own replica (parameters, buffers, optimizer state) to
+    `DIR/rank{r}/step-NNNNNN` whenever a checkpoint is due, and keeps the newest `checkpoint.keep`.
+
+    No collective: each rank writes what it holds, so two ranks that diverged write two
+    different checkpoints (which is the point). The replicas hold no RNG states or loss
+    history: a resume reads rank 0's `DIR/step-NNNNNN`, never these.
+    """
+
+    def step_end(self, loop: Loop, step: int) -> None:
+        ck = loop.run.cfg.checkpoint
+        if not due(ck, loop.steps, step):
+            return
+        root = replica_dir(ck.dir, loop.world.rank)
+        clear_leftovers(root)
+        extra = {"replica_of_rank": loop.world.rank, "scheduler": None}
+        save_run_checkpoint(step_dir(root, step + 1), loop.run, step, extra=extra)
+        prune(root, ck.keep, step + 1)
+
+
+def replica_dir(checkpoint_dir: str | Path, rank: int) -> Path:
+    """Where rank `rank`'s replica checkpoints go under `checkpoint_dir`."""
+    return Path(checkpoint_dir) / f"rank{rank}"

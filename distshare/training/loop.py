@@ -104,6 +104,7 @@ class Loop:
     def __init__(self, run: Run, result: TrainResult, components: Sequence[Component]) -> None:
         self.run, self.result, self.components = run, result, list(components)
         self.first_step = 0  # a component that restores a checkpoint moves it
+        self.failure: BaseException | None = None  # why the loop stopped early, for `close` to record
         self._log = _LossLog(run.world, self)
 
     @property
@@ -121,6 +122,11 @@ class Loop:
     def flush_losses(self) -> None:
         """Reduce the pending steps' losses now (a collective): e.g. before a checkpoint stores them."""
         self._log.flush()
+
+    def unreduced_rows(self) -> list[dict[str, Any]]:
+        """The rows of steps that ran but whose global loss was not reduced yet (at most a
+        window's worth): what a failed loop can still say about them, without a collective."""
+        return [dict(row) for row in self._log.rows]
 
 
 def run_loop(run: Run, result: TrainResult, components: Sequence[Component]) -> TrainResult:
@@ -146,6 +152,9 @@ def run_loop(run: Run, result: TrainResult, components: Sequence[Component]) -> 
         loop.flush_losses()
         for c in loop.components:
             c.end(loop)
+    except BaseException as exc:  # Ctrl-C included: the components' `close` records what ran
+        loop.failure = exc
+        raise
     finally:
         for c in loop.components:
             c.close(loop)

@@ -5,6 +5,11 @@ since the loop began and, at checked steps, whether the replicas agreed. A resum
 file starts with the steps before its checkpoint (from the checkpoint's loss history,
 marked `from_checkpoint`), so the file holds each step exactly once.
 
+Global losses are reduced a window of steps at a time (`distshare.training.loop`). A run that
+fails inside a window (a rank went silent, Ctrl-C, an error) still gets the rows of the steps
+that ran: their global loss is unknown (it needs the collective that failed), so `loss` is
+null and `unreduced` says why; the last line is flushed before the process ends.
+
 Rows go to a sink: a file on the machine of rank 0 (`FileSink`), or anything with
 `write(rows)` and `close()` (Ray's workers send them to the driver, which writes the file).
 """
@@ -78,5 +83,19 @@ class MetricsWriter(Component):
             self.sink.write(rows)
 
     def close(self, loop: Loop) -> None:
-        if loop.world.is_main:
+        if not loop.world.is_main:
+            return
+        try:
+            if loop.failure is not None:
+                self.sink.write([_unreduced(row) for row in loop.unreduced_rows()])
+        finally:
             self.sink.close()
+
+
+def _unreduced(row: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "step": row["step"],
+        "loss": None,  # the global loss needs every rank's sum: the run failed before it was reduced
+        **{k: v for k, v in row.items() if k not in ("step", "loss")},
+        "unreduced": "the run failed before this step's global loss was reduced across ranks",
+    }

@@ -81,5 +81,13 @@ def compare_checkpoints(a: str | Path, b: str | Path) -> CheckpointComparison:
     for name in sorted(both):
         ea, eb = na[name], nb[name]
         if ea in ta and eb in tb and ca.digests[ea] != cb.digests[eb]:
-            out.differing[name] = localize(tb[eb], ta[ea], rank=1, reference_rank=0)
+            diff = localize(tb[eb], ta[ea], rank=1, reference_rank=0)
+            if diff.note:  # localize speaks of "mine vs reference", B before A: say A first, by name
+                diff.note = f"A {_kind(ta[ea])}, B {_kind(tb[eb])}"
+            out.differing[name] = diff
     return out
+
+
+def _kind(t: torch.Tensor) -> str:
+    """dtype and shape, as a differing tensor's note shows them: `float64 [10]`."""
+    return f"{str(t.dtype).removeprefix('torch.')} {list(t.shape)}"
