@@ -1,6 +1,6 @@
 """`distshare demo`: the seed's questions, answered by experiment.
 
-    distshare demo                    # all seven experiments (about a minute on 2 cores)
+    distshare demo                    # all seven experiments (about 35 s on 2 idle cores)
     distshare demo context --json     # one experiment, one JSON object
     distshare demo all --out runs/demo --seed 1
 
