@@ -50,7 +50,11 @@ def train(accelerator, model, optimizer, loader, steps, corrupt_at=None):
 
 def say(accelerator, **fields):
     if accelerator.is_main_process:
-        print(json.dumps(fields), flush=True)
+        # One write of the whole line: under DistributedType.NO both processes are "main" and print,
+        # and with PYTHONUNBUFFERED (as CI runs) print's text and newline are two writes that the
+        # other process's line can land between. One write of < 4096 bytes to a pipe is atomic.
+        sys.stdout.write(json.dumps(fields) + "\n")
+        sys.stdout.flush()
 
 
 def main(mode: str) -> None:

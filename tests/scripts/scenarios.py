@@ -8,6 +8,7 @@ Imported by name: a launched script's own folder is first on `sys.path`.
 from __future__ import annotations
 
 import json
+import sys
 import time
 from collections.abc import Callable
 from typing import Any
@@ -38,4 +39,5 @@ def run_scenarios(train: Callable[[str, str], Any], scenarios: list[str], out: s
                 "cause": str(error.report.diagnosis.cause) if error and error.report.diagnosis else None,
                 "seconds": round(time.perf_counter() - start, 2),
             }
-            print(json.dumps(row), flush=True)
+            sys.stdout.write(json.dumps(row) + "\n")  # one write: the line arrives whole, whoever else prints
+            sys.stdout.flush()
