@@ -311,7 +311,7 @@ def test_bad_options_are_refused_in_one_line():
 # ------------------------------------------------------------------ a real accelerate launch
 
 
-def _launch(mode: str) -> list[dict]:
+def _launch(mode: str, out: Path) -> list[dict]:
     cmd = [
         sys.executable,
         "-m",
@@ -322,15 +322,16 @@ def _launch(mode: str) -> list[dict]:
         str(SCRIPT),
         mode,
     ]
-    proc = run_command(cmd, timeout=180)
+    proc = run_command(cmd, timeout=180, DS_TEST_OUT=str(out))
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    # One file per process: lines two processes print to one pipe can interleave.
+    return [json.loads(line) for f in sorted(out.glob("*.jsonl")) for line in f.read_text().splitlines()]
 
 
 @pytest.mark.slow
 @pytest.mark.launcher
-def test_a_plain_accelerator_under_the_cpu_config_is_refused_and_caught():
-    lines = _launch("plain")
+def test_a_plain_accelerator_under_the_cpu_config_is_refused_and_caught(tmp_path):
+    lines = _launch("plain", tmp_path)
     refused = next(x for x in lines if x["phase"] == "refuse")
     assert refused["distributed_type"] == "NO" and refused["error"] == "UsageError"
     assert "Accelerator(cpu=True)" in refused["message"]
@@ -343,8 +344,8 @@ def test_a_plain_accelerator_under_the_cpu_config_is_refused_and_caught():
 
 @pytest.mark.slow
 @pytest.mark.launcher
-def test_the_accelerate_helper_passes_a_clean_loop_and_catches_a_weight_changed_on_rank_1():
-    lines = _launch("cpu")
+def test_the_accelerate_helper_passes_a_clean_loop_and_catches_a_weight_changed_on_rank_1(tmp_path):
+    lines = _launch("cpu", tmp_path)
     clean = next(x for x in lines if x["phase"] == "clean")
     assert clean["distributed_type"] == "MULTI_CPU" and clean["in_sync"] and clean["checks"] == 3
     dp = clean["data_parallel"]

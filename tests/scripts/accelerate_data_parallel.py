@@ -5,14 +5,16 @@
     accelerate launch --config_file configs/accelerate/cpu.yaml --num_processes 2 \
         tests/scripts/accelerate_data_parallel.py cpu       # Accelerator(cpu=True): MULTI_CPU on gloo
 
-Rank 0 prints one JSON line per phase; every phase's outcome (a pass, or the error it expects) is
-asserted by the test, not here.
+The main process writes one JSON line per phase to DS_TEST_OUT/<rank>.jsonl; every phase's
+outcome (a pass, or the error it expects) is asserted by the test, not here.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
+from pathlib import Path
 
 import torch
 from accelerate import Accelerator
@@ -50,11 +52,12 @@ def train(accelerator, model, optimizer, loader, steps, corrupt_at=None):
 
 def say(accelerator, **fields):
     if accelerator.is_main_process:
-        # One write of the whole line: under DistributedType.NO both processes are "main" and print,
-        # and with PYTHONUNBUFFERED (as CI runs) print's text and newline are two writes that the
-        # other process's line can land between. One write of < 4096 bytes to a pipe is atomic.
-        sys.stdout.write(json.dumps(fields) + "\n")
-        sys.stdout.flush()
+        # Each process appends to a file of its own (DS_TEST_OUT/<launcher rank>.jsonl): under
+        # DistributedType.NO both processes are "main", and lines two processes print to one
+        # pipe can interleave (seen in CI as JSONDecodeError 'Extra data').
+        out = Path(os.environ["DS_TEST_OUT"]) / f"{os.environ.get('RANK', '0')}.jsonl"
+        with out.open("a") as f:
+            f.write(json.dumps(fields) + "\n")
 
 
 def main(mode: str) -> None:
