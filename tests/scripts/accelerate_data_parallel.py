@@ -107,4 +107,12 @@ def main(mode: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    try:
+        main(sys.argv[1])
+    finally:
+        # Every rank leaves its process groups (distshare's check groups with them) together:
+        # a process that exits with a gloo group alive can abort in C++ at shutdown
+        # ("terminate called without an active exception", seen in CI on the plain run).
+        if torch.distributed.is_initialized():
+            torch.distributed.barrier()
+            torch.distributed.destroy_process_group()
