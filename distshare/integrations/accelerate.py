@@ -35,12 +35,13 @@ from torch import nn
 from distshare.distributed.launchers import launched_place
 from distshare.errors import UsageError
 from distshare.integrations.options import check_options
+from distshare.integrity.state import innermost_optimizer
 from distshare.integrity.watch import Watch
 
 
 def torch_optimizer(optimizer: Any) -> torch.optim.Optimizer:
     """The torch optimizer inside accelerate's `AcceleratedOptimizer` (or the optimizer itself)."""
-    inner = getattr(optimizer, "optimizer", optimizer)
+    inner = innermost_optimizer(optimizer)
     if not isinstance(inner, torch.optim.Optimizer):
         raise UsageError(
             f"distshare.integrations.accelerate.watch: {type(optimizer).__name__} is not a torch optimizer: "

@@ -33,29 +33,14 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
-
 from distshare.errors import UsageError
 from distshare.integrations.options import WatchingCallback
+from distshare.integrity.state import innermost_optimizer
 
 try:
     from transformers import TrainerCallback
 except ImportError:  # transformers is the user's, not a dependency of distshare
     raise UsageError("distshare.integrations.hf_trainer needs transformers: pip install transformers") from None
-
-
-def innermost_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
-    """The torch optimizer inside accelerate's (or any) `.optimizer` wrapper.
-
-    Its step hooks run once per update. `AcceleratedOptimizer` is itself a
-    `torch.optim.Optimizer`, but in a plain accelerate loop a hook cannot even be registered
-    on it (accelerate 1.16's wrapper skips `Optimizer.__init__`: AttributeError), while the
-    inner optimizer's hooks run on the micro-batches that update and on no other (measured:
-    2 runs for 4 micro-batches under `accelerator.accumulate` with 2 accumulation steps).
-    """
-    while isinstance(getattr(optimizer, "optimizer", None), torch.optim.Optimizer):
-        optimizer = optimizer.optimizer
-    return optimizer
 
 
 class DistshareCallback(WatchingCallback, TrainerCallback):

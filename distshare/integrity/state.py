@@ -32,6 +32,18 @@ def unwrap(model: nn.Module) -> nn.Module:
     return inner if isinstance(inner, nn.Module) else model
 
 
+def innermost_optimizer(optimizer: Any) -> Any:
+    """The torch optimizer inside accelerate's `AcceleratedOptimizer` (or any `.optimizer` wrapper).
+
+    Its step hooks run once per real update: the wrapper subclasses `Optimizer` without its
+    hook tables (a hook cannot be registered on it), and its `step()` calls the inner one only
+    on the micro-batches that update.
+    """
+    while isinstance(getattr(optimizer, "optimizer", None), torch.optim.Optimizer):
+        optimizer = optimizer.optimizer
+    return optimizer
+
+
 def hyperparameters(group: dict) -> Iterable[tuple[str, torch.Tensor]]:
     """A param group's numeric settings as tensors, under the keys `named_state_tensors` uses
     (`optim/group<i>/<key>`); also for a group read back from a checkpoint's manifest."""

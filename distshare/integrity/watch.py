@@ -58,7 +58,7 @@ from distshare.integrity.replicas import (
     compare_snapshot,
     take_snapshot,
 )
-from distshare.integrity.state import unwrap
+from distshare.integrity.state import innermost_optimizer, unwrap
 
 
 class ReplicaCheckTimeout(VerificationFailed):
@@ -85,11 +85,7 @@ class Watch:
         if every < 1:
             raise ValueError(f"every={every}: expected a positive number of optimizer steps")
         check_modes(grads, buffers)  # before any hook is registered
-        # accelerate's AcceleratedOptimizer subclasses Optimizer without its hook tables; its
-        # step() calls the torch optimizer inside on the steps that really update: hook that one.
-        inside = getattr(optimizer, "optimizer", None)
-        if isinstance(inside, torch.optim.Optimizer):
-            optimizer = inside
+        optimizer = innermost_optimizer(optimizer)  # accelerate's wrapper has no hook tables: hook the one inside
         self.model, self.optimizer = model, optimizer
         self.every, self.grads, self.buffers, self.extra = every, grads, buffers, extra
         self.raise_on_divergence, self.locate, self.timeout_s = raise_on_divergence, locate, timeout_s
