@@ -7,7 +7,7 @@ same bytes, are different state. Every digest names its algorithm (`xxh3_128:...
 `dsh128:...`), and `check_comparable` refuses to compare digests of different algorithms:
 two algorithms' digests of the same tensor differ, which must never read as "replicas differ".
 
-Two algorithms, one per place a tensor lives:
+Two algorithms, one per place a tensor lives, and one for tensors no rank holds whole:
 
 - `xxh3_128` (CPU tensors): xxHash's XXH3 over `dtype|shape|` and the bytes, a fast
   non-cryptographic hash (benchmarks/bench_checksum.py compares it with SHA-256).
@@ -19,7 +19,12 @@ Two algorithms, one per place a tensor lives:
   the specification of all of them. The header (dtype, shape, byte count) and the two lane
   sums are finally hashed with xxh3-128 on the host: 16 bytes, not the tensor.
 
-Neither is cryptographic: they detect accidents (drift, corruption, a missed all-reduce),
+- `lsh128` (logical tensors): an element-keyed sum that composes over shards, so an FSDP2 /
+  HSDP model's tensors get the digest of the whole tensor without gathering it
+  (`distshare.integrity.logical`); the default for sharded models, and available for any
+  tensor (`algorithm="lsh128"`) so a DDP replica or one process can be compared with them.
+
+None is cryptographic: they detect accidents (drift, corruption, a missed all-reduce),
 not an adversary. What "the training state" is (which tensors, under which names) is
 `distshare.integrity.state`; `fingerprint_state` digests it.
 """
@@ -35,11 +40,12 @@ import xxhash
 from torch import nn
 
 from distshare.integrity.dsh128 import LANES, WORD_BYTES, dsh128_lanes_torch  # noqa: F401 - the spec, re-exported
+from distshare.integrity.logical import LOGICAL_ALGORITHM, is_dtensor, logical_fingerprints
 from distshare.integrity.state import named_state_tensors, unwrap
 
 ALGORITHM = "xxh3_128"  # the CPU algorithm, and the one combined digests use
 DEVICE_ALGORITHM = "dsh128"
-ALGORITHMS = (ALGORITHM, DEVICE_ALGORITHM)
+ALGORITHMS = (ALGORITHM, DEVICE_ALGORITHM, LOGICAL_ALGORITHM)
 
 
 _triton_state: dict[str, object] = {}
@@ -154,13 +160,17 @@ def _xxh3(t: torch.Tensor) -> str:
 
 
 def default_algorithm(tensor: torch.Tensor) -> str:
-    """xxh3_128 for host tensors, dsh128 for device tensors (no copy to the host)."""
+    """xxh3_128 for host tensors, dsh128 for device tensors (no copy to the host), lsh128 for shards."""
+    if is_dtensor(tensor):
+        return LOGICAL_ALGORITHM
     return ALGORITHM if tensor.device.type == "cpu" else DEVICE_ALGORITHM
 
 
 def fingerprint(tensor: torch.Tensor, algorithm: str | None = None) -> str:
     """Digest of one tensor over dtype, shape and bytes: `<algorithm>:<32 hex digits>`."""
     algorithm = algorithm or default_algorithm(tensor)
+    if algorithm == LOGICAL_ALGORITHM or is_dtensor(tensor):  # a DTensor: a collective (see logical.py)
+        return logical_fingerprints({"t": tensor})["t"]
     if algorithm == ALGORITHM:
         return _xxh3(tensor)
     if algorithm == DEVICE_ALGORITHM:
@@ -211,6 +221,12 @@ def fingerprint_many(tensors: Mapping[str, torch.Tensor], algorithm: str | None 
     `_device_lanes`), the host digests are computed while the device works, and each device's
     int64[n, 2] of lane sums comes to the host in one copy at the end.
     """
+    if algorithm == LOGICAL_ALGORITHM or any(is_dtensor(t) for t in tensors.values()):
+        # Logical digests for all: a sharded state is compared as logical tensors, its plain
+        # tensors (buffers, step counts) included, so every entry has one algorithm.
+        if algorithm not in (None, LOGICAL_ALGORITHM):
+            raise ValueError(f"sharded tensors have logical digests only ({LOGICAL_ALGORITHM}), not {algorithm}")
+        return logical_fingerprints(tensors)
     algos = {name: algorithm or default_algorithm(t) for name, t in tensors.items()}
     rows: dict[torch.device, list[tuple[str, torch.Tensor]]] = {}
     for name, t in tensors.items():
@@ -233,8 +249,14 @@ def fingerprint_state(
     grads: bool = False,
     algorithm: str | None = None,
 ) -> dict[str, str]:
-    """Per-tensor fingerprints of the whole training state (see `named_state_tensors`)."""
-    return fingerprint_many(dict(named_state_tensors(model, optimizer, grads)), algorithm)
+    """Per-tensor fingerprints of the whole training state (see `named_state_tensors`).
+
+    On a sharded (FSDP2 / HSDP) model: the `lsh128` digests of the logical tensors, computed
+    from this rank's shards and one all-gather of two integers per tensor (a collective: every
+    rank calls it). They equal `fingerprint_state(model, optimizer, algorithm="lsh128")` of the
+    same state in a DDP replica or one process.
+    """
+    return fingerprint_many(dict(named_state_tensors(model, optimizer, grads, shards=False)), algorithm)
 
 
 def state_digest(

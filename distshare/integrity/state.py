@@ -16,6 +16,10 @@ import torch
 from torch import nn
 
 
+def _as_is(t: torch.Tensor) -> torch.Tensor:
+    return t
+
+
 def local_shard(t: torch.Tensor) -> torch.Tensor:
     """This rank's shard of a sharded (FSDP2 / HSDP `DTensor`) tensor; any other tensor as it is.
 
@@ -24,6 +28,7 @@ def local_shard(t: torch.Tensor) -> torch.Tensor:
     """
     to_local = getattr(t, "to_local", None)
     return to_local() if callable(to_local) else t
+
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -71,6 +76,7 @@ def named_state_tensors(
     grads: bool = False,
     buffers: bool = True,
     extra: Mapping[str, Any] | Callable[[], Mapping[str, Any]] | None = None,
+    shards: bool = True,
 ) -> Iterable[tuple[str, torch.Tensor]]:
     """Every tensor of the training state, under stable names.
 
@@ -78,17 +84,22 @@ def named_state_tensors(
     `optim/<param name>/<state key>` (momenta, Adam moments, step counts),
     `optim/group<i>/<hyperparameter>` (learning rate, betas, ...) and `extra/<key>/...` for
     whatever further state the caller passes (`extra_tensors`).
+
+    Sharded tensors (FSDP2 / HSDP `DTensor`s) come as this rank's shard (`local_shard`), what
+    replica checks compare; with `shards=False` as the `DTensor`s themselves, what logical
+    digests (`distshare.integrity.logical`) need.
     """
     model = unwrap(model)
+    piece = local_shard if shards else _as_is
     for name, p in model.named_parameters():
-        yield f"param/{name}", local_shard(p)
+        yield f"param/{name}", piece(p)
     if buffers:
         for name, b in model.named_buffers():
-            yield f"buffer/{name}", local_shard(b)
+            yield f"buffer/{name}", piece(b)
     if grads:
         for name, p in model.named_parameters():
             if p.grad is not None:
-                yield f"grad/{name}", local_shard(p.grad)  # the same names as fingerprint_grads
+                yield f"grad/{name}", piece(p.grad)  # the same names as fingerprint_grads
     if optimizer is not None:
         names = {id(p): name for name, p in model.named_parameters()}
         # A tensor the optimizer steps that is not (or no longer) a parameter of the model, e.g.
@@ -100,7 +111,7 @@ def named_state_tensors(
         for p, state in optimizer.state.items():
             pname = names.get(id(p), "<not in the optimizer's groups>")
             for key, value in sorted(state.items()):
-                value = local_shard(value) if isinstance(value, torch.Tensor) else torch.tensor(value)
+                value = piece(value) if isinstance(value, torch.Tensor) else torch.tensor(value)
                 yield f"optim/{pname}/{key}", value
         for i, group in enumerate(optimizer.param_groups):
             for key, value in _hyperparameters(group):

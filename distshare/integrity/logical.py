@@ -1,0 +1,214 @@
+"""Logical digests: the digest of a whole tensor, computed from its shards without gathering it.
+
+FSDP2 and HSDP hold one parameter set, but no rank holds a whole tensor: each holds a shard
+(a `DTensor`'s local piece). "The same init under DDP, FSDP at 2 and 4 shards, HSDP and one
+process" is checkable only with a digest that every layout computes alike. `lsh128` is one:
+
+    lsh128(T) = xxh3_128(dtype | logical shape | bytes | S_0 | S_1),
+    S_lane    = sum over elements i of mix_lane(bits(T[i]) + (i + 1) * K_lane)   (mod 2^64)
+
+where i is the element's index in the *logical* tensor (row-major) and bits(T[i]) its raw bits,
+zero-extended to 64 bits. A sum over elements keyed by their logical index composes over any
+partition of the elements: each rank sums its own shard's elements at their logical indices
+(from the shard's offset), and the sums of the ranks holding one copy of the tensor add up to
+the sum over the whole tensor. One all-gather of two int64 per tensor per rank, never the tensor.
+
+Why per element and not per 64-bit word like `dsh128`: FSDP2 cuts tensors between rows, and a
+row of float32 need not end on an 8-byte boundary (a 1-D bias of odd chunk length), so a word
+could straddle two ranks. Keying by element makes every cut a clean one. The mix is dsh128's
+(`distshare.integrity.dsh128.LANES`): an odd multiply-xorshift bijection, so a flipped bit in
+any element changes that element's term, and the position key makes a swap of two elements a
+different sum. Like every distshare digest it detects accidents, not an adversary.
+
+Layouts: a plain tensor is its own logical tensor (a DDP replica, one process: no collective).
+A `DTensor` on a mesh with `Shard` placements contributes its local box at its global offset;
+along a `Replicate` mesh dimension every coordinate holds a full copy, so the sums are taken
+per *replica group* (the ranks sharing the coordinates of the replicated dimensions) and each
+rank gets its own group's digest: under HSDP, replica groups that started from different
+weights (allenai/OLMo-core#319) get different digests. `Partial` placements (pending
+reductions) and non-box shardings (`_StridedShard`) are refused: there the local pieces do not
+add up to the tensor.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+import torch.distributed as dist
+import xxhash
+
+from distshare.integrity.dsh128 import LANES, signed
+
+LOGICAL_ALGORITHM = "lsh128"
+_CHUNK = 1 << 20  # elements per pass of the torch ops: bounds the int64 temporaries at 8 MB each
+_MASKS = {1: 0xFF, 2: 0xFFFF, 4: 0xFFFFFFFF}
+_VIEWS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def is_dtensor(t: object) -> bool:
+    """True for a `torch.distributed.tensor.DTensor` (an FSDP2 / HSDP parameter or its state)."""
+    return hasattr(t, "device_mesh") and hasattr(t, "placements") and hasattr(t, "to_local")
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    """Each element's raw bits, zero-extended to int64, flattened (row-major)."""
+    t = t.detach().contiguous().reshape(-1)
+    size = t.element_size()
+    if size not in _VIEWS:
+        raise ValueError(f"lsh128: elements of {size} bytes ({t.dtype}) are not supported")
+    if t.dtype == torch.bool:
+        t = t.view(torch.uint8)
+    words = t.view(_VIEWS[size])
+    if size == 8:
+        return words
+    return words.to(torch.int64) & _MASKS[size]  # sign extension undone: the raw bits
+
+
+def _lanes_at(words: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """int64[2]: the two lane sums of `words` at logical element indices `index` (both int64, flat)."""
+    acc = torch.zeros(2, dtype=torch.int64, device=words.device)
+    for lo in range(0, words.numel(), _CHUNK):
+        w, i = words[lo : lo + _CHUNK], index[lo : lo + _CHUNK] + 1
+        for j, (k, m1, m2, s1, s2, s3) in enumerate(LANES):
+            x = w + i * signed(k)
+            x = x ^ ((x >> s1) & ((1 << (64 - s1)) - 1))  # `>>` is arithmetic on int64: the mask makes it logical
+            x = x * signed(m1)
+            x = x ^ ((x >> s2) & ((1 << (64 - s2)) - 1))
+            x = x * signed(m2)
+            x = x ^ ((x >> s3) & ((1 << (64 - s3)) - 1))
+            acc[j] += x.sum()  # int64 sums wrap: arithmetic mod 2^64, in any order
+    return acc
+
+
+def _box_index(global_shape: tuple[int, ...], local_shape: tuple[int, ...], offset: tuple[int, ...]) -> torch.Tensor:
+    """Logical (row-major) indices of the elements of a box `local_shape` at `offset`, in the box's row-major order."""
+    if not global_shape:
+        return torch.zeros(1, dtype=torch.int64)
+    strides = [1] * len(global_shape)
+    for d in range(len(global_shape) - 2, -1, -1):
+        strides[d] = strides[d + 1] * global_shape[d + 1]
+    if tuple(local_shape[1:]) == tuple(global_shape[1:]):  # rows cut along dim 0 (FSDP2's Shard(0)): one run
+        start = offset[0] * strides[0]
+        return torch.arange(start, start + int(torch.Size(local_shape).numel()), dtype=torch.int64)
+    index = torch.zeros(local_shape, dtype=torch.int64)
+    for d, (n, off, stride) in enumerate(zip(local_shape, offset, strides, strict=True)):
+        shape = [1] * len(local_shape)
+        shape[d] = n
+        index += ((torch.arange(n, dtype=torch.int64) + off) * stride).reshape(shape)
+    return index.reshape(-1)
+
+
+def _header(dtype: torch.dtype, shape: tuple[int, ...], numel: int, element_size: int) -> bytes:
+    return f"{dtype}|{shape}|{numel * element_size}|".encode()
+
+
+def _finish(header: bytes, lanes: list[int]) -> str:
+    h = xxhash.xxh3_128()
+    h.update(header)
+    for v in lanes:
+        h.update((v & ((1 << 64) - 1)).to_bytes(8, "little"))
+    return f"{LOGICAL_ALGORITHM}:{h.hexdigest()}"
+
+
+def _plain_lanes(t: torch.Tensor) -> torch.Tensor:
+    words = _bits(t)
+    return _lanes_at(words, torch.arange(words.numel(), dtype=torch.int64, device=words.device))
+
+
+def _shard_lanes(t) -> torch.Tensor:
+    """This rank's contribution to a DTensor's lane sums: its local box at its global offset."""
+    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    for p in t.placements:
+        if type(p) not in (Shard, Replicate):  # Partial: a pending reduction; _StridedShard: not a box
+            raise ValueError(f"lsh128: placement {p} is not a box of the logical tensor; gather it first")
+    local = t.to_local()
+    shape, offset = compute_local_shape_and_global_offset(tuple(t.shape), t.device_mesh, t.placements)
+    if tuple(local.shape) != tuple(shape):  # e.g. a padded local tensor
+        local = local[tuple(slice(0, n) for n in shape)]
+    words = _bits(local)
+    index = _box_index(tuple(t.shape), tuple(shape), tuple(offset)).to(words.device)
+    return _lanes_at(words, index)
+
+
+def _replica_key(t, coordinate: tuple[int, ...]) -> tuple[int, ...]:
+    """The coordinates on the mesh dimensions this DTensor is replicated along: its replica group."""
+    from torch.distributed.tensor import Replicate
+
+    return tuple(c for c, p in zip(coordinate, t.placements, strict=True) if isinstance(p, Replicate))
+
+
+def logical_fingerprints(
+    tensors: Mapping[str, torch.Tensor], all_groups: bool = False
+) -> dict[str, str] | tuple[dict[str, str], dict[str, dict[tuple[int, ...], str]]]:
+    """lsh128 digests of the logical tensors behind `tensors` (plain tensors or DTensors).
+
+    With DTensors among them this is a collective over the default process group: every rank
+    calls it with the same names in the same order. Each rank gets the digests of its own
+    replica group. `all_groups=True` also returns, per DTensor name, every replica group's
+    digest (keyed by the group's coordinates on the replicated mesh dimensions).
+    """
+    out: dict[str, str] = {}
+    sharded = {name: t for name, t in tensors.items() if is_dtensor(t)}
+    for name, t in tensors.items():
+        if name not in sharded:
+            out[name] = _finish(_header(t.dtype, tuple(t.shape), t.numel(), t.element_size()), _plain_lanes(t).tolist())
+    groups: dict[str, dict[tuple[int, ...], str]] = {}
+    if sharded:
+        groups = _sharded_digests(sharded)
+        for name, t in sharded.items():
+            coordinate = t.device_mesh.get_coordinate()
+            out[name] = groups[name][_replica_key(t, tuple(coordinate))]
+    ordered = {name: out[name] for name in tensors}
+    return (ordered, groups) if all_groups else ordered
+
+
+def _sharded_digests(sharded: Mapping[str, torch.Tensor]) -> dict[str, dict[tuple[int, ...], str]]:
+    """Per DTensor, per replica group: the digest from the sums of that group's shards (one all-gather)."""
+    names = list(sharded)
+    mine = torch.stack([_shard_lanes(sharded[n]).cpu() for n in names])  # int64[n, 2]
+    # The names travel as a digest of their own in the same payload: ranks that disagree on
+    # which tensors they hold must not add up each other's rows.
+    tag = xxhash.xxh3_64("\n".join(names).encode()).intdigest()
+    payload = torch.cat([torch.tensor([signed(tag), len(names)], dtype=torch.int64), mine.reshape(-1)])
+    world = dist.get_world_size()
+    device = _collective_device()
+    gathered = [torch.empty_like(payload, device=device) for _ in range(world)]
+    dist.all_gather(gathered, payload.to(device))
+    rows = [g.cpu() for g in gathered]
+    for rank, row in enumerate(rows):
+        if int(row[0]) != signed(tag) or int(row[1]) != len(names):
+            raise RuntimeError(
+                f"lsh128: rank {rank} holds other sharded tensors than this rank: digests not comparable"
+            )
+    out: dict[str, dict[tuple[int, ...], str]] = {}
+    for j, name in enumerate(names):
+        t = sharded[name]
+        mesh = t.device_mesh
+        if mesh.mesh.numel() != world:
+            raise ValueError(f"lsh128: {name}'s device mesh covers {mesh.mesh.numel()} of {world} ranks")
+        sums: dict[tuple[int, ...], torch.Tensor] = {}
+        for coordinate in _coordinates(mesh.mesh):
+            rank = int(mesh.mesh[coordinate])
+            key = _replica_key(t, coordinate)
+            lanes = rows[rank][2 + 2 * j : 4 + 2 * j]
+            sums[key] = sums[key] + lanes if key in sums else lanes.clone()
+        header = _header(t.dtype, tuple(t.shape), t.numel(), t.element_size())
+        out[name] = {key: _finish(header, lanes.tolist()) for key, lanes in sorted(sums.items())}
+    return out
+
+
+def _coordinates(mesh: torch.Tensor) -> list[tuple[int, ...]]:
+    return [
+        tuple(int(i) for i in idx)
+        for idx in torch.cartesian_prod(*(torch.arange(n) for n in mesh.shape)).reshape(-1, mesh.dim())
+    ]
+
+
+def _collective_device() -> torch.device:
+    """Where the default group's collectives run: CUDA for nccl, the host for gloo."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
