@@ -105,6 +105,10 @@ def test_logical_digests_tell_dtype_shape_bits_and_positions_apart():
     flipped = t.clone()
     flipped.view(torch.int32)[1] ^= 1
     assert fingerprint(flipped, LOGICAL_ALGORITHM) != d
+    rows = torch.arange(12.0).reshape(4, 3)
+    assert fingerprint(rows.flip(0), LOGICAL_ALGORITHM) != fingerprint(rows, LOGICAL_ALGORITHM)  # rows swapped
+    assert fingerprint(rows.reshape(2, 6), LOGICAL_ALGORITHM) != fingerprint(rows, LOGICAL_ALGORITHM)
+    assert fingerprint(torch.zeros(5, 0), LOGICAL_ALGORITHM) != fingerprint(torch.zeros(0, 5), LOGICAL_ALGORITHM)
     for dtype in (torch.bfloat16, torch.float16, torch.int8, torch.bool, torch.int64):
         assert fingerprint(t.to(dtype), LOGICAL_ALGORITHM).startswith("lsh128:")
     # -0.0 and 0.0 are different bits, so a different state (a float sum would call them equal).

@@ -3,31 +3,34 @@
 FSDP2 and HSDP hold one parameter set, but no rank holds a whole tensor: each holds a shard
 (a `DTensor`'s local piece). "The same init under DDP, FSDP at 2 and 4 shards, HSDP and one
 process" is checkable only with a digest that every layout computes alike. `lsh128` is one:
+a sum of per-unit hashes, each keyed by the unit's position in the *logical* tensor,
 
-    lsh128(T) = xxh3_128(dtype | logical shape | bytes | S_0 | S_1),
-    S_lane    = sum over elements i of mix_lane(bits(T[i]) + (i + 1) * K_lane)   (mod 2^64)
+    lsh128(T) = xxh3_128(dtype | logical shape | bytes | S_lo | S_hi),   S = sum over units (mod 2^64 per lane)
 
-where i is the element's index in the *logical* tensor (row-major) and bits(T[i]) its raw bits,
-zero-extended to 64 bits. A sum over elements keyed by their logical index composes over any
-partition of the elements: each rank sums its own shard's elements at their logical indices
-(from the shard's offset), and the sums of the ranks holding one copy of the tensor add up to
-the sum over the whole tensor. One all-gather of two int64 per tensor per rank, never the tensor.
+- a tensor of 2 or more dimensions: the units are its rows along dim 0, T[i]; unit i adds the
+  two 64-bit halves of xxh3_128(bytes of T[i], seed=i). FSDP2 and HSDP cut tensors between
+  rows (`Shard(0)`), so every unit lies whole on one rank, and rows hash at xxh3's speed.
+- a tensor of 0 or 1 dimension (biases, norms, step counts): the units are its elements;
+  element i adds mix_lane(bits(T[i]) + (i + 1) * K_lane) per lane, the mix of `dsh128`
+  (`distshare.integrity.dsh128.LANES`: an odd multiply-xorshift bijection) on the element's
+  raw bits zero-extended to 64. A 1-D tensor is cut between elements, and a float32 cut need
+  not fall on an 8-byte word, so the unit is the element, never a word.
 
-Why per element and not per 64-bit word like `dsh128`: FSDP2 cuts tensors between rows, and a
-row of float32 need not end on an 8-byte boundary (a 1-D bias of odd chunk length), so a word
-could straddle two ranks. Keying by element makes every cut a clean one. The mix is dsh128's
-(`distshare.integrity.dsh128.LANES`): an odd multiply-xorshift bijection, so a flipped bit in
-any element changes that element's term, and the position key makes a swap of two elements a
-different sum. Like every distshare digest it detects accidents, not an adversary.
+A sum over units keyed by their logical index composes over any partition into whole units:
+each rank sums its own shard's units at their logical indices (from the shard's offset), and
+the sums of the ranks holding one copy of the tensor add up to the sum over the whole tensor.
+One all-gather of two int64 per tensor per rank, never the tensor. A flipped bit changes its
+unit's hash; a swap of two units changes their keys. Like every distshare digest it detects
+accidents, not an adversary.
 
 Layouts: a plain tensor is its own logical tensor (a DDP replica, one process: no collective).
-A `DTensor` on a mesh with `Shard` placements contributes its local box at its global offset;
-along a `Replicate` mesh dimension every coordinate holds a full copy, so the sums are taken
-per *replica group* (the ranks sharing the coordinates of the replicated dimensions) and each
-rank gets its own group's digest: under HSDP, replica groups that started from different
-weights (allenai/OLMo-core#319) get different digests. `Partial` placements (pending
-reductions) and non-box shardings (`_StridedShard`) are refused: there the local pieces do not
-add up to the tensor.
+A `DTensor` contributes its local box at its global offset; along a `Replicate` mesh dimension
+every coordinate holds a full copy, so the sums are taken per *replica group* (the ranks
+sharing the coordinates of the replicated dimensions) and each rank gets its own group's
+digest: under HSDP, replica groups that started from different weights (allenai/OLMo-core#319)
+get different digests. Refused, because their local pieces are not whole units: `Partial`
+placements (pending reductions), strided shards (`_StridedShard`) and a tensor of 2 or more
+dimensions cut along another dimension than 0 (tensor parallelism; gather it first).
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ from distshare.integrity.dsh128 import LANES, signed
 
 LOGICAL_ALGORITHM = "lsh128"
 _CHUNK = 1 << 20  # elements per pass of the torch ops: bounds the int64 temporaries at 8 MB each
+_LOW64 = (1 << 64) - 1
 _MASKS = {1: 0xFF, 2: 0xFFFF, 4: 0xFFFFFFFF}
 _VIEWS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
@@ -111,9 +115,34 @@ def _finish(header: bytes, lanes: list[int]) -> str:
     return f"{LOGICAL_ALGORITHM}:{h.hexdigest()}"
 
 
-def _plain_lanes(t: torch.Tensor) -> torch.Tensor:
+def _row_lanes(t: torch.Tensor, first_row: int) -> torch.Tensor:
+    """int64[2]: the sums of xxh3_128(row bytes, seed=row index) over the rows of `t`, whose
+    first row is row `first_row` of the logical tensor (lo and hi halves, each mod 2^64)."""
+    t = t.detach()
+    if t.numel() == 0:  # an empty shard (FSDP2 gives the last ranks none when rows run out)
+        return torch.zeros(2, dtype=torch.int64)
+    if t.device.type != "cpu":
+        t = t.cpu()  # TODO(dsh128-style device kernel): rows travel to the host today
+    rows = t.contiguous().reshape(t.shape[0], -1).view(torch.uint8).numpy()
+    hash_row = xxhash.xxh3_128_intdigest
+    lo = hi = 0
+    for i in range(rows.shape[0]):
+        d = hash_row(rows[i].data, first_row + i)
+        lo += d & _LOW64
+        hi += d >> 64
+    return torch.tensor([signed(lo & _LOW64), signed(hi & _LOW64)], dtype=torch.int64)
+
+
+def _unit_lanes(t: torch.Tensor, global_shape: tuple[int, ...], offset: tuple[int, ...]) -> torch.Tensor:
+    """int64[2]: the lane sums of a box `t` of the logical tensor at `offset` (whole units)."""
+    if len(global_shape) >= 2:
+        return _row_lanes(t, offset[0])
     words = _bits(t)
-    return _lanes_at(words, torch.arange(words.numel(), dtype=torch.int64, device=words.device))
+    return _lanes_at(words, _box_index(global_shape, tuple(t.shape), offset).to(words.device)).cpu()
+
+
+def _plain_lanes(t: torch.Tensor) -> torch.Tensor:
+    return _unit_lanes(t, tuple(t.shape), (0,) * t.dim())
 
 
 def _shard_lanes(t) -> torch.Tensor:
@@ -126,11 +155,13 @@ def _shard_lanes(t) -> torch.Tensor:
             raise ValueError(f"lsh128: placement {p} is not a box of the logical tensor; gather it first")
     local = t.to_local()
     shape, offset = compute_local_shape_and_global_offset(tuple(t.shape), t.device_mesh, t.placements)
+    if t.dim() >= 2 and tuple(shape[1:]) != tuple(t.shape[1:]):
+        raise ValueError(
+            f"lsh128: a {t.dim()}-D tensor cut along another dimension than 0 ({t.placements}); gather it first"
+        )
     if tuple(local.shape) != tuple(shape):  # e.g. a padded local tensor
         local = local[tuple(slice(0, n) for n in shape)]
-    words = _bits(local)
-    index = _box_index(tuple(t.shape), tuple(shape), tuple(offset)).to(words.device)
-    return _lanes_at(words, index)
+    return _unit_lanes(local, tuple(t.shape), tuple(offset))
 
 
 def _replica_key(t, coordinate: tuple[int, ...]) -> tuple[int, ...]:
