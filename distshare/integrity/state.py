@@ -24,7 +24,8 @@ def local_shard(t: torch.Tensor) -> torch.Tensor:
     """This rank's shard of a sharded (FSDP2 / HSDP `DTensor`) tensor; any other tensor as it is.
 
     Comparing shards compares what this rank holds: across HSDP's replica groups the same
-    shard must be bit-identical (`compare_replicas(..., group=<the replicate group>)`).
+    shard must be bit-identical (`compare_replicas` reads the mesh from the model and compares
+    each shard within its replica groups).
     """
     to_local = getattr(t, "to_local", None)
     return to_local() if callable(to_local) else t
