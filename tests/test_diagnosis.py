@@ -113,6 +113,21 @@ def test_before_any_update_it_is_the_initial_weights():
     assert _report({**differ, "optim/w/exp_avg": {0, 1}}, world=2, facts=later).diagnosis.cause == Cause.INIT_MISMATCH
 
 
+def test_an_init_mismatch_of_a_sharded_model_names_fully_shard_and_its_fix_not_ddp():
+    """HSDP's replica groups (allenai/OLMo-core#319): the same rule, FSDP2's mechanism and fix."""
+    differ = {"param/w": {0, 1, 2, 3}, "param/b": {0, 1, 2, 3}}
+    before = [RankFacts(rank=r, updated=False) for r in range(4)]
+    hsdp = {"kind": "hsdp", "mesh": [2, 2], "replica_groups": 2, "shards": 2}
+    for facts in (before, _facts(4)):  # at the first check, and later (moments equal: started apart)
+        d = compare_digests(_digests(differ, 4), step=None, facts=facts, layout=hsdp).diagnosis
+        assert d.cause == Cause.INIT_MISMATCH and d.evidence["layout"] == "hsdp"
+        assert "fully_shard never broadcasts initial weights" in d.explanation and "OLMo-core#319" in d.explanation
+        assert d.fix.startswith("build the model under the shared seed before fully_shard") and "init_sync" not in d.fix
+    # Without a layout (DDP replicas) the fix is DDP's.
+    ddp = compare_digests(_digests(differ, 4), step=None, facts=before).diagnosis
+    assert "init_sync" in ddp.fix and "fully_shard never" not in ddp.explanation
+
+
 def test_parameters_apart_with_equal_moments_started_apart_unless_they_agreed_since():
     differ = {"param/w": {2}, "param/b": {2}}
     assert _report(differ, facts=_facts(3)).diagnosis.cause == Cause.INIT_MISMATCH  # moments prove equal updates

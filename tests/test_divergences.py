@@ -17,7 +17,7 @@ from __future__ import annotations
 import pytest
 
 from distshare.distributed.spawn import run_distributed
-from distshare.testing.divergences import BASELINE, REPRODUCTIONS, STEPS, run_all, run_hsdp
+from distshare.testing.divergences import BASELINE, REPRODUCTIONS, STEPS, run_all
 
 pytestmark = [pytest.mark.faults, pytest.mark.slow]  # every test here spawns ranks that diverge on purpose
 
@@ -209,20 +209,4 @@ def test_with_two_ranks_the_culprit_is_named_only_where_evidence_tells_them_apar
     assert named["bit_flip"] is None and named["step_skipped_one_rank"] is None
 
 
-@pytest.fixture(scope="module")
-def hsdp():
-    return run_distributed(run_hsdp, 4, timeout_s=60, deadline_s=300)
-
-
-def test_hsdp_replica_groups_started_apart_are_found_at_the_start_and_the_fix_is_clean(hsdp):
-    """FSDP2/HSDP never broadcasts initial weights (allenai/OLMo-core#319): with per-rank seeds
-    the replica groups hold different shards from the start; the check across the replicate
-    dimension finds it before the first step, names every parameter shard, and diagnoses it."""
-    for rank_outcomes in hsdp:
-        bug, fixed = rank_outcomes
-        assert bug.detected_at == BASELINE and bug.report.diagnosis.cause == "init_mismatch", bug.report.summary()
-        assert {t.split("/")[0] for t in bug.report.differing} == {"param"}
-        assert bug.report.world_size == 2  # ranks there are the 2 replica groups
-        assert fixed.report is None and fixed.checks == STEPS + 1
-    # Each shard pair is compared apart: the two shard columns report their own tensors' elements.
-    assert hsdp[0][0].report.to_dict() == hsdp[2][0].report.to_dict()
+# The sharded reproduction (hsdp_init_mismatch, a world of 4) is specified in test_hsdp_replicas.py.

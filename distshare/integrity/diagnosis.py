@@ -28,12 +28,17 @@ call that would decide (`Diagnosis.decide`).
 With two ranks there is no majority: every difference is seen on both. The culprit is then
 named only from evidence that tells the two apart: a NaN on one side, a tensor that only one
 rank changed since they last agreed, one rank's gradients a scaled copy of the other's.
+
+A sharded model (FSDP2 / HSDP: `layout`, as `compare_replicas` read it from the model's
+`DTensor`s) changes the words, not the rules: copies are replica groups, and an init mismatch
+there has its own mechanism and fix (`fully_shard` never broadcasts what each rank built:
+allenai/OLMo-core#319).
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from enum import Enum
 from typing import Any
@@ -165,12 +170,14 @@ def diagnose(
     world_size: int,
     step: int | None = None,
     facts: Sequence[RankFacts] = (),
+    layout: Mapping[str, Any] | None = None,
 ) -> Diagnosis:
     """The likely cause of `differing` (tensor -> ranks off the majority), from the evidence.
 
     `names`: every tensor the ranks compared (to know what was *not* different: were
     gradients compared at all, does the optimizer keep moments); `facts`: one per rank,
-    or none (a comparison of digests alone, or of two checkpoints).
+    or none (a comparison of digests alone, or of two checkpoints); `layout`: a sharded
+    model's mesh (`ReplicaReport.layout`), None for replicas that each hold everything.
     """
     names = set(names)
     by_kind: dict[str, list[str]] = {k: [] for k in KINDS}
@@ -179,7 +186,7 @@ def diagnose(
     totals = {k: 0 for k in KINDS}
     for name in names:
         totals[kind_of(name)] += 1
-    ev = Evidence(differing, majority, elements, by_kind, totals, world_size, step, list(facts))
+    ev = Evidence(differing, majority, elements, by_kind, totals, world_size, step, list(facts), dict(layout or {}))
     for rule in (_prior, _buffers_only, _hyperparams, _before_update, _corruption, _gradients, _state, _params_only):
         found = rule(ev)
         if found is not None:
@@ -206,6 +213,12 @@ class Evidence:
     world_size: int
     step: int | None
     facts: list[RankFacts]
+    layout: dict[str, Any] = field(default_factory=dict)  # a sharded model's mesh; empty otherwise
+
+    @property
+    def sharded(self) -> bool:
+        """FSDP2 / HSDP: the copies compared are replica groups, each holding one shard per rank."""
+        return self.layout.get("kind") in ("fsdp", "hsdp")
 
     @property
     def compared(self) -> set[str]:
@@ -249,6 +262,7 @@ class Evidence:
             "world_size": self.world_size,
             "elements_localized": sum(d.differing for d in localized),
             "last_in_sync": next((f.last_in_sync for f in self.facts if f.last_in_sync), None),
+            **({"layout": self.layout.get("kind")} if self.sharded else {}),
         }
 
     def single_odd_rank(self) -> int | None:
@@ -279,6 +293,8 @@ class Evidence:
     def no_majority_note(self) -> str:
         if self.has_majority or not self.differing:
             return ""
+        if self.sharded and self.layout.get("replica_groups") == 2:
+            return "with 2 replica groups there is no majority to say which copy is off"
         if self.world_size == 2:
             return "with 2 ranks there is no majority to say which copy is off"
         return "the ranks split without a majority"
@@ -391,6 +407,14 @@ def _before_update(ev: Evidence) -> Diagnosis | None:
         return None
     names = ev.kinds("param", "buffer")
     when = "before any update" if ev.updated is False else "already at the check before the first step"
+    if ev.sharded:
+        return _diagnosis(
+            ev,
+            Cause.INIT_MISMATCH,
+            f"the replica groups differ {when} ({_count(ev.kinds('param'), 'parameter')}): {SHARDED_INIT_WHY}.",
+            SHARDED_INIT_FIX,
+            names,
+        )
     return _diagnosis(
         ev,
         Cause.INIT_MISMATCH,
@@ -404,6 +428,15 @@ def _before_update(ev: Evidence) -> Diagnosis | None:
 _INIT_FIX = (
     "seed every rank alike before building the model, or broadcast rank 0's weights (DDP does it "
     "unless init_sync=False; FSDP2/HSDP and hand-written all-reduce loops never do)."
+)
+# Under FSDP2 / HSDP (allenai/OLMo-core#319): each rank keeps the shard of the tensor it built itself.
+SHARDED_INIT_WHY = (
+    "each replica group kept the weights its own ranks built, because fully_shard never broadcasts "
+    "initial weights (per-rank init seeds, e.g. seed + rank, as in allenai/OLMo-core#319)"
+)
+SHARDED_INIT_FIX = (
+    "build the model under the shared seed before fully_shard (seed per rank only afterwards, for data "
+    "and dropout), or broadcast/load a seed checkpoint; distshare.check_sharded_init(model) checks it."
 )
 
 
@@ -605,12 +638,16 @@ def _params_only(ev: Evidence) -> Diagnosis | None:
         if "grad" in ev.compared
         else "nothing else differs"
     )
+    started = (
+        f"the replica groups must have started apart ({SHARDED_INIT_WHY})"
+        if ev.sharded
+        else "the replicas must have started apart (the initial weights were never broadcast)"
+    )
     d = _diagnosis(
         ev,
         Cause.INIT_MISMATCH,
-        f"{_count(ev.kinds('param'), 'parameter')} differ while {proof}: the replicas must have started "
-        "apart (the initial weights were never broadcast).",
-        _INIT_FIX,
+        f"{_count(ev.kinds('param'), 'parameter')} differ while {proof}: {started}.",
+        SHARDED_INIT_FIX if ev.sharded else _INIT_FIX,
         params,
     )
     if not moments:

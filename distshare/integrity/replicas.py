@@ -20,6 +20,17 @@ Then `distshare.integrity.diagnosis` reads all of it and names the likely cause
 (`ReplicaReport.diagnosis`). Every rank ends with the same report, so every rank takes the
 same decision (raise or go on).
 
+Sharded models (FSDP2 / HSDP, parameters that are `DTensor`s) are compared by what each rank
+holds: its local shard of every sharded tensor goes against the same shard in the other
+replica groups (the ranks whose mesh coordinates differ only on the dimensions the tensor is
+replicated along), and the tensors no mesh cuts (buffers, step counts, hyperparameters) go
+against every rank. The mesh is read from the model's own `DTensor`s: no group to pass (an
+explicit `group=` still compares shard against shard across that group alone). Under pure
+FSDP every shard is held once: the report says so (`ReplicaReport.layout`) and counts none of
+them as checked; `distshare.check_sharded_init` checks those against a reference digest.
+A differing element is named in the logical tensor (the shard's offset applied), with its
+replica group and shard (`ReplicaReport.sites`).
+
 Each rank remembers, per model, what its last check saw (whether the check before the first
 update agreed, its own digests at the last check that agreed, the first divergence): a first
 check before training (`step=None`) is what later diagnoses build on.
@@ -27,9 +38,12 @@ check before training (`step=None`) is what later diagnoses build on.
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
+import math
 import weakref
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -50,13 +64,48 @@ from distshare.integrity.diagnosis import (
     parameter_of,
 )
 from distshare.integrity.fingerprint import check_comparable, combined_fingerprint, fingerprint_many
-from distshare.integrity.state import local_shard, named_state_tensors, unwrap
+from distshare.integrity.logical import is_dtensor
+from distshare.integrity.state import named_state_tensors, unwrap
 from distshare.integrity.wrapper_facts import buffer_sync, wrapper_notes
-from distshare.numerics.diff import TensorDiff, localize
+from distshare.numerics.diff import TensorDiff, describe, localize
 
 BUFFER_MODES = ("compare", "separate", "ignore")
 GRAD_MODES = (False, True, "on_divergence")
 Extra = Mapping[str, Any] | Callable[[], Mapping[str, Any]] | None
+
+
+@dataclass
+class ShardSite:
+    """Where one rank's differing shard of a sharded tensor sits in the logical tensor.
+
+    Replica groups and shards are named by mesh coordinates: `replica_group` on the mesh
+    dimensions the tensor is replicated along (HSDP's replicate dimension), `shard` on those it
+    is cut along. The `TensorDiff` beside it gives its first differing element in the logical
+    tensor (this shard's `offset` applied); `local_index` is the same element in the shard.
+    """
+
+    rank: int  # ranks in the group compared (the world, or an explicit group)
+    reference_rank: int
+    replica_group: list[int]
+    reference_group: list[int]
+    shard: list[int]
+    shards: int  # how many shards the tensor is cut into
+    offset: list[int]  # the shard's global offset in the logical tensor
+    shape: list[int]  # the logical tensor's shape
+    local_index: list[int] | None = None
+    global_ranks: list[int] | None = None  # [rank, reference_rank] in the world, when a group was passed
+
+    def describe(self, d: TensorDiff) -> str:
+        """ "shard 1 of 2, replica group 1 (rank 3) vs replica group 0 (rank 1): 1 of 26 element(s)
+        differ, first at logical [9, 1] (group 0 ..., group 1 ...), ...; [2, 1] in the shard"."""
+        mine, ref = _coordinate(self.replica_group), _coordinate(self.reference_group)
+        rank, reference = self.global_ranks or (self.rank, self.reference_rank)
+        head = f"shard {_coordinate(self.shard)} of {self.shards}, " if self.shards > 1 else ""
+        head += f"replica group {mine} (rank {rank}) vs replica group {ref} (rank {reference})"
+        body = describe(d, sides=(f"group {ref}", f"group {mine}")).replace("first at [", "first at logical [", 1)
+        if self.local_index is not None and self.shards > 1:
+            body += f"; [{', '.join(str(i) for i in self.local_index)}] in the shard"
+        return f"{head}: {body}"
 
 
 @dataclass
@@ -74,6 +123,12 @@ class ReplicaReport:
     diagnosis: Diagnosis | None = None  # the likely cause, whenever something differs
     # Kinds compared and reported that do not count against `in_sync` (buffers="separate").
     separate: list[str] = field(default_factory=list)
+    # A sharded model's layout as the check saw it (None: no DTensor): kind ("hsdp", "fsdp",
+    # "replicated"), mesh, replica groups, shards, and what was compared: "compared" sharded
+    # tensors (each shard against its copies in the other replica groups), "held_once" (no
+    # replica: nothing to compare), "replicated" (plain tensors, against every rank).
+    layout: dict[str, Any] | None = None
+    sites: dict[str, list[ShardSite]] = field(default_factory=dict)  # tensor -> per odd rank: group, shard
 
     @property
     def in_sync(self) -> bool:
@@ -92,6 +147,8 @@ class ReplicaReport:
     def summary(self, limit: int = 5) -> str:
         """One line: the diagnosis first, then the locations (parameters first)."""
         if self.identical:
+            if self.layout is not None and self.layout.get("by_mesh"):
+                return self.layout_line()
             return f"all {self.world_size} replicas identical ({self.combined[0]})"
         at = f" at step {self.step}" if self.step is not None else ""
         if not at and self.diagnosis is not None and self.diagnosis.evidence.get("check") == BEFORE_FIRST_STEP:
@@ -100,6 +157,29 @@ class ReplicaReport:
         head = "replicas differ" if not self.in_sync else f"replicas in sync but for {apart} (checked apart)"
         why = f"{self.diagnosis.describe()} | " if self.diagnosis is not None else ""
         return f"{head}{at}: {why}{self.locations(limit)}"
+
+    def layout_line(self) -> str:
+        """What a check of a sharded model compared, honestly: shards held once are not "identical"."""
+        lay = self.layout or {}
+        mesh = " x ".join(str(n) for n in lay.get("mesh", []))
+        dims = f" ({', '.join(lay['dims'])})" if lay.get("dims") else ""
+        parts = []
+        if lay.get("compared"):
+            groups, tensors = lay.get("replica_groups", 0), _plural(lay["compared"], "sharded tensor")
+            parts.append(
+                f"{tensors}: each shard identical in its {groups} replica groups"
+                if self.identical
+                else f"{tensors} compared shard by shard across {groups} replica groups"
+            )
+        if lay.get("held_once"):
+            parts.append(
+                f"{_plural(lay['held_once'], 'tensor')} sharded once: nothing to compare (no replica group holds "
+                "a copy; distshare.check_sharded_init(model, expected) checks them against a reference)"
+            )
+        if lay.get("replicated"):
+            same = "identical" if self.identical else "compared"
+            parts.append(f"{_plural(lay['replicated'], 'replicated tensor')} {same} across {self.world_size} ranks")
+        return f"{str(lay.get('kind', 'sharded')).upper()} mesh {mesh}{dims}: " + "; ".join(parts)
 
     def locations(self, limit: int = 5) -> str:
         """Where: parameters and their optimizer state, then gradients, buffers, hyperparameters, extra."""
@@ -138,7 +218,9 @@ class ReplicaReport:
                 text += " (no majority)"
             found = self.elements.get(name)
             if found:
-                text += " [" + "; ".join(d.describe() for d in found) + "]"
+                sites = {s.rank: s for s in self.sites.get(name, [])}
+                text += " [" + "; ".join(sites[d.rank].describe(d) if d.rank in sites else d.describe() for d in found)
+                text += "]"
             shown.append(text)
         more = f", and {len(names) - limit} more" if len(names) > limit else ""
         return ", ".join(shown) + more
@@ -156,6 +238,8 @@ class ReplicaReport:
             elements={k: [TensorDiff(**e) for e in v] for k, v in d.get("elements", {}).items()},
             diagnosis=Diagnosis.from_dict(diagnosis) if diagnosis else None,
             separate=d.get("separate", []),
+            layout=d.get("layout"),
+            sites={k: [ShardSite(**s) for s in v] for k, v in d.get("sites", {}).items()},
         )
 
     def to_dict(self) -> dict:
@@ -169,6 +253,8 @@ class ReplicaReport:
             "elements": {k: [asdict(e) for e in v] for k, v in self.elements.items()},
             "diagnosis": self.diagnosis.to_dict() if self.diagnosis is not None else None,
             "separate": self.separate,
+            "layout": self.layout,
+            "sites": {k: [asdict(s) for s in v] for k, v in self.sites.items()},
             "summary": self.summary(),
         }
 
@@ -210,12 +296,17 @@ def compare_digests(
     elements: dict[str, list[TensorDiff]] | None = None,
     separate: list[str] | None = None,
     unfingerprinted: tuple[str, ...] = (),
+    classes: Classes | None = None,
+    layout: dict[str, Any] | None = None,
+    sites: dict[str, list[ShardSite]] | None = None,
 ) -> ReplicaReport:
     """Majority vote per tensor over every rank's digests, and the diagnosis (pure; no communication).
 
     Each rank's combined fingerprint leaves out the `separate` kinds and the `unfingerprinted`
-    ones (gradients digested late, as evidence only)."""
-    differing, majority = _vote_all(per_rank)
+    ones (gradients digested late, as evidence only). `classes` (tensor -> a key per rank):
+    only ranks with the same key hold copies of each other (the same shard of a sharded
+    tensor); a tensor not in it is held whole by every rank."""
+    differing, majority = _vote_all(per_rank, classes)
     separate = list(separate or [])
     report = ReplicaReport(
         world_size=len(per_rank),
@@ -225,22 +316,54 @@ def compare_digests(
         majority=majority,
         elements=elements or {},
         separate=separate,
+        layout=layout,
+        sites=sites or {},
     )
     if differing:
         names = set().union(*per_rank)
-        report.diagnosis = diagnose(differing, majority, report.elements, names, len(per_rank), step, facts or [])
+        report.diagnosis = diagnose(
+            differing, majority, report.elements, names, len(per_rank), step, facts or [], layout
+        )
     return report
 
 
-def _vote_all(per_rank: list[dict[str, str]]) -> tuple[dict[str, list[int]], dict[str, bool]]:
+# tensor -> one key per rank: ranks with equal keys hold copies of one another (the same shard).
+Classes = Mapping[str, list[Any]]
+
+
+def _members(keys: list[Any] | None, world_size: int) -> list[list[int]]:
+    """The ranks holding copies of one another, class by class (all ranks when `keys` is None)."""
+    if keys is None:
+        return [list(range(world_size))]
+    by_key: dict[Any, list[int]] = {}
+    for rank, key in enumerate(keys):
+        by_key.setdefault(key, []).append(rank)
+    return list(by_key.values())
+
+
+def _votes(name: str, per_rank: list[dict[str, str]], classes: Classes | None) -> list[tuple[list[int], int, bool]]:
+    """Per class of copies holding `name` (2 ranks or more): (odd ranks, reference rank, majority?)."""
+    digests = [d.get(name) for d in per_rank]
+    out = []
+    for members in _members((classes or {}).get(name), len(per_rank)):
+        if len(members) < 2:
+            continue  # a shard held once: no copy to compare it with
+        odd, reference, strict = vote([digests[r] for r in members])
+        out.append(([members[i] for i in odd], members[reference], strict))
+    return out
+
+
+def _vote_all(
+    per_rank: list[dict[str, str]], classes: Classes | None = None
+) -> tuple[dict[str, list[int]], dict[str, bool]]:
     """(tensor -> ranks off the majority, tensor -> was there a strict majority) for the differing tensors."""
     differing: dict[str, list[int]] = {}
     majority: dict[str, bool] = {}
     for name in sorted(set().union(*per_rank)):
-        odd, _, strict = vote([d.get(name) for d in per_rank])
-        if odd:
-            differing[name] = odd
-            majority[name] = strict
+        votes = [v for v in _votes(name, per_rank, classes) if v[0]]
+        if votes:
+            differing[name] = sorted(r for odd, _, _ in votes for r in odd)
+            majority[name] = all(strict for _, _, strict in votes)
     return differing, majority
 
 
@@ -274,6 +397,8 @@ class Snapshot:
     # (they are still in .grad then: the same point of the step), so a check that agrees costs
     # nothing for them. A gradient that differs has already made the state differ by then.
     late_grads: nn.Module | None = None
+    # The sharded tensors (FSDP2 / HSDP DTensors) by name; `tensors` holds their local shards.
+    sharded: dict[str, Any] = field(default_factory=dict)
 
 
 def check_modes(grads: bool | str, buffers: str) -> None:
@@ -294,7 +419,9 @@ def take_snapshot(
 ) -> Snapshot:
     """This rank's state, digested (local: no communication)."""
     check_modes(grads, buffers)
-    tensors = dict(named_state_tensors(model, optimizer, grads is True, buffers != "ignore", extra))
+    tensors, sharded = _split_shards(
+        named_state_tensors(model, optimizer, grads is True, buffers != "ignore", extra, shards=False)
+    )
     if steps_taken is not None:  # distshare.watch counts optimizer.step() calls: state no optimizer keeps
         tensors[STEPS_TAKEN] = torch.tensor(steps_taken, dtype=torch.int64)
     inner = unwrap(model)
@@ -308,7 +435,21 @@ def take_snapshot(
         optimizer=optimizer,
         steps_taken=steps_taken,
         late_grads=inner if grads == "on_divergence" else None,
+        sharded=sharded,
     )
+
+
+def _split_shards(named: Iterable[tuple[str, torch.Tensor]]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(name -> what this rank holds: a DTensor's local shard, any other tensor as it is; name -> the DTensors)."""
+    tensors: dict[str, torch.Tensor] = {}
+    sharded: dict[str, Any] = {}
+    for name, t in named:
+        if is_dtensor(t):
+            sharded[name] = t
+            tensors[name] = t.to_local()
+        else:
+            tensors[name] = t
+    return tensors, sharded
 
 
 def _optimizer_steps(optimizer: torch.optim.Optimizer | None) -> int | None:
@@ -370,40 +511,167 @@ def compare_snapshot(
         _remember(history, report, snapshot, step)
         return report
     world_size = dist.get_world_size(group)
+    # A sharded model over the whole mesh: each shard against its copies (None: every rank holds
+    # every tensor whole, or an explicit group whose ranks are the copies).
+    classes, layout = _mesh_classes(snapshot.sharded, len(snapshot.tensors), group)
     combined = _combined(local, separate)
-    mine = _payload(combined, local, separate)
+    mine = _payload(combined, local, separate, classes)
     if dist.get_backend(group) == "nccl":
         mine = mine.cuda()
     everyone = [torch.empty_like(mine) for _ in range(world_size)]
     dist.all_gather(everyone, mine, group=group)
-    if all(torch.equal(t, mine) for t in everyone):
-        report = ReplicaReport(world_size=world_size, combined=[combined] * world_size, step=step, separate=separate)
+    if _agree(everyone, classes):
+        combined_all = [bytes(t.cpu()[:16].tolist()).hex() for t in everyone]
+        algo = combined.split(":", 1)[0]
+        report = ReplicaReport(
+            world_size=world_size,
+            combined=[f"{algo}:{c}" for c in combined_all],
+            step=step,
+            separate=separate,
+            layout=layout,
+        )
         _remember(history, report, snapshot, step)
         return report
     # They differ: from here on every piece of evidence is worth its cost.
     facts = _facts(dist.get_rank(group), model, snapshot, history)
     if snapshot.late_grads is not None:  # now that they are evidence
-        named = snapshot.late_grads.named_parameters()
-        grads = {f"grad/{n}": local_shard(p.grad) for n, p in named if p.grad is not None}
+        named = [(f"grad/{n}", p.grad) for n, p in snapshot.late_grads.named_parameters() if p.grad is not None]
+        grads, sharded_grads = _split_shards(named)
         local = {**local, **fingerprint_many(grads)}
         snapshot.tensors.update(grads)
+        snapshot.sharded.update(sharded_grads)
+        if classes is not None:
+            classes, layout = _mesh_classes(snapshot.sharded, len(snapshot.tensors), group)
     gathered: list[Any] = [None] * world_size
     dist.all_gather_object(gathered, (local, facts), group=group)
     per_rank = [g[0] if g else {} for g in gathered]
     all_facts = [g[1] for g in gathered if g]
-    differing, _ = _vote_all(per_rank)
+    differing, _ = _vote_all(per_rank, classes)
     elements: dict[str, list[TensorDiff]] = {}
+    sites: dict[str, list[ShardSite]] = {}
     if locate and differing:
         limit = len(differing) if locate is True else int(locate)
-        elements = _locate(_by_kind_in_turn(differing, limit), per_rank, snapshot.tensors, group)
+        names = _by_kind_in_turn(differing, limit)
+        jobs = [(n, odd, ref) for n in names for odd, ref, _ in _votes(n, per_rank, classes) if odd]
+        elements, sites = _locate(jobs, snapshot.tensors, snapshot.sharded, group)
     for f in all_facts:  # the tensors each rank changed since they agreed: only those that differ matter
         if f.changed is not None:
             f.changed = [n for n in f.changed if n in differing]
     # Each rank's fingerprint stays that of its state alone, without gradients digested late.
     late = ("grad",) if snapshot.late_grads is not None else ()
-    report = compare_digests(per_rank, step, all_facts, elements, separate, late)
+    report = compare_digests(per_rank, step, all_facts, elements, separate, late, classes, layout, sites)
     _remember(history, report, snapshot, step)
     return report
+
+
+# ------------------------------------------------------------------------- sharded models
+
+
+def _roles(t: Any) -> dict[int, tuple[tuple[int, ...], tuple[int, ...]]]:
+    """Global rank -> (replica group, shard) of a DTensor: its mesh coordinates on the dimensions
+    the tensor is replicated along, and on the others (cut, or pending a reduction)."""
+    from torch.distributed.tensor import Replicate
+
+    mesh = t.device_mesh.mesh
+    out = {}
+    for coordinate in itertools.product(*(range(n) for n in mesh.shape)):
+        replicated = [isinstance(p, Replicate) for p in t.placements]
+        group = tuple(c for c, r in zip(coordinate, replicated, strict=True) if r)
+        shard = tuple(c for c, r in zip(coordinate, replicated, strict=True) if not r)
+        out[int(mesh[coordinate])] = (group, shard)
+    return out
+
+
+def _layout(t: Any) -> dict[str, Any]:
+    """A DTensor's mesh in a report's words: kind, mesh shape and names, replica groups, shards."""
+    from torch.distributed.tensor import Replicate
+
+    shape = list(t.device_mesh.mesh.shape)
+    names = t.device_mesh.mesh_dim_names
+    replicas = math.prod(n for n, p in zip(shape, t.placements, strict=True) if isinstance(p, Replicate))
+    shards = math.prod(n for n, p in zip(shape, t.placements, strict=True) if not isinstance(p, Replicate))
+    kind = "hsdp" if replicas > 1 and shards > 1 else "fsdp" if shards > 1 else "replicated"
+    return {
+        "kind": kind,
+        "mesh": shape,
+        "dims": list(names) if names else None,
+        "replica_groups": replicas,
+        "shards": shards,
+    }
+
+
+def _mesh_classes(
+    sharded: Mapping[str, Any], tensors: int, group: dist.ProcessGroup | None
+) -> tuple[dict[str, list[Any]] | None, dict[str, Any] | None]:
+    """(tensor -> each rank's shard, the layout) of a sharded model checked over its whole mesh.
+
+    (None, layout) when `group` is not the mesh's ranks (an explicit group, e.g. HSDP's
+    replicate group: its ranks are the copies, compared shard against shard); (None, None)
+    for a model without DTensors.
+    """
+    if not sharded:
+        return None, None
+    first = next((t for n, t in sharded.items() if kind_of(n) == "param"), next(iter(sharded.values())))
+    layout = _layout(first)
+    ranks = [_global_rank(g, group) for g in range(dist.get_world_size(group))]
+    classes: dict[str, list[Any]] = {}
+    counts = {"compared": 0, "held_once": 0, "replicated": tensors - len(sharded)}
+    seen: dict[tuple, dict] = {}  # one mesh walk per (mesh, placements), not per tensor
+    for name, t in sharded.items():
+        key = (id(t.device_mesh), tuple(t.placements))
+        roles = seen[key] if key in seen else seen.setdefault(key, _roles(t))
+        if set(roles) != set(ranks):
+            return None, {**layout, "by_mesh": False}
+        keys = [roles[r][1] for r in ranks]
+        classes[name] = keys
+        sizes = Counter(keys).values()
+        counts["replicated" if len(sizes) == 1 else "compared" if max(sizes) > 1 else "held_once"] += 1
+    return classes, {**layout, **counts, "by_mesh": True}
+
+
+def _signature(classes: Mapping[str, list[Any]], rank: int) -> tuple:
+    """Which shard of every sharded tensor `rank` holds: ranks with equal signatures hold copies."""
+    return tuple(classes[n][rank] for n in sorted(classes))
+
+
+def _agree(everyone: list[torch.Tensor], classes: Mapping[str, list[Any]] | None) -> bool:
+    """Do the first round's payloads agree: all equal, or (sharded) the replicated part equal
+    everywhere and the sharded part equal among the ranks holding the same shards."""
+    rows = [bytes(t.cpu().tolist()) for t in everyone]
+    if classes is None:
+        return all(r == rows[0] for r in rows)
+    # [combined | separate? | replicated | sharded]: the combined digest mixes shards, skip it.
+    if any(r[16:-16] != rows[0][16:-16] for r in rows):
+        return False
+    held: dict[tuple, bytes] = {}  # the shards' digest of the first rank holding each set of shards
+    return all(held.setdefault(_signature(classes, rank), r[-16:]) == r[-16:] for rank, r in enumerate(rows))
+
+
+def _site(t: Any, d: TensorDiff, group: dist.ProcessGroup | None) -> tuple[TensorDiff, ShardSite]:
+    """A differing shard's first element in the logical tensor (its offset applied), and where the shard sits."""
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    _, offset = compute_local_shape_and_global_offset(tuple(t.shape), t.device_mesh, t.placements)
+    roles = _roles(t)
+    ranks = [_global_rank(d.rank, group), _global_rank(d.reference_rank, group)]
+    mine, reference = roles[ranks[0]], roles[ranks[1]]
+    local = d.first_index
+    logical = None
+    if local is not None and len(local) == len(offset):
+        logical = [i + int(o) for i, o in zip(local, offset, strict=True)]
+    site = ShardSite(
+        rank=d.rank,
+        reference_rank=d.reference_rank,
+        replica_group=list(mine[0]),
+        reference_group=list(reference[0]),
+        shard=list(mine[1]),
+        shards=_layout(t)["shards"],
+        offset=[int(o) for o in offset],
+        shape=list(t.shape),
+        local_index=local,
+        global_ranks=ranks if ranks != [d.rank, d.reference_rank] else None,
+    )
+    return dataclasses.replace(d, first_index=logical if logical is not None else local), site
 
 
 def _combined(digests: dict[str, str], leave_out: list[str]) -> str:
@@ -411,12 +679,18 @@ def _combined(digests: dict[str, str], leave_out: list[str]) -> str:
     return combined_fingerprint({n: d for n, d in digests.items() if kind_of(n) not in leave_out})
 
 
-def _payload(combined: str, local: dict[str, str], separate: list[str]) -> torch.Tensor:
+def _payload(
+    combined: str, local: dict[str, str], separate: list[str], classes: Mapping[str, Any] | None = None
+) -> torch.Tensor:
     """What the first round gathers: the combined digest (16 bytes), and with buffers="separate"
-    the separate tensors' combined digest beside it (32 bytes)."""
+    the separate tensors' combined digest beside it (32 bytes); for a sharded model then the
+    combined digests of the replicated tensors and of this rank's shards (16 bytes each)."""
     digests = [combined]
     if separate:
         digests.append(_combined(local, [k for k in KINDS if k not in separate]))
+    if classes is not None:
+        digests.append(_combined({n: d for n, d in local.items() if n not in classes}, separate))
+        digests.append(_combined({n: d for n, d in local.items() if n in classes}, separate))
     raw = b"".join(bytes.fromhex(d.split(":", 1)[1]) for d in digests)
     return torch.frombuffer(bytearray(raw), dtype=torch.uint8)
 
@@ -466,16 +740,19 @@ def _by_kind_in_turn(differing: dict[str, list[int]], limit: int) -> list[str]:
 
 
 def _locate(
-    names: list[str],
-    per_rank: list[dict[str, str]],
+    jobs: list[tuple[str, list[int], int]],
     tensors: dict[str, torch.Tensor],
+    sharded: Mapping[str, Any],
     group: dist.ProcessGroup | None,
-) -> dict[str, list[TensorDiff]]:
-    """Broadcast each differing tensor from its reference rank; odd ranks compare; gather the findings."""
+) -> tuple[dict[str, list[TensorDiff]], dict[str, list[ShardSite]]]:
+    """Broadcast each differing tensor (or shard) from its reference rank; odd ranks compare; gather the findings.
+
+    `jobs`: (tensor, odd ranks, reference rank), one per set of copies that disagree (a
+    sharded tensor: one per shard). A shard's finding is given in the logical tensor, with
+    where the shard sits (`ShardSite`)."""
     rank = dist.get_rank(group)
-    found: dict[str, TensorDiff] = {}
-    for name in names:
-        odd, reference, _ = vote([d.get(name) for d in per_rank])
+    found: dict[str, tuple[TensorDiff, ShardSite | None]] = {}
+    for name, odd, reference in jobs:
         payload: list[Any] = [None]
         if rank == reference:
             t = tensors.get(name)
@@ -483,14 +760,19 @@ def _locate(
         # One object broadcast per differing tensor, from the rank whose copy is the reference.
         dist.broadcast_object_list(payload, src=_global_rank(reference, group), group=group)
         if rank in odd and rank != reference:
-            found[name] = localize(tensors.get(name), payload[0], rank, reference)
-    everyone: list[dict[str, TensorDiff] | None] = [None] * dist.get_world_size(group)
+            d = localize(tensors.get(name), payload[0], rank, reference)
+            found[name] = _site(sharded[name], d, group) if name in sharded else (d, None)
+    everyone: list[dict[str, tuple[TensorDiff, ShardSite | None]] | None] = [None] * dist.get_world_size(group)
     dist.all_gather_object(everyone, found, group=group)
     out: dict[str, list[TensorDiff]] = {}
+    sites: dict[str, list[ShardSite]] = {}
     for per in everyone:
-        for name, d in (per or {}).items():
+        for name, (d, site) in (per or {}).items():
             out.setdefault(name, []).append(d)
-    return {name: sorted(ds, key=lambda d: d.rank) for name, ds in sorted(out.items())}
+            if site is not None:
+                sites.setdefault(name, []).append(site)
+    elements = {name: sorted(ds, key=lambda d: d.rank) for name, ds in sorted(out.items())}
+    return elements, {name: sorted(ss, key=lambda s: s.rank) for name, ss in sorted(sites.items())}
 
 
 def assert_replicas_in_sync(
@@ -520,6 +802,11 @@ def _global_rank(group_rank: int, group: dist.ProcessGroup | None) -> int:
 
 def _ranks(ranks: list[int]) -> str:
     return ", ".join(str(r) for r in ranks)
+
+
+def _coordinate(key: list[int]) -> str:
+    """A mesh coordinate in words: "1" on one dimension, "(0, 1)" on several."""
+    return str(key[0]) if len(key) == 1 else "(" + ", ".join(str(k) for k in key) + ")"
 
 
 def _plural(n: int, word: str) -> str:

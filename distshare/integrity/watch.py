@@ -29,6 +29,11 @@ Where the checks go, and why there:
   DDP's buffer broadcast) the buffers are digested, not compared: that is how the report
   tells DDP's normal per-forward broadcast from buffers that are never synced.
 
+On an FSDP2 / HSDP model (`fully_shard`) nothing changes for the user: the checks read the
+mesh from the model's DTensors and compare each shard with the same shard in the other
+replica groups (HSDP); under pure FSDP, where no shard has a copy, the reports say so
+(`ReplicaReport.layout`) and only the replicated tensors are compared.
+
 Its checks run on a process group of their own, with a timeout, so they never interleave
 with DDP's all-reduces. A rank that calls `optimizer.step()` twice without a forward in
 between is counted (`optim/steps_taken` is compared like any state) but not checked a second

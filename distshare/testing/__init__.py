@@ -17,7 +17,9 @@ the state (parameters, buffers, optimizer state) differs; its message starts wit
 cause and its fix (`report.diagnosis`), then names the tensors, the ranks and the first
 differing element. Call it once before training too (the starting point), and with
 `grads=True` right after `optimizer.step()`; or let `distshare.watch(model, optimizer)` place
-the checks. A rank's error reaches the test as a
+the checks. On an FSDP2 / HSDP model the same calls compare each shard with its copies in
+the other replica groups; `assert_sharded_init(model, expected=...)` checks the initial
+state itself, against a digest computed in one process. A rank's error reaches the test as a
 `RankError` carrying that message. The same helpers are pytest fixtures too
 (`distshare_run`, see `distshare.testing.pytest_plugin`).
 
@@ -38,9 +40,12 @@ from distshare.integrity.replicas import (
     assert_replicas_in_sync,
     compare_replicas,
 )
+from distshare.integrity.sharded_init import InitMismatchError, InitReport, assert_sharded_init, check_sharded_init
 
 __all__ = [
     "DataParallelReport",
+    "InitMismatchError",
+    "InitReport",
     "NotDataParallelError",
     "assert_data_parallel",
     "RankError",
@@ -52,6 +57,8 @@ __all__ = [
     "assert_accumulation_equivalent",
     "assert_loop_equivalent",
     "assert_replicas_in_sync",
+    "assert_sharded_init",
+    "check_sharded_init",
     "compare_replicas",
     "run_distributed",
 ]

@@ -15,6 +15,9 @@ with the fix, and no check may report a divergence.
     init_mismatch          init_seed_allreduce        per-rank seeds, hand-written gradient all-reduce
                                                       (seed the model with the shared seed)
                            init_sync_false            per-rank seeds, DDP(init_sync=False) (init_sync=True)
+                           hsdp_init_mismatch         per-rank seeds, then fully_shard on an HSDP mesh
+                                                      (the shared seed before fully_shard; `SHARDED`,
+                                                      a world of 4: `run_hsdp`)
     grads_not_synced       module_bypass              training through ddp.module(x) (through ddp(x))
                            gpt2_module_bypass         the same on transformers' GPT-2, tied embeddings
                            dtype_after_wrap           model.double() after DDP(...) (before)
@@ -47,7 +50,8 @@ when it is created, then one check in every `optimizer.step()`'s post-hook) inst
 things differ under watch: state changed between one `step()` and the next (a scheduler step)
 is seen one check later, and a rank that skips `step()` also skips watch's collective, so the
 other ranks would wait for it until the timeout: `step_skipped_one_rank`'s bug runs only with
-`checker="compare"`.
+`checker="compare"`. The sharded reproduction runs under both checkers with no group passed: the
+checks read the HSDP mesh from the model's DTensors.
 
 Test tooling (like `distshare.testing.faults`): no production module imports it.
 """
@@ -786,6 +790,23 @@ def step_skipped_one_rank(world: World, fixed: bool, checker: str = "compare") -
     return checks.outcome
 
 
+def hsdp_model(world: World, fixed: bool) -> nn.Module:
+    """The OLMo-core user's model under HSDP: built under `seed + rank` (the bug) or the shared
+    seed (the fix), then `fully_shard` on a replicate x shard mesh (replica groups x 2 shards)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    if world.world_size % 2 or world.world_size < 4:
+        raise ValueError(f"HSDP needs a world of 4 or more, even (replica groups x 2 shards), not {world.world_size}")
+    mesh = init_device_mesh("cpu", (world.world_size // 2, 2), mesh_dim_names=("replicate", "shard"))
+    # allenai/OLMo-core#307 seeded each rank with seed + rank before the model was built; FSDP2
+    # keeps what each rank built (it never broadcasts), so every replica group got its own init.
+    model = _mlp(seed=0) if fixed else _mlp(seed=1 + world.rank)
+    fully_shard(model, mesh=mesh)
+    torch.manual_seed(1 + world.rank)  # the fix seeds per rank too, but only after the model exists
+    return model
+
+
 def hsdp_init_mismatch(world: World, fixed: bool, checker: str = "compare") -> Outcome:
     """HSDP (FSDP2's `fully_shard` on a replicate x shard mesh) with per-rank seeds.
 
@@ -794,26 +815,18 @@ def hsdp_init_mismatch(world: World, fixed: bool, checker: str = "compare") -> O
     never syncs the weights at start-up). FSDP2 never broadcasts initial weights: each rank
     keeps the shard of the tensor it initialized itself. Across the shard dimension that is
     fine (different shards), across the replicate dimension the same shard must agree, and with
-    `seed + rank` it does not. The check compares each rank's shards with the same shards in the
-    other replica groups (`compare_replicas(..., group=mesh.get_group("replicate"))`: ranks are
-    replica groups there). Fix: build the model under the shared seed. Needs a world of 4 (2
-    replica groups x 2 shards); `checker="watch"` is not supported (its group is the world).
+    `seed + rank` it does not. The user's check is the plain one, `compare_replicas(model, opt)`
+    (or `distshare.watch(model, opt)`): the mesh is read from the model's DTensors, and each
+    shard is compared with the same shard in the other replica groups. Fix: build the model
+    under the shared seed. Needs an even world of 4 or more (replica groups x 2 shards).
 
     What differs (bug): at the baseline every `param/*` shard (each replica group its own init:
-    no majority of 2); afterwards the gradients are all-reduced across the replica groups and
-    agree, the parameters stay apart. Fixed: nothing.
+    no majority of 2), on every rank; afterwards the gradients are all-reduced across the
+    replica groups and agree, the parameters stay apart. Fixed: nothing.
     """
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
-
-    if checker != "compare" or world.world_size % 2:
-        raise ValueError("hsdp_init_mismatch needs checker='compare' and an even world (replicate x 2 shards)")
-    mesh = init_device_mesh("cpu", (world.world_size // 2, 2), mesh_dim_names=("replicate", "shard"))
-    model = _mlp(seed=0) if fixed else _mlp(seed=1 + world.rank)
-    fully_shard(model, mesh=mesh)
+    model = hsdp_model(world, fixed)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    replicas = mesh.get_group("replicate")
-    with _Checks("hsdp_init_mismatch", "init_mismatch", fixed, checker, model, opt, group=replicas) as checks:
+    with _Checks("hsdp_init_mismatch", "init_mismatch", fixed, checker, model, opt) as checks:
         for step in range(STEPS):
             x, y = _batch(world.rank, step)
             opt.zero_grad()
@@ -824,9 +837,12 @@ def hsdp_init_mismatch(world: World, fixed: bool, checker: str = "compare") -> O
     return checks.outcome
 
 
-def run_hsdp(world: World) -> list[Outcome]:
-    """`hsdp_init_mismatch`, bug then fixed (a world of 4: 2 replica groups x 2 shards)."""
-    return [hsdp_init_mismatch(world, fixed) for fixed in (False, True)]
+def run_hsdp(world: World, checkers: tuple[str, ...] = ("compare", "watch")) -> list[Outcome]:
+    """Every sharded reproduction (`SHARDED`), bug then fixed, under each checker (a world of 4:
+    2 replica groups x 2 shards)."""
+    return [
+        repro.fn(world, fixed, checker) for checker in checkers for repro in SHARDED.values() for fixed in (False, True)
+    ]
 
 
 # ---------------------------------------------------------------------------------- corruption
@@ -883,6 +899,7 @@ class Reproduction:
     watch_detect_at: int | None = None  # under checker="watch", when it is later (None: the same)
     watch_safe: bool = True  # False: the bug desynchronizes watch's own collectives
     stops_at: int | None = None  # the bug's loop ends with DDP's RuntimeError at this step
+    world_size: int | None = None  # the world it needs (None: any of 2 or more)
 
 
 GRADS = ("grad", "optim", "param")  # gradients that differ, and the parameters and optimizer state they updated
@@ -1058,6 +1075,25 @@ REPRODUCTIONS: dict[str, Reproduction] = {
 }
 
 
+# Reproductions on a sharded model: they need a world of their own (`run_hsdp`, 4 ranks).
+SHARDED: dict[str, Reproduction] = {
+    r.name: r
+    for r in (
+        Reproduction(
+            name="hsdp_init_mismatch",
+            cause="init_mismatch",
+            reports=("allenai/OLMo-core#319", "pytorch/torchtitan#166"),
+            bug="per-rank seeds (seed + rank) before building the model, then fully_shard on an HSDP mesh",
+            fix="build the model under the shared seed before fully_shard; seed per rank afterwards",
+            fn=hsdp_init_mismatch,
+            detect_at=BASELINE,
+            kinds=("param",),
+            world_size=4,
+        ),
+    )
+}
+
+
 def run_all(world: World, names: list[str] | tuple[str, ...] | None = None, checker: str = "compare") -> list[Outcome]:
     """Every reproduction, bug then fixed, on the same ranks (one process-group start-up paid once).
 
@@ -1077,6 +1113,7 @@ def run_all(world: World, names: list[str] | tuple[str, ...] | None = None, chec
 __all__ = [
     "BASELINE",
     "REPRODUCTIONS",
+    "SHARDED",
     "STEPS",
     "Outcome",
     "Reproduction",
@@ -1087,6 +1124,7 @@ __all__ = [
     "dtype_after_wrap",
     "gpt2_module_bypass",
     "hsdp_init_mismatch",
+    "hsdp_model",
     "init_seed_allreduce",
     "init_sync_false",
     "lr_from_local_progress",

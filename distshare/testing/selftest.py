@@ -294,22 +294,25 @@ def replica_rows(out: Path) -> list[Row]:
 
 def diagnosis_rows(out: Path) -> list[Row]:
     """The diagnosis of each publicly reported cause, reproduced (`distshare.testing.divergences`,
-    3 ranks): its bug must be named as its cause, its fixed code must raise no alarm."""
+    3 ranks; the sharded ones on 4 ranks, HSDP 2 x 2, by compare_replicas and by distshare.watch):
+    its bug must be named as its cause, its fixed code must raise no alarm."""
     from distshare.distributed.spawn import run_distributed
-    from distshare.testing.divergences import REPRODUCTIONS, run_all
+    from distshare.testing.divergences import REPRODUCTIONS, SHARDED, run_all, run_hsdp
 
     start = time.perf_counter()
     outcomes = run_distributed(run_all, 3, timeout_s=60, deadline_s=300)[0]
+    outcomes += run_distributed(run_hsdp, 4, timeout_s=60, deadline_s=300)[0]
     secs = round((time.perf_counter() - start) / max(len(outcomes), 1), 2)
     rows = []
     for o in outcomes:
-        repro = REPRODUCTIONS[o.name]
+        repro = {**REPRODUCTIONS, **SHARDED}[o.name]
+        label = f"diagnosis ({o.name})" if o.checker == "compare" else f"diagnosis ({o.name}, {o.checker})"
         if o.fixed:
             detail = f"{o.checks} checks, all in sync" if o.report is None else o.report.summary()
             rows.append(
                 Row(
                     "diagnosis",
-                    f"diagnosis ({o.name})",
+                    label,
                     f"none (the fix: {repro.fix})",
                     o.report is None,
                     detail,
@@ -321,7 +324,7 @@ def diagnosis_rows(out: Path) -> list[Row]:
         d = o.report.diagnosis if o.report is not None else None
         named = d is not None and d.cause == repro.cause
         detail = "never detected" if o.report is None else d.describe() if d is not None else o.report.summary()
-        rows.append(Row("diagnosis", f"diagnosis ({o.name})", f"{repro.bug} -> {repro.cause}", named, detail, secs))
+        rows.append(Row("diagnosis", label, f"{repro.bug} -> {repro.cause}", named, detail, secs))
     return rows
 
 
