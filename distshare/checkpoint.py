@@ -2,7 +2,8 @@
 
 The implementation lives in `distshare.integrity.checkpoint`; this module only names what
 users import: save, load, verify and compare verified safetensors checkpoints (and the
-ecosystem's safetensors folders), and match a live model against one.
+ecosystem's safetensors folders), and match a live model against one; save and load sharded
+(FSDP2 / HSDP) checkpoints across layouts, verified by logical digests.
 """
 
 from distshare.integrity.checkpoint import (
@@ -16,9 +17,11 @@ from distshare.integrity.checkpoint import (
     CheckpointMatch,
     compare_checkpoints,
     load_checkpoint,
+    load_sharded_checkpoint,
     match_checkpoint,
     read_manifest,
     save_checkpoint,
+    save_sharded_checkpoint,
     verify_checkpoint,
 )
 
@@ -33,8 +36,10 @@ __all__ = [
     "CheckpointMatch",
     "compare_checkpoints",
     "load_checkpoint",
+    "load_sharded_checkpoint",
     "match_checkpoint",
     "read_manifest",
     "save_checkpoint",
+    "save_sharded_checkpoint",
     "verify_checkpoint",
 ]

@@ -48,9 +48,11 @@ from distshare.config import RunConfig, to_dict
 from distshare.errors import UsageError, VerificationFailed
 from distshare.integrity.checkpoint import (
     VERSION,
+    is_sharded_checkpoint,
     read_manifest,
     verify_checkpoint,
 )
+from distshare.integrity.checkpoint.sharded_verify import read_sharded_manifest
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 _LEFTOVER = re.compile(r"^\.step-\d+\.(.+\.tmp|old-\d+)$")  # what an interrupted save leaves behind
@@ -101,15 +103,22 @@ def newest_valid(root: str | Path, flag: str = "--resume") -> Found:
     for _, path in found:
         problem = _problem(path)
         if problem is None:
-            return Found(path, read_manifest(path), skipped)
+            return Found(path, read_checkpoint_manifest(path), skipped)
         skipped.append(f"{path.name}: {problem}")
     raise UsageError(f"{flag} {root}: no checkpoint verifies ({'; '.join(skipped[:3])})")
+
+
+def read_checkpoint_manifest(path: str | Path) -> dict[str, Any]:
+    """The manifest of a run's checkpoint, replicated (`model.safetensors`) or sharded (FSDP2 / HSDP)."""
+    return read_sharded_manifest(path) if is_sharded_checkpoint(path) else read_manifest(path)
 
 
 def _problem(path: Path) -> str | None:
     """Why this checkpoint cannot be resumed from, or None if every tensor verifies."""
     try:
-        check = verify_checkpoint(path)
+        # A sharded checkpoint's bytes are checked here; its logical digests by the load itself,
+        # on the live state (`load_sharded_checkpoint`), not by reassembling it on rank 0.
+        check = verify_checkpoint(path, logical=False)
     except (UsageError, VerificationFailed) as exc:
         return str(exc).removeprefix(f"{path}: ")
     if check.ok:
@@ -163,11 +172,11 @@ def refuse_incompatible(found: Found, cfg: RunConfig, world_size: int, model: to
 def _refuse_other_tensors(found: Found, model: torch.nn.Module) -> None:
     from distshare.integrity.state import unwrap
 
-    stored = {
-        e["key"]: (e["dtype"], e["shape"])
-        for e in found.manifest["tensors"].values()
-        if e["file"] == "model.safetensors"
-    }
+    entries = found.manifest["tensors"].values()
+    if is_sharded_checkpoint(found.path):  # logical shapes, under DCP's model keys
+        stored = {e["at"][1]: (e["dtype"], e["shape"]) for e in entries if e["kind"] == "model" and e.get("at")}
+    else:
+        stored = {e["key"]: (e["dtype"], e["shape"]) for e in entries if e["file"] == "model.safetensors"}
     here = {k: (str(t.dtype).removeprefix("torch."), list(t.shape)) for k, t in unwrap(model).state_dict().items()}
     for name in sorted(set(stored) | set(here)):
         if name not in here:

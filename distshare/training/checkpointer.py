@@ -26,12 +26,21 @@ import torch
 import torch.distributed as dist
 
 from distshare.errors import UsageError
-from distshare.integrity.checkpoint import load_checkpoint, read_manifest, save_run_checkpoint
+from distshare.integrity.checkpoint import (
+    is_sharded,
+    is_sharded_checkpoint,
+    load_checkpoint,
+    load_sharded_checkpoint,
+    save_run_checkpoint,
+    save_sharded_checkpoint,
+)
+from distshare.integrity.checkpoint.write import run_position
 from distshare.integrity.resume import (
     Found,
     clear_leftovers,
     find_resume,
     prune,
+    read_checkpoint_manifest,
     rng_state,
     set_rng_state,
     step_dir,
@@ -131,7 +140,7 @@ def choose(run: Run, restart: int) -> Found | None:
     if payload is None:
         return None
     path, skipped = payload
-    return Found(Path(path), read_manifest(path), skipped)
+    return Found(Path(path), read_checkpoint_manifest(path), skipped)
 
 
 def restore(run: Run, found: Found, restart: int) -> Resumed:
@@ -141,7 +150,10 @@ def restore(run: Run, found: Found, restart: int) -> Resumed:
     must be visible to every rank: one machine, or a shared file system.
     """
     state: dict[str, torch.Tensor] = {}
-    manifest = load_checkpoint(found.path, run.model, run.optimizer, state=state)
+    if is_sharded_checkpoint(found.path):  # a collective: DCP reshards, then the logical digests are compared
+        manifest = load_sharded_checkpoint(found.path, run.model, run.optimizer, state=state)
+    else:
+        manifest = load_checkpoint(found.path, run.model, run.optimizer, state=state)
     prefix = f"rng/rank{run.world.rank}/"
     mine = {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
     if not mine:
@@ -170,6 +182,8 @@ def save(
     """Checkpoint the run after `step` (a collective: every rank hands rank 0 its RNG states).
 
     Returns the path on rank 0, None elsewhere. Then keeps the newest `checkpoint.keep`.
+    A sharded model (FSDP2 / HSDP) is saved by every rank, each its own shards
+    (`save_sharded_checkpoint`); a replicated one by rank 0 alone.
     """
     world = run.world
     mine = rng_state(world.device)
@@ -177,17 +191,28 @@ def save(
     if world.distributed:
         every = [None] * world.world_size
         dist.all_gather_object(every, mine)
-    if not world.is_main:
+    sharded = is_sharded(run.model)
+    if not world.is_main and not sharded:
         return None
     ck = run.cfg.checkpoint
     state = {f"rng/rank{r}/{k}": v for r, s in enumerate(every) for k, v in s.items()}
     state["run/losses"] = torch.tensor(losses, dtype=torch.float64)
     state["run/checks"] = torch.tensor([checks], dtype=torch.int64)
     root = Path(ck.dir)
-    clear_leftovers(root)
+    if world.is_main:
+        clear_leftovers(root)
     path = step_dir(root, step + 1)
     extra = {"first_divergence": first_divergence, "scheduler": None, "rng_ranks": world.world_size}
-    save_run_checkpoint(path, run, step, extra=extra, state=state, after_file=after_file)
+    if sharded:
+        info = {"rank": world.rank, "world_size": world.world_size, **extra}
+        position = run_position(run, step)
+        save_sharded_checkpoint(
+            path, run.model, run.optimizer, step=step, cfg=run.cfg, position=position, extra=info, state=state
+        )
+        if not world.is_main:
+            return None
+    else:
+        save_run_checkpoint(path, run, step, extra=extra, state=state, after_file=after_file)
     prune(root, ck.keep, step + 1)
     return path
 
@@ -200,6 +225,13 @@ class ReplicaCheckpoints(Component):
     different checkpoints (which is the point). The replicas hold no RNG states or loss
     history: a resume reads rank 0's `DIR/step-NNNNNN`, never these.
     """
+
+    def begin(self, loop: Loop) -> None:
+        if is_sharded(loop.run.model):  # every rank says so: the config is the same everywhere
+            raise UsageError(
+                "--save-every-rank writes each rank's replica, and under fsdp / hsdp no rank holds one: "
+                "the checkpoint in --checkpoint-dir already holds every rank's shards (distshare checksum verifies it)"
+            )
 
     def step_end(self, loop: Loop, step: int) -> None:
         ck = loop.run.cfg.checkpoint

@@ -9,6 +9,10 @@
     live.py     the live names (`fingerprint_state`'s) of a checkpoint's tensors
     compare.py  compare_checkpoints
     match.py    match_checkpoint: a live model (and optimizer) against a checkpoint
+    sharded.py  save_sharded_checkpoint, load_sharded_checkpoint: FSDP2 / HSDP state, every rank
+                its own shards (torch.distributed.checkpoint), logical digests in the manifest;
+                loads into another shard count, DDP or one process
+    sharded_verify.py  its manifest, the bytes and the logical digests of a sharded checkpoint, on the host
 
     save_checkpoint("ckpt/step-100", model, optimizer, step=100, cfg=cfg)
     load_checkpoint("ckpt/step-100", model, optimizer)     # refuses any tensor whose digest is off
@@ -38,6 +42,7 @@ from distshare.integrity.checkpoint.format import (
     MANIFEST,
     MODEL_FILE,
     OPTIM_FILE,
+    SHARDED_FORMAT,
     STATE_FILE,
     VERSION,
     CheckpointCheck,
@@ -45,6 +50,8 @@ from distshare.integrity.checkpoint.format import (
 )
 from distshare.integrity.checkpoint.match import CheckpointMatch, match_checkpoint
 from distshare.integrity.checkpoint.read import read_manifest
+from distshare.integrity.checkpoint.sharded import is_sharded, load_sharded_checkpoint, save_sharded_checkpoint
+from distshare.integrity.checkpoint.sharded_verify import is_sharded_checkpoint, read_sharded_manifest
 from distshare.integrity.checkpoint.verify import load_checkpoint, verify_checkpoint
 from distshare.integrity.checkpoint.write import plan_position, save_checkpoint, save_run_checkpoint
 
@@ -54,17 +61,23 @@ __all__ = [
     "MODEL_FILE",
     "OPTIM_FILE",
     "STATE_FILE",
+    "SHARDED_FORMAT",
     "VERSION",
     "CheckpointCheck",
     "CheckpointComparison",
     "CheckpointCorrupted",
     "CheckpointMatch",
     "compare_checkpoints",
+    "is_sharded",
+    "is_sharded_checkpoint",
+    "load_sharded_checkpoint",
     "load_checkpoint",
     "match_checkpoint",
     "plan_position",
     "read_manifest",
+    "read_sharded_manifest",
     "save_checkpoint",
     "save_run_checkpoint",
+    "save_sharded_checkpoint",
     "verify_checkpoint",
 ]

@@ -17,6 +17,10 @@ FORMAT = "distshare-checkpoint"
 # live state's digest (`state_digest`, `live_only`). Version 1 manifests read as before.
 VERSION = 2
 MANIFEST = "manifest.json"
+# A sharded checkpoint (`sharded.py`): every rank's DCP shard files beside one manifest.
+SHARDED_FORMAT = "distshare-sharded-checkpoint"
+SHARDED_VERSION = 1
+DCP_METADATA = ".metadata"  # DCP's own index of the chunks, written by the coordinator (rank 0)
 MODEL_FILE = "model.safetensors"
 OPTIM_FILE = "optimizer.safetensors"
 STATE_FILE = "state.safetensors"
@@ -64,6 +68,9 @@ class CheckpointCheck:
     # The digest `state_digest(model, optimizer)` gives for the saved state (version 2 manifests):
     # recomputed from the stored bytes under the live names, None where no manifest records them.
     state_digest: str | None = None
+    # What was verified, in words (a sharded checkpoint: the layout it was saved from, the files'
+    # bytes, the logical digests recomputed or not); None where the table says it all.
+    verified: str | None = None
 
     @property
     def ok(self) -> bool:
@@ -77,6 +84,7 @@ class CheckpointCheck:
             "step": self.step,
             "combined": self.combined,
             "state_digest": self.state_digest,
+            "verified": self.verified,
             "aliases": self.aliases,
             "tensors": {
                 name: {

@@ -25,19 +25,23 @@ from distshare.integrity.checkpoint.format import (
 )
 from distshare.integrity.checkpoint.live import recorded_state_digest
 from distshare.integrity.checkpoint.read import SafetensorsFile, read_manifest
+from distshare.integrity.checkpoint.sharded_verify import is_sharded_checkpoint, verify_sharded
 from distshare.integrity.checkpoint.ties import restore_ties
 from distshare.integrity.fingerprint import ALGORITHM, combined_fingerprint, fingerprint
 from distshare.integrity.state import unwrap
 
 
-def verify_checkpoint(path: str | Path, keep: dict[str, torch.Tensor] | None = None) -> CheckpointCheck:
+def verify_checkpoint(
+    path: str | Path, keep: dict[str, torch.Tensor] | None = None, logical: bool = True
+) -> CheckpointCheck:
     """Recompute every tensor's digest from the stored bytes and compare with the manifest.
 
     A checkpoint directory is checked against its manifest. A bare `.safetensors` file, or a
     folder of them (an HF `save_pretrained` folder, sharded with its index or not), has no
     manifest: its digests are only computed, and a sharded folder's index is checked against
     its shards (`folder.py`). `keep`, if given, receives the tensors read (so a load reads
-    each file once).
+    each file once). A sharded checkpoint (`sharded.py`) has its files' bytes checked and, with
+    `logical`, its tensors' logical digests recomputed from the shards (`sharded_verify.py`).
     """
     path = Path(path)
     if not path.exists():
@@ -48,6 +52,8 @@ def verify_checkpoint(path: str | Path, keep: dict[str, torch.Tensor] | None = N
         if is_safetensors_folder(path):
             return verify_folder(path, keep)
         raise UsageError(f"{path}: not a distshare checkpoint (no {MANIFEST}) nor a folder of .safetensors files")
+    if is_sharded_checkpoint(path):
+        return verify_sharded(path, logical=logical)
     manifest = read_manifest(path)
     recorded = {name: e["digest"] for name, e in manifest["tensors"].items()}
     check = CheckpointCheck(str(path), {}, recorded, "", step=manifest.get("step"))

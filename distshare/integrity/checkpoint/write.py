@@ -159,19 +159,7 @@ def save_run_checkpoint(
     after_file: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Checkpoint a `distshare.training.Run` after `step`: its config, plan position, rank."""
-    plan = run.plan
-    resolved = plan.plan
-    position = plan_position(
-        step,
-        plan.steps_per_epoch,
-        {
-            "plan_seed": plan.seed,
-            "global_batch": resolved.global_batch,
-            "world_size": resolved.world_size,
-            "accum_steps": resolved.accum_steps,
-            "micro_batch": resolved.micro_batch,
-        },
-    )
+    position = run_position(run, step)
     info = {"rank": run.world.rank, "world_size": run.world.world_size, **(extra or {})}
     return save_checkpoint(
         path,
@@ -183,6 +171,23 @@ def save_run_checkpoint(
         extra=info,
         state=state,
         after_file=after_file,
+    )
+
+
+def run_position(run: Any, step: int) -> dict[str, Any]:
+    """A `distshare.training.Run`'s position in its global batch plan after `step`."""
+    plan = run.plan
+    resolved = plan.plan
+    return plan_position(
+        step,
+        plan.steps_per_epoch,
+        {
+            "plan_seed": plan.seed,
+            "global_batch": resolved.global_batch,
+            "world_size": resolved.world_size,
+            "accum_steps": resolved.accum_steps,
+            "micro_batch": resolved.micro_batch,
+        },
     )
 
 
