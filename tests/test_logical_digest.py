@@ -20,7 +20,7 @@ from distshare.integrity.fingerprint import (
     fingerprint_state,
     state_digest,
 )
-from distshare.integrity.logical import LOGICAL_ALGORITHM, _box_index, logical_fingerprints
+from distshare.integrity.logical import LOGICAL_ALGORITHM, logical_fingerprints
 from distshare.integrity.state import named_state_tensors
 from distshare.testing import run_distributed
 
@@ -85,14 +85,6 @@ def _sharded(world, layout: str, mutant: str | None = None):
         state_digest(model, opt),
         groups["w"],
     )
-
-
-def test_the_logical_digest_of_a_box_is_a_sum_over_its_elements_at_their_logical_indices():
-    # A box at an offset inside a 4 x 6 tensor: its indices are those of the full tensor's elements.
-    full = torch.arange(24).reshape(4, 6)
-    assert _box_index((4, 6), (2, 3), (1, 2)).tolist() == full[1:3, 2:5].reshape(-1).tolist()
-    assert _box_index((4, 6), (2, 6), (2, 0)).tolist() == full[2:4].reshape(-1).tolist()
-    assert _box_index((), (), ()).tolist() == [0]
 
 
 def test_logical_digests_tell_dtype_shape_bits_and_positions_apart():

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import xxhash
@@ -44,10 +45,7 @@ import xxhash
 from distshare.integrity.dsh128 import LANES, signed
 
 LOGICAL_ALGORITHM = "lsh128"
-_CHUNK = 1 << 20  # elements per pass of the torch ops: bounds the int64 temporaries at 8 MB each
-_LOW64 = (1 << 64) - 1
-_MASKS = {1: 0xFF, 2: 0xFFFF, 4: 0xFFFFFFFF}
-_VIEWS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+_UNSIGNED = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
 
 
 def is_dtensor(t: object) -> bool:
@@ -55,52 +53,56 @@ def is_dtensor(t: object) -> bool:
     return hasattr(t, "device_mesh") and hasattr(t, "placements") and hasattr(t, "to_local")
 
 
-def _bits(t: torch.Tensor) -> torch.Tensor:
-    """Each element's raw bits, zero-extended to int64, flattened (row-major)."""
-    t = t.detach().contiguous().reshape(-1)
+def _host_bytes(t: torch.Tensor) -> np.ndarray:
+    """The tensor's raw bytes on the host, row-major, as uint8 (any dtype, bfloat16 included)."""
+    t = t.detach()
+    if t.device.type != "cpu":
+        t = t.cpu()  # a shard's bytes travel to its own host, never to another rank
+    return t.contiguous().reshape(-1).view(torch.uint8).numpy()
+
+
+def _element_lanes(t: torch.Tensor, first: int) -> np.ndarray:
+    """uint64[2]: the dsh128 mix of each element's bits at logical indices first, first + 1, ...
+
+    numpy's uint64 arithmetic is the arithmetic the spec needs: it wraps mod 2^64 and its `>>`
+    is logical; and it is cheap on the small tensors (biases, norms, step counts) that take
+    this path.
+    """
     size = t.element_size()
-    if size not in _VIEWS:
+    if size not in _UNSIGNED:
         raise ValueError(f"lsh128: elements of {size} bytes ({t.dtype}) are not supported")
-    if t.dtype == torch.bool:
-        t = t.view(torch.uint8)
-    words = t.view(_VIEWS[size])
-    if size == 8:
-        return words
-    return words.to(torch.int64) & _MASKS[size]  # sign extension undone: the raw bits
-
-
-def _lanes_at(words: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """int64[2]: the two lane sums of `words` at logical element indices `index` (both int64, flat)."""
-    acc = torch.zeros(2, dtype=torch.int64, device=words.device)
-    for lo in range(0, words.numel(), _CHUNK):
-        w, i = words[lo : lo + _CHUNK], index[lo : lo + _CHUNK] + 1
+    words = _host_bytes(t).view(_UNSIGNED[size]).astype(np.uint64)  # zero-extended raw bits
+    index = np.arange(first + 1, first + 1 + words.size, dtype=np.uint64)
+    out = np.zeros(2, dtype=np.uint64)
+    with np.errstate(over="ignore"):
         for j, (k, m1, m2, s1, s2, s3) in enumerate(LANES):
-            x = w + i * signed(k)
-            x = x ^ ((x >> s1) & ((1 << (64 - s1)) - 1))  # `>>` is arithmetic on int64: the mask makes it logical
-            x = x * signed(m1)
-            x = x ^ ((x >> s2) & ((1 << (64 - s2)) - 1))
-            x = x * signed(m2)
-            x = x ^ ((x >> s3) & ((1 << (64 - s3)) - 1))
-            acc[j] += x.sum()  # int64 sums wrap: arithmetic mod 2^64, in any order
-    return acc
+            x = words + index * np.uint64(k)
+            x ^= x >> np.uint64(s1)
+            x *= np.uint64(m1)
+            x ^= x >> np.uint64(s2)
+            x *= np.uint64(m2)
+            x ^= x >> np.uint64(s3)
+            out[j] = x.sum(dtype=np.uint64)
+    return out
 
 
-def _box_index(global_shape: tuple[int, ...], local_shape: tuple[int, ...], offset: tuple[int, ...]) -> torch.Tensor:
-    """Logical (row-major) indices of the elements of a box `local_shape` at `offset`, in the box's row-major order."""
-    if not global_shape:
-        return torch.zeros(1, dtype=torch.int64)
-    strides = [1] * len(global_shape)
-    for d in range(len(global_shape) - 2, -1, -1):
-        strides[d] = strides[d + 1] * global_shape[d + 1]
-    if tuple(local_shape[1:]) == tuple(global_shape[1:]):  # rows cut along dim 0 (FSDP2's Shard(0)): one run
-        start = offset[0] * strides[0]
-        return torch.arange(start, start + int(torch.Size(local_shape).numel()), dtype=torch.int64)
-    index = torch.zeros(local_shape, dtype=torch.int64)
-    for d, (n, off, stride) in enumerate(zip(local_shape, offset, strides, strict=True)):
-        shape = [1] * len(local_shape)
-        shape[d] = n
-        index += ((torch.arange(n, dtype=torch.int64) + off) * stride).reshape(shape)
-    return index.reshape(-1)
+def _row_lanes(t: torch.Tensor, first_row: int) -> np.ndarray:
+    """uint64[2]: the sums of xxh3_128(row bytes, seed=row index) over the rows of `t`, whose
+    first row is row `first_row` of the logical tensor (each 64-bit half summed mod 2^64)."""
+    n = t.shape[0]
+    if t.numel() == 0:  # an empty shard (FSDP2 gives the last ranks none when rows run out)
+        return np.zeros(2, dtype=np.uint64)
+    data = memoryview(_host_bytes(t))
+    width = len(data) // n
+    hash_row = xxhash.xxh3_128_digest
+    digests = b"".join([hash_row(data[i * width : (i + 1) * width], first_row + i) for i in range(n)])
+    return np.frombuffer(digests, dtype=np.uint64).reshape(n, 2).sum(axis=0, dtype=np.uint64)
+
+
+def _unit_lanes(t: torch.Tensor, ndim: int, first: int) -> np.ndarray:
+    """uint64[2]: the lane sums of a piece of a logical tensor of `ndim` dimensions, made of whole
+    units (rows for ndim >= 2, elements otherwise) starting at unit `first`."""
+    return _row_lanes(t, first) if ndim >= 2 else _element_lanes(t, first)
 
 
 def _header(dtype: torch.dtype, shape: tuple[int, ...], numel: int, element_size: int) -> bytes:
@@ -115,37 +117,11 @@ def _finish(header: bytes, lanes: list[int]) -> str:
     return f"{LOGICAL_ALGORITHM}:{h.hexdigest()}"
 
 
-def _row_lanes(t: torch.Tensor, first_row: int) -> torch.Tensor:
-    """int64[2]: the sums of xxh3_128(row bytes, seed=row index) over the rows of `t`, whose
-    first row is row `first_row` of the logical tensor (lo and hi halves, each mod 2^64)."""
-    t = t.detach()
-    if t.numel() == 0:  # an empty shard (FSDP2 gives the last ranks none when rows run out)
-        return torch.zeros(2, dtype=torch.int64)
-    if t.device.type != "cpu":
-        t = t.cpu()  # TODO(dsh128-style device kernel): rows travel to the host today
-    rows = t.contiguous().reshape(t.shape[0], -1).view(torch.uint8).numpy()
-    hash_row = xxhash.xxh3_128_intdigest
-    lo = hi = 0
-    for i in range(rows.shape[0]):
-        d = hash_row(rows[i].data, first_row + i)
-        lo += d & _LOW64
-        hi += d >> 64
-    return torch.tensor([signed(lo & _LOW64), signed(hi & _LOW64)], dtype=torch.int64)
+def _plain_lanes(t: torch.Tensor) -> np.ndarray:
+    return _unit_lanes(t, t.dim(), 0)
 
 
-def _unit_lanes(t: torch.Tensor, global_shape: tuple[int, ...], offset: tuple[int, ...]) -> torch.Tensor:
-    """int64[2]: the lane sums of a box `t` of the logical tensor at `offset` (whole units)."""
-    if len(global_shape) >= 2:
-        return _row_lanes(t, offset[0])
-    words = _bits(t)
-    return _lanes_at(words, _box_index(global_shape, tuple(t.shape), offset).to(words.device)).cpu()
-
-
-def _plain_lanes(t: torch.Tensor) -> torch.Tensor:
-    return _unit_lanes(t, tuple(t.shape), (0,) * t.dim())
-
-
-def _shard_lanes(t) -> torch.Tensor:
+def _shard_lanes(t) -> np.ndarray:
     """This rank's contribution to a DTensor's lane sums: its local box at its global offset."""
     from torch.distributed.tensor import Replicate, Shard
     from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
@@ -161,7 +137,7 @@ def _shard_lanes(t) -> torch.Tensor:
         )
     if tuple(local.shape) != tuple(shape):  # e.g. a padded local tensor
         local = local[tuple(slice(0, n) for n in shape)]
-    return _unit_lanes(local, tuple(t.shape), tuple(offset))
+    return _unit_lanes(local, t.dim(), offset[0] if t.dim() else 0)
 
 
 def _replica_key(t, coordinate: tuple[int, ...]) -> tuple[int, ...]:
@@ -185,7 +161,8 @@ def logical_fingerprints(
     sharded = {name: t for name, t in tensors.items() if is_dtensor(t)}
     for name, t in tensors.items():
         if name not in sharded:
-            out[name] = _finish(_header(t.dtype, tuple(t.shape), t.numel(), t.element_size()), _plain_lanes(t).tolist())
+            header = _header(t.dtype, tuple(t.shape), t.numel(), t.element_size())
+            out[name] = _finish(header, [int(v) for v in _plain_lanes(t)])
     groups: dict[str, dict[tuple[int, ...], str]] = {}
     if sharded:
         groups = _sharded_digests(sharded)
@@ -199,7 +176,7 @@ def logical_fingerprints(
 def _sharded_digests(sharded: Mapping[str, torch.Tensor]) -> dict[str, dict[tuple[int, ...], str]]:
     """Per DTensor, per replica group: the digest from the sums of that group's shards (one all-gather)."""
     names = list(sharded)
-    mine = torch.stack([_shard_lanes(sharded[n]).cpu() for n in names])  # int64[n, 2]
+    mine = torch.from_numpy(np.stack([_shard_lanes(sharded[n]) for n in names]).view(np.int64))  # [n, 2]
     # The names travel as a digest of their own in the same payload: ranks that disagree on
     # which tensors they hold must not add up each other's rows.
     tag = xxhash.xxh3_64("\n".join(names).encode()).intdigest()
