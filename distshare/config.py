@@ -34,6 +34,7 @@ DATASETS = ("svo", "shapes", "digits", "pydoc", "file")
 ENGINES = ("auto", "local", "torch", "accelerate", "ray")
 DEVICES = ("cpu", "cuda")
 SYNC_MODES = ("ddp", "allreduce", "exact")
+PARALLEL = ("ddp", "fsdp", "hsdp")  # data-parallel layouts: replicas | shards | shards replicated in groups
 BUFFER_CHECKS = ("compare", "separate", "ignore")  # distshare.integrity.replicas.BUFFER_MODES
 DTYPES = {"float32": torch.float32, "float64": torch.float64}  # model.dtype: the name and the torch dtype
 NORMS = ("none", "batch", "group")
@@ -158,6 +159,10 @@ class RunConfig:
     # ddp (DistributedDataParallel + no_sync) | allreduce (explicit all_reduce)
     # | exact (per-sample gradients summed in integers: bitwise the same for every split)
     sync: str = "ddp"
+    # ddp: every rank holds a replica | fsdp: each tensor sharded over all ranks (FSDP2 fully_shard)
+    # | hsdp: sharded within a group, the groups replicated (mesh hsdp_replicas x W / hsdp_replicas)
+    parallel: str = "ddp"
+    hsdp_replicas: int = 2  # hsdp: replicate groups R on the mesh R x (W / R); W must divide by R
     # auto: the launcher's (torchrun, accelerate launch) when launched, else torch for W > 1, else local.
     # local: one process | torch: spawned gloo ranks or torchrun's | accelerate | ray (Ray Train)
     engine: str = "auto"
@@ -178,6 +183,7 @@ class RunConfig:
         _choice("optim.name", self.optim.name, OPTIMIZERS)
         _choice("sync", self.sync, SYNC_MODES)
         _choice("check_buffers", self.check_buffers, BUFFER_CHECKS)
+        _check_parallel(self)
         if self.sync == "exact" and self.model.name == "cnn" and self.model.norm == "batch":
             raise ConfigError(
                 "model.norm",
@@ -224,6 +230,41 @@ class RunConfig:
         _check_checkpoint(self.checkpoint)
         _check_ranges(self)
         return self
+
+
+def _check_parallel(cfg: RunConfig) -> None:
+    """The layout: a sync that fits it, and (hsdp) a mesh the world size fills."""
+    _choice("parallel", cfg.parallel, PARALLEL)
+    if cfg.parallel == "ddp":
+        return
+    if cfg.sync == "allreduce":
+        raise ConfigError(
+            "sync",
+            f"allreduce all-reduces whole replicated gradients; under parallel {cfg.parallel} FSDP2 reduce-scatters "
+            "each shard itself: use sync ddp (the layout's own SUM reduction) or parallel ddp",
+        )
+    if cfg.sync == "exact":
+        raise ConfigError(
+            "sync",
+            f"exact mode needs per-sample gradients, and none of its methods runs on parallel {cfg.parallel}'s "
+            "DTensor shards (vmap: 'Cannot flatten unevenly sharded tensor'; hooks: the parameters FSDP2 swaps in "
+            "never reach the loss; expanded: ExpandedWeight cannot wrap a DTensor): use parallel ddp for sync exact",
+        )
+    hsdp_mesh(cfg, cfg.plan.world_size)
+
+
+def hsdp_mesh(cfg: RunConfig, world_size: int) -> tuple[int, int]:
+    """(replicate, shard) sizes of the device mesh for `world_size` ranks: (1, W) for fsdp."""
+    if cfg.parallel != "hsdp" or world_size == 1:  # one process holds everything: nothing to shard
+        return 1, world_size
+    r = cfg.hsdp_replicas
+    if r < 1 or world_size % r:
+        raise ConfigError(
+            "hsdp_replicas",
+            f"the hsdp mesh is replicas x shards = {world_size} ranks: {r} does not divide {world_size} "
+            f"(give one of {', '.join(str(d) for d in range(1, world_size + 1) if world_size % d == 0)})",
+        )
+    return r, world_size // r
 
 
 def _check_checkpoint(ck: CheckpointConfig) -> None:

@@ -15,7 +15,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from distshare.config import ENGINES, SYNC_MODES, RunConfig, load_config, shipped_configs, to_dict
+from distshare.config import ENGINES, PARALLEL, SYNC_MODES, RunConfig, load_config, shipped_configs, to_dict
 from distshare.data import build_dataset
 from distshare.data.accounting import Accounting, account
 from distshare.data.plan import GlobalBatchPlan
@@ -158,6 +158,13 @@ def add_run_arguments(parser: argparse.ArgumentParser, default_world: str, parit
         "--sync", choices=SYNC_MODES, help="gradient sync mode (exact: bitwise the same for every split)"
     )
     parser.add_argument(
+        "--parallel",
+        choices=PARALLEL,
+        help="data-parallel layout: ddp (replicas, default) | fsdp (FSDP2 shards over all ranks) | "
+        "hsdp (shards within groups, the groups replicated; --set hsdp_replicas=R, default 2) "
+        "(overrides config 'parallel')",
+    )
+    parser.add_argument(
         "--timeout",
         type=positive_float,
         metavar="SECONDS",
@@ -179,6 +186,7 @@ def config_from_args(args: argparse.Namespace, base: list[str] | None = None) ->
         ("steps", "steps"),
         ("seed", "seed"),
         ("sync", "sync"),
+        ("parallel", "parallel"),
         ("timeout", "timeout_s"),
         ("check_every", "check_every"),
         ("engine", "engine"),

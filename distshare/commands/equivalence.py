@@ -5,6 +5,8 @@
     distshare equivalence --pitfalls                          # and the 8 ways to get it wrong
     distshare equivalence --dtype bf16                        # float32 weights, bfloat16 autocast
     distshare equivalence --json                              # {"ok": ..., "partitions": [...], ...}
+    distshare equivalence --parallel fsdp --world-sizes 1,2 --accum-steps 1,2 --dtype float32 --steps 3
+    distshare equivalence --parallel hsdp --world-sizes 4 --accum-steps 1,2  # mesh 2 x 2 (hsdp_replicas=2)
 
 Every partition W x k x b of the same global batch G trains the same model (same init, same
 global batches) for N steps and is compared after every step with one process on the whole
@@ -12,6 +14,10 @@ batch: bitwise, max abs / rel / ULP, normwise, and against a predicted rounding 
 default task (per-token roles on sentences of 3 to 5 words) is the one where a wrong
 normalization shows. Writes heatmap.png, loss.png, report.md and result.json; exit code 1
 if a partition (or, with --pitfalls, the detection of a pitfall) fails, 2 for bad input.
+
+`--parallel fsdp | hsdp` trains every W > 1 partition sharded (FSDP2 `fully_shard`; hsdp on a
+mesh hsdp_replicas x W / hsdp_replicas) and compares it with the same one process: the whole
+gradient and parameters are gathered every step (`DTensor.full_tensor()`) to be compared.
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ from distshare.commands.common import (
     positive_int,
     warn_oversubscribed,
 )
-from distshare.config import SYNC_MODES, load_config, nearest_global_batch
+from distshare.config import PARALLEL, SYNC_MODES, hsdp_mesh, load_config, nearest_global_batch
 from distshare.equivalence import AUTOCAST, ConfigTask, check_partitions, run_grid
 from distshare.equivalence.report import pitfall_rows, plot_heatmap, plot_loss_curves, render, table_rows
 from distshare.errors import UsageError
@@ -86,6 +92,12 @@ def equivalence_command_parser(subparsers: argparse._SubParsersAction) -> argpar
     )
     parser.add_argument("--steps", type=positive_int, help="optimizer steps per partition (default 5)")
     parser.add_argument("--sync", choices=SYNC_MODES, help="gradient sync mode of W > 1 (default: the config's)")
+    parser.add_argument(
+        "--parallel",
+        choices=PARALLEL,
+        help="layout of the W > 1 partitions: ddp (replicas) | fsdp | hsdp (--set hsdp_replicas=R, default 2) "
+        "(default: the config's)",
+    )
     parser.add_argument("--seed", type=int, help="parameter init seed")
     parser.add_argument("--timeout", type=positive_float, metavar="SECONDS", help="bound on every collective")
     parser.add_argument("--pitfalls", action="store_true", help="also run the 8 pitfalls, each beside its fix")
@@ -97,7 +109,13 @@ def equivalence_command_parser(subparsers: argparse._SubParsersAction) -> argpar
 
 def equivalence_command(args: argparse.Namespace) -> int:
     overrides = list(DEFAULTS) + list(args.overrides)
-    for flag, key in (("steps", "steps"), ("sync", "sync"), ("seed", "seed"), ("timeout", "timeout_s")):
+    for flag, key in (
+        ("steps", "steps"),
+        ("sync", "sync"),
+        ("parallel", "parallel"),
+        ("seed", "seed"),
+        ("timeout", "timeout_s"),
+    ):
         value = getattr(args, flag)
         if value is not None:
             overrides.append(f"{key}={value}")
@@ -107,13 +125,21 @@ def equivalence_command(args: argparse.Namespace) -> int:
     task = ConfigTask(cfg)
     _check_grid(task.global_batch, args.world_sizes, args.accum_steps)
     check_partitions(task.global_batch, args.world_sizes, args.accum_steps)  # before anything starts
+    meshes = {w: hsdp_mesh(cfg, w) for w in args.world_sizes if w > 1}  # refuses a world an hsdp mesh cannot fill
     dtypes = DTYPE_CHOICES[args.dtype]
     out = run_dir(args.out, "equivalence")  # may refuse --out: a warning before it would make two lines
     warn_oversubscribed(max(args.world_sizes), "--world-sizes")
     progress = not args.no_progress
     grid = run_grid(task, args.world_sizes, args.accum_steps, dtypes, cfg.steps, progress, cfg.timeout_s)
     # `ok` and `partitions` at the top level: the contract of --json.
-    result: dict[str, Any] = {**grid.to_dict(), "command": "equivalence", "sync": cfg.sync}
+    result: dict[str, Any] = {
+        **grid.to_dict(),
+        "command": "equivalence",
+        "sync": cfg.sync,
+        "parallel": cfg.parallel,
+        # W -> [replicate, shard] sizes of each sharded partition's device mesh
+        "meshes": {str(w): list(m) for w, m in meshes.items()} if cfg.parallel != "ddp" else {},
+    }
     table = table_rows(result["partitions"])
     ok = grid.ok
     if cfg.sync == "exact":  # exact mode promises bits: a partition merely within rounding fails it
@@ -136,6 +162,10 @@ def equivalence_command(args: argparse.Namespace) -> int:
         if cfg.sync == "exact"
         else f"{n_ok}/{len(parts)} partitions within rounding of one big batch ({n_bit} bitwise), "
     ) + f"G={grid.global_batch}, {grid.steps} steps"
+    if cfg.parallel != "ddp":
+        verdict += f", W > 1 under {cfg.parallel}" + (
+            f" (meshes {', '.join(f'{r}x{sh}' for r, sh in meshes.values())})" if cfg.parallel == "hsdp" else ""
+        )
     if args.pitfalls:
         caught = sum(p["detected"] for p in result["pitfalls"])
         verdict += f"; {caught}/{len(result['pitfalls'])} pitfalls caught"

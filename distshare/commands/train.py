@@ -6,6 +6,8 @@ torchrun --standalone --nproc_per_node 2 -m distshare train --config configs/tra
 accelerate launch --config_file configs/accelerate/cpu.yaml -m distshare train --engine accelerate
 distshare train --engine ray --nproc 2                                   # Ray Train, local Ray
 distshare train --engine torchrun --nproc 2                              # = the torchrun line above
+distshare train --nproc 2 --parallel fsdp                                # FSDP2: each tensor sharded over 2 ranks
+distshare train --nproc 4 --parallel hsdp --set hsdp_replicas=2          # HSDP: mesh 2 replicas x 2 shards
 
 Checkpoints, resume and restarts (distshare/training/checkpointer.py):
 
@@ -58,6 +60,7 @@ from distshare.report import (
     run_dir_to_continue,
     usable_dir,
 )
+from distshare.training import TrainResult
 from distshare.training.checkpointer import ReplicaCheckpoints
 
 
@@ -188,6 +191,7 @@ def train_command(args: argparse.Namespace) -> int:
         "bitwise_equal_to_single_process": None,
         "restarts": results[0].restart,
         "resume": results[0].resumed,
+        **results[0].layout_facts(),
     }
     diagnosis = summary["replicas_diagnosis"]
     table = [
@@ -200,6 +204,8 @@ def train_command(args: argparse.Namespace) -> int:
         ("accounting", "ok" if summary["accounting"]["ok"] else "FAIL", summary["accounting"]["summary"]),
         ("loss", "", f"{summary['losses'][0]:.4f} -> {summary['final_loss']:.4f}"),
     ]
+    if results[0].parallel != "ddp":
+        table.append(("layout", "", layout_line(results[0])))
     if results[0].restart or results[0].resumed:
         table.append(("resume", "", _resume_line(results[0].restart, results[0].resumed)))
     if "exact_underflows" in summary:  # exact mode never drops a contribution silently
@@ -213,6 +219,13 @@ def train_command(args: argparse.Namespace) -> int:
         f"replicas {'in sync' if summary['replicas_in_sync'] else 'DIVERGED'}"
     )
     return finish("train", cfg, result, table, verdict, args.json, out, _report)
+
+
+def layout_line(main: TrainResult) -> str:
+    """One line for the table: how the parameters were laid out, and the logical digest."""
+    r, s = main.mesh or (1, main.world_size)
+    how = f"each tensor sharded over {s} ranks" if r == 1 else f"mesh {r} replicas x {s} shards"
+    return f"{main.parallel}: {how}; final logical state {main.logical_fingerprint}"
 
 
 def _run_dir(args: argparse.Namespace, cfg: RunConfig) -> Path:

@@ -12,11 +12,21 @@ large-batch gradient; averaging (DDP's default) would divide by W a second time.
 - `exact`: per-sample gradients added in integers (`distshare.numerics.exact_sum`): bitwise the same
   gradient for every split of the global batch, W = 1 included.
 - single process (W = 1): nothing to synchronize.
+
+And the sharded layouts (`parallel: fsdp | hsdp`), where no rank holds a whole replica:
+
+- `ShardedSync`: FSDP2's `fully_shard` over a 1-D mesh of all W ranks (fsdp), or a
+  replicate x shard mesh (hsdp: each shard reduce-scattered within its group, then
+  all-reduced across the groups). Its gradient divide factor is set to 1 with SUM-only
+  collectives, so it adds the ranks like DDP's SUM hook; `set_requires_gradient_sync(False)`
+  on all but the last micro-batch is its `no_sync()`.
 """
 
 # No `from __future__ import annotations`: DDP inspects the comm hook's annotations at runtime.
 
 import contextlib
+import inspect
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -158,14 +168,111 @@ class ExactSync(GradSync):
         self.underflows += acc.underflows
 
 
+class ShardedSync(GradSync):
+    """FSDP2 (`fully_shard`): each parameter, its gradient and optimizer state sharded.
+
+    `replicas` x `shards` is the device mesh (1 x W: fsdp; R x W/R: hsdp). The model is
+    sharded in place, so the bare model and the wrapped one are the same module: its
+    parameters are `DTensor`s whose local piece is this rank's shard. Every tensor is built
+    whole on every rank first (`build_model` under the shared seed) and then cut, so the
+    initial logical tensors do not depend on the layout.
+    """
+
+    reduces_in_backward = True
+    sharded = True
+
+    def __init__(self, world_size: int, replicas: int = 1, device_type: str = "cpu", divide: bool = False) -> None:
+        if replicas < 1 or world_size % replicas:
+            raise ValueError(f"a mesh of {replicas} replicas cannot hold {world_size} ranks")
+        self.world_size, self.replicas, self.shards = world_size, replicas, world_size // replicas
+        self.device_type = device_type
+        # True only for the averaging mutant: FSDP2's default divides the summed gradient by W,
+        # which the step's global-count normalization has already done.
+        self.divide = divide
+        self.name = "fsdp" if replicas == 1 else f"hsdp {replicas}x{self.shards}"
+        self.mesh: Any = None
+
+    def prepare(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[nn.Module, torch.optim.Optimizer]:
+        # fully_shard replaces every parameter by a DTensor one: the optimizer is rebuilt over
+        # the new parameters, group by group, with the same settings (it has no state yet).
+        if optimizer.state:
+            raise ValueError("shard the model before the optimizer takes a step: its state would be left behind")
+        place = {id(p): i for i, p in enumerate(model.parameters())}
+        groups = [
+            ({k: v for k, v in g.items() if k != "params"}, [place[id(p)] for p in g["params"]])
+            for g in optimizer.param_groups
+        ]
+        wrapped = self.wrap(model)
+        params = list(model.parameters())
+        kind = type(optimizer)
+        accepted = inspect.signature(kind.__init__).parameters  # defaults also hold derived keys
+        rebuilt = kind(
+            [{**settings, "params": [params[i] for i in where]} for settings, where in groups],
+            **{k: v for k, v in optimizer.defaults.items() if k in accepted},
+        )
+        return wrapped, rebuilt
+
+    def wrap(self, model: nn.Module) -> nn.Module:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import FSDPModule, fully_shard
+
+        if self.replicas == 1:
+            self.mesh = init_device_mesh(self.device_type, (self.shards,), mesh_dim_names=("shard",))
+        else:
+            self.mesh = init_device_mesh(
+                self.device_type, (self.replicas, self.shards), mesh_dim_names=("replicate", "shard")
+            )
+        # One FSDP unit per block of a ModuleList (the transformer's layers), then the root for
+        # the rest: the usual granularity, and a real multi-unit case for the reductions.
+        for child in list(model.modules()):
+            if isinstance(child, nn.ModuleList):
+                for block in child:
+                    fully_shard(block, mesh=self.mesh)
+        fully_shard(model, mesh=self.mesh)
+        # distshare's own models return logits that nothing modifies in place (the step only
+        # reads them into the loss), so FSDP2's warning about a returned view says nothing here;
+        # a user's model keeps it.
+        warnings.filterwarnings(
+            "ignore", message=r"FSDP2-wrapped module \(FSDP(TinyTransformer|SmallCNN)\) returned a view tensor"
+        )
+        for unit in model.modules():
+            if isinstance(unit, FSDPModule) and not self.divide:
+                # Add the ranks, never average: the loss is already divided by the global
+                # item count. Divide factor 1 with SUM-only collectives (gloo has no AVG) is a
+                # plain SUM reduce-scatter (and, under hsdp, a SUM all-reduce across groups).
+                unit.set_gradient_divide_factor(1.0)
+                unit.set_force_sum_reduction_for_comms(True)
+        return model
+
+    @contextlib.contextmanager
+    def micro_step(self, wrapped: nn.Module, last: bool) -> Iterator[None]:
+        # FSDP2's no_sync(): gradients accumulate unsharded on each rank, and the last
+        # micro-batch's backward reduce-scatters the accumulated sum once.
+        wrapped.set_requires_gradient_sync(last)  # type: ignore[operator]
+        try:
+            yield
+        finally:
+            wrapped.set_requires_gradient_sync(True)  # type: ignore[operator]
+
+
+def is_sharded(sync: GradSync) -> bool:
+    """Does this sync hold the model as shards (FSDP2 / HSDP) rather than replicas?"""
+    return bool(getattr(sync, "sharded", False))
+
+
 def sum_hook(state: object, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
     fut = dist.all_reduce(bucket.buffer(), op=dist.ReduceOp.SUM, async_op=True).get_future()
     return fut.then(lambda f: f.value()[0])
 
 
-def make_sync(mode: str, world_size: int) -> GradSync:
-    """The sync for `mode` ("ddp" | "allreduce" | "exact"); single process gets the no-op,
-    except in exact mode, whose arithmetic is the point even on one process."""
+def make_sync(
+    mode: str, world_size: int, parallel: str = "ddp", replicas: int = 1, device_type: str = "cpu"
+) -> GradSync:
+    """The sync for `mode` ("ddp" | "allreduce" | "exact") and layout `parallel` ("ddp" |
+    "fsdp" | "hsdp", with `replicas` groups); single process gets the no-op, except in exact
+    mode, whose arithmetic is the point even on one process."""
+    if parallel != "ddp" and world_size > 1:
+        return ShardedSync(world_size, replicas if parallel == "hsdp" else 1, device_type)
     if mode == "exact":
         return ExactSync(world_size)
     if world_size == 1:

@@ -13,7 +13,6 @@ surface as a hang or a world of the wrong size.
 
 from __future__ import annotations
 
-import importlib.util
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -26,12 +25,19 @@ from distshare.distributed.launchers import (
 )
 from distshare.engines.runner import RankJob
 from distshare.errors import UsageError
+from distshare.extras import require
 from distshare.training import Component, TrainResult
 
 
 def resolve_engine(cfg: RunConfig, command: str = "train") -> str:
     """The engine that will run `cfg`, or a UsageError saying what to run instead."""
     engine = _resolve(cfg, command)
+    if cfg.parallel != "ddp" and engine == "accelerate":
+        raise UsageError(
+            f"--parallel {cfg.parallel} does not run under --engine accelerate: accelerate applies its FSDP plugin "
+            "only to GPU process groups (on CPU it runs MULTI_CPU, which is DDP) and distshare's accelerate engine "
+            f"prepares a DDP model; run it with --engine torch (--nproc N, or under torchrun)"
+        )
     # Ray's workers may sit on GPU nodes while the driver has none; every other engine runs here.
     if cfg.device == "cuda" and engine != "ray":
         import torch
@@ -55,7 +61,7 @@ def _resolve(cfg: RunConfig, command: str) -> str:
             raise UsageError(f"--engine local is one process; for {n} ranks use --engine torch --nproc {n}")
         return "local"
     if requested == "accelerate":
-        _need("accelerate", "accelerate")
+        require("accelerate", "--engine accelerate")
         fix = accelerate_command(command, n, cfg.device)
         if inside_torchrun:
             raise UsageError(f"--engine accelerate runs under accelerate launch, not torchrun: {fix}")
@@ -64,7 +70,7 @@ def _resolve(cfg: RunConfig, command: str) -> str:
         _refuse_a_lone_accelerate_process(cfg, command)
         return "accelerate"
     if requested == "ray":
-        _need("ray", "ray[train]")
+        require("ray", "--engine ray")
         if launched():
             raise UsageError(
                 "--engine ray starts its own workers: run it as a plain command, "
@@ -127,8 +133,3 @@ def _refuse_a_lone_accelerate_process(cfg: RunConfig, command: str) -> None:
             "and MASTER_PORT without RANK; if your shell exported them, unset them). "
             f"For {n} processes (--num_processes N for N): {accelerate_command(command, n, cfg.device)}"
         )
-
-
-def _need(module: str, package: str) -> None:
-    if importlib.util.find_spec(module) is None:
-        raise UsageError(f"--engine {module} needs the {module} package: pip install '{package}'")

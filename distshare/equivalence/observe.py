@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch.utils.hooks import RemovableHandle
 
-from distshare.equivalence.runs import PartitionRun, record_gradients, state_of
+from distshare.equivalence.runs import PartitionRun, is_sharded_model, record_gradients, state_of
 from distshare.equivalence.tasks import trainee_of
 from distshare.training import Component, Loop, TrainResult
 
@@ -32,15 +32,18 @@ class PartitionProbe(Component):
         self.rec: PartitionRun | None = None
 
     def begin(self, loop: Loop) -> None:
-        if not loop.world.is_main:
+        main = loop.world.is_main
+        if not main and not is_sharded_model(loop.run.model):
             return
+        # Sharded (FSDP2 / HSDP): every rank takes part in gathering whole tensors; rank 0 keeps them.
         run = loop.run
         t = trainee_of(run)
         plan = run.plan.plan
         self.rec = PartitionRun(loop.world.world_size, plan.accum_steps, plan.micro_batch, t.label, t.u)
-        self.trainee = t
-        self.handle, self.replay = record_gradients(t, self.rec, self.current)
-        loop.result.extras[self.KEY] = self.rec
+        self.trainee, self.main = t, main
+        self.handle, self.replay = record_gradients(t, self.rec, self.current, keep=main)
+        if main:
+            loop.result.extras[self.KEY] = self.rec
 
     def before_step(self, loop: Loop, step: int) -> None:
         self.current[:] = [step, torch.get_rng_state()]
@@ -48,8 +51,10 @@ class PartitionProbe(Component):
     def after_step(self, loop: Loop, step: int, row: dict[str, Any]) -> None:
         if self.rec is not None:
             self.replay.after_update(step)
-            self.rec.states.append(state_of(loop.run.model))
-            self.rec.global_batches.append(self.trainee.global_batch(step))
+            state = state_of(loop.run.model)
+            if self.main:
+                self.rec.states.append(state)
+                self.rec.global_batches.append(self.trainee.global_batch(step))
 
     def end(self, loop: Loop) -> None:
         if self.rec is not None:

@@ -6,6 +6,11 @@ the update it records the parameters, and replays the update (`UpdateReplay`): t
 configured optimizer, applied to the run's own gradient from the run's own state, must give
 the run's new state bit for bit. Every rank records which samples it used, for the
 sample accounting. A spawned world size runs all its (dtype, k) partitions one after another.
+
+A sharded partition (`parallel: fsdp | hsdp`) is observed the same way, on whole tensors: no
+rank holds one, so every rank takes part in gathering each one (`DTensor.full_tensor()`, in
+the same order everywhere) and rank 0 keeps them. That gathers the model every step: a test
+of equivalence, not the cheap check (that is the logical digest, `distshare.integrity.logical`).
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from torch.utils.hooks import RemovableHandle
 from distshare.distributed.world import World
 from distshare.equivalence.gradient import step_gradient
 from distshare.equivalence.tasks import GridTask, Trainee
+from distshare.integrity.logical import is_dtensor
 from distshare.numerics.diff import diff
 
 Tensors = dict[str, torch.Tensor]
@@ -47,31 +53,41 @@ class PartitionRun:
     update_mismatch: str = ""  # the first step whose update is not the configured one, and where
 
 
+def whole(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor: a sharded one gathered (a collective: every rank calls it), else itself."""
+    return t.full_tensor() if is_dtensor(t) else t  # type: ignore[attr-defined]
+
+
+def is_sharded_model(model: nn.Module) -> bool:
+    """Does the model hold its parameters as shards (FSDP2 / HSDP `DTensor`s)?"""
+    return any(is_dtensor(p) for p in model.parameters())
+
+
 def grads_of(model: nn.Module) -> Tensors:
-    """Every parameter's gradient (zeros where none), copied to the CPU."""
+    """Every parameter's gradient (zeros where none), whole, copied to the CPU."""
     return {
-        n: (p.grad if p.grad is not None else torch.zeros_like(p)).detach().cpu().clone()
+        n: (whole(p.grad) if p.grad is not None else torch.zeros(p.shape, dtype=p.dtype)).detach().cpu().clone()
         for n, p in model.named_parameters()
     }
 
 
 def state_of(model: nn.Module) -> Tensors:
-    """The model's state (parameters and buffers), copied to the CPU."""
-    return {n: t.detach().cpu().clone() for n, t in model.state_dict().items()}
+    """The model's state (parameters and buffers), whole, copied to the CPU."""
+    return {n: whole(t).detach().cpu().clone() for n, t in model.state_dict().items()}
 
 
-def full_batch_grad(t: Trainee, copy: nn.Module, step: int, rng: torch.Tensor) -> Tensors:
+def full_batch_grad(t: Trainee, copy: nn.Module, step: int, rng: torch.Tensor, state: Tensors | None = None) -> Tensors:
     """The reference (W = 1, k = 1) gradient at the trainee's current parameters.
 
     The one step on the whole global batch as one micro-batch (summed loss divided by the
     global count), stopped before the update, on a copy so the run itself is untouched. The
     CPU RNG is set to `rng`, its state when the step began, so that a model with randomness
     (dropout) draws what the reference step would have drawn; the run's own stream is
-    restored afterwards.
+    restored afterwards. `state`: the trainee's whole state, when it was gathered already.
     """
     with torch.random.fork_rng(devices=[]):
         torch.set_rng_state(rng)
-        copy.load_state_dict(t.model.state_dict())
+        copy.load_state_dict(state if state is not None else t.model.state_dict())
         copy.zero_grad(set_to_none=True)
         if t.exact_grad is not None:
             t.exact_grad(copy, step)
@@ -88,7 +104,7 @@ def _stepping(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
 
 def _clone(state: Any) -> Any:
     if isinstance(state, torch.Tensor):
-        return state.detach().clone()
+        return whole(state).detach().clone()
     if isinstance(state, dict):
         return {k: _clone(v) for k, v in state.items()}
     return state
@@ -100,7 +116,7 @@ def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> Tensors:
     for index, entry in optimizer.state_dict()["state"].items():
         for key, value in entry.items():
             if isinstance(value, torch.Tensor):
-                out[f"{index}/{key}"] = value.detach().cpu()
+                out[f"{index}/{key}"] = whole(value).detach().cpu()
     return out
 
 
@@ -117,20 +133,28 @@ class UpdateReplay:
     step's update is the configured one.
     """
 
-    def __init__(self, t: Trainee, rec: PartitionRun) -> None:
+    def __init__(self, t: Trainee, rec: PartitionRun, keep: bool = True) -> None:
         self.t, self.rec = t, rec
+        self.keep = keep  # False: a sharded run's other ranks, which only help gather
         self.copy = t.fresh_model()
         self.optimizer = t.fresh_optimizer(self.copy)
         self.groups = _clone(self.optimizer.state_dict()["param_groups"])  # the configured hyper-parameters
 
     def before_update(self) -> None:
         model = self.t.model
-        self.params = {n: p.detach().clone() for n, p in model.named_parameters()}
-        self.grads = {n: None if p.grad is None else p.grad.detach().clone() for n, p in model.named_parameters()}
+        self.params = {n: whole(p).detach().clone() for n, p in model.named_parameters()}
+        self.grads = {
+            n: None if p.grad is None else whole(p.grad).detach().clone() for n, p in model.named_parameters()
+        }
         self.state = _clone(_stepping(self.t.optimizer).state_dict()["state"])
 
     @torch.no_grad()
     def after_update(self, step: int) -> None:
+        # Gathered first, on every rank alike (collectives when sharded), whatever comes next.
+        mine_params = {n: whole(p).detach().cpu() for n, p in self.t.model.named_parameters()}
+        mine_state = _optimizer_tensors(_stepping(self.t.optimizer))
+        if not self.keep:
+            return
         for n, p in self.copy.named_parameters():
             p.copy_(self.params[n])
             p.grad = self.grads[n]
@@ -140,8 +164,8 @@ class UpdateReplay:
         if self.rec.update_mismatch:
             return
         for what, mine, replayed in (
-            ("parameters", dict(self.t.model.named_parameters()), dict(self.copy.named_parameters())),
-            ("optimizer state", _optimizer_tensors(_stepping(self.t.optimizer)), _optimizer_tensors(self.optimizer)),
+            ("parameters", mine_params, dict(self.copy.named_parameters())),
+            ("optimizer state", mine_state, _optimizer_tensors(self.optimizer)),
         ):
             d = diff({n: v.detach().cpu() for n, v in mine.items()}, {n: v.detach().cpu() for n, v in replayed.items()})
             if not d.bitwise_equal:
@@ -152,21 +176,27 @@ class UpdateReplay:
                 return
 
 
-def record_gradients(t: Trainee, rec: PartitionRun, current: list[Any]) -> tuple[RemovableHandle, UpdateReplay]:
+def record_gradients(
+    t: Trainee, rec: PartitionRun, current: list[Any], keep: bool = True
+) -> tuple[RemovableHandle, UpdateReplay]:
     """From now on, just before each update: the synced gradient and the big-batch gradient.
 
     The update has not happened yet, so the parameters are still those the gradient was
     taken at; the big-batch gradient is computed there (`full_batch_grad`). `current` is
     [step, CPU RNG state when the step began], kept up to date by the caller, who also calls
-    the returned replay's `after_update(step)` once the update is done.
+    the returned replay's `after_update(step)` once the update is done. `keep=False`: a
+    sharded run's other ranks, which take part in every gather and keep nothing.
     """
     copy = t.fresh_model()
-    replay = UpdateReplay(t, rec)
+    replay = UpdateReplay(t, rec, keep)
 
     def observe(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        rec.grads.append(grads_of(t.model))
-        rec.ref_grads.append(full_batch_grad(t, copy, current[0], current[1]))
+        grads = grads_of(t.model)
+        state = state_of(t.model) if is_sharded_model(t.model) else None
         replay.before_update()
+        if keep:
+            rec.grads.append(grads)
+            rec.ref_grads.append(full_batch_grad(t, copy, current[0], current[1], state))
 
     return _stepping(t.optimizer).register_step_pre_hook(observe), replay
 
@@ -179,7 +209,9 @@ def run_partition(
     t = task.build(world, world_size, accum_steps, dtype)
     rec = PartitionRun(world_size, accum_steps, t.micro_batch, t.label, t.u)
     current: list[Any] = [0, None]  # the step, and the CPU RNG state when it began
-    replay = record_gradients(t, rec, current)[1] if world.is_main else None
+    # Sharded: every rank helps gather whole tensors; rank 0 keeps them.
+    observed = world.is_main or is_sharded_model(t.model)
+    replay = record_gradients(t, rec, current, keep=world.is_main)[1] if observed else None
     for s in range(steps):
         current[:] = [s, torch.get_rng_state()]
         loss, indices = t.step(s)
@@ -191,7 +223,9 @@ def run_partition(
         rec.global_batches.append(t.global_batch(s))
         if replay is not None:
             replay.after_update(s)
-            rec.states.append(state_of(t.model))
+            state = state_of(t.model)
+            if world.is_main:
+                rec.states.append(state)
     return rec
 
 

@@ -22,7 +22,7 @@ from torch import nn
 from distshare.config import PlanConfig, RunConfig
 from distshare.data import build_dataset
 from distshare.data.plan import GlobalBatchPlan
-from distshare.distributed.sync import ExactSync, make_sync
+from distshare.distributed.sync import ExactSync, GradSync, make_sync
 from distshare.distributed.world import World
 from distshare.equivalence.gradient import step_gradient
 from distshare.errors import UsageError
@@ -103,8 +103,12 @@ class ConfigTask:
         autocast = dtype == AUTOCAST
         model_cfg = dataclasses.replace(self.cfg.model, dtype="float32" if autocast else dtype or self.cfg.model.dtype)
         cfg = dataclasses.replace(self.cfg, plan=plan, model=model_cfg)
-        run = build_run(cfg, world)
+        run = build_run(cfg, world, self.make_sync(cfg, world))
         return trainee_of(run, autocast, self.make_step(run))
+
+    def make_sync(self, cfg: RunConfig, world: World) -> GradSync | None:
+        """The sync of a partition: None, the configured one (a mutant overrides this)."""
+        return None
 
     def make_step(self, run: Run) -> StepFn:
         """The step the grid runs: distshare's one `train_step` (a pitfall, a mutant overrides this)."""

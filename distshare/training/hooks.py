@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from distshare.integrity.logical import is_dtensor
 from distshare.training.loop import Component, Loop
 from distshare.training.step import Run
 
@@ -23,5 +24,9 @@ class KeepState(Component):
     are the same bits on every rank when the replicas agree, and they stay home."""
 
     def end(self, loop: Loop) -> None:
+        state = loop.run.model.state_dict()
+        if any(is_dtensor(t) for t in state.values()):
+            # Sharded (FSDP2 / HSDP): every rank takes part in gathering each whole tensor.
+            state = {n: t.full_tensor() if is_dtensor(t) else t for n, t in state.items()}
         if loop.world.is_main:
-            loop.result.state = {n: t.detach().cpu().clone() for n, t in loop.run.model.state_dict().items()}
+            loop.result.state = {n: t.detach().cpu().clone() for n, t in state.items()}

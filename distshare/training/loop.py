@@ -79,6 +79,11 @@ class TrainResult:
     first_divergence: dict[str, Any] | None = None  # the first failing ReplicaReport, as a dict
     final_report: dict[str, Any] | None = None
     final_fingerprint: str = ""
+    # lsh128 digest of the final LOGICAL state (whole tensors, whatever the layout): equal for
+    # the same training under ddp, fsdp, hsdp and one process (distshare.integrity.logical)
+    logical_fingerprint: str = ""
+    parallel: str = "ddp"  # the data-parallel layout: ddp | fsdp | hsdp | single process
+    mesh: tuple[int, int] | None = None  # sharded layouts: (replicate, shard) sizes of the device mesh
     samples_by_step: list[list[list[int]]] = field(default_factory=list)  # step -> micro -> indices
     state: dict[str, torch.Tensor] | None = None  # the final parameters and buffers, if a component kept them
     seconds: float = 0.0
@@ -92,6 +97,16 @@ class TrainResult:
     restart: int = 0  # the launcher's restart count of this worker (torchrun, Ray Train); 0: first attempt
     resumed: dict[str, Any] | None = None  # the checkpoint this run continued from
     extras: dict[str, Any] = field(default_factory=dict)  # what components report, by component
+
+    def layout_facts(self) -> dict[str, Any]:
+        """The layout this run trained under, and the digest that compares runs across layouts."""
+        return {
+            "parallel": self.parallel,
+            "mesh": list(self.mesh) if self.mesh else None,  # [replicate, shard]; None: ddp or one process
+            # the final whole (logical) tensors' lsh128 digests, combined: equal for the same
+            # training under any layout (distshare.integrity.logical)
+            "logical_fingerprint": self.logical_fingerprint,
+        }
 
     @property
     def replicas_in_sync(self) -> bool:

@@ -10,7 +10,9 @@ then every `every` steps and after the last, it compares every rank's state by d
 agree); when they differ, the gradients too: right after the step `.grad` still holds what the
 optimizer used, so a gradient that was never reduced is diagnosed as such. It records the first divergence
 (with its diagnosis) and the final report in the run's account. The last check's combined
-digest is the run's fingerprint. The check before the first step is not counted in `checks`.
+digest is the run's fingerprint; the final state's logical digest (`lsh128` of whole tensors,
+computed from shards under FSDP / HSDP) is recorded beside it, so runs at different layouts
+can be compared. The check before the first step is not counted in `checks`.
 The gradients are digested only when the rest differs (`grads="on_divergence"`): a check that
 agrees costs what it did before, and the run's fingerprint stays the state's.
 """
@@ -19,6 +21,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from distshare.distributed.sync import is_sharded
+from distshare.integrity.fingerprint import state_digest
+from distshare.integrity.logical import LOGICAL_ALGORITHM
 from distshare.integrity.replicas import compare_replicas
 from distshare.training.loop import Component, Loop
 
@@ -59,4 +64,12 @@ class ReplicaChecker(Component):
         if last:  # the state every rank ends with; its digest is the run's fingerprint
             result.final_report = report.to_dict()
             result.final_fingerprint = report.combined[loop.world.rank]
+            # The whole logical tensors' digest, the same for any layout of the same training (a
+            # collective on a sharded model: every rank computes it, in the same order).
+            result.logical_fingerprint = state_digest(run.model, run.optimizer, algorithm=LOGICAL_ALGORITHM)
+            if is_sharded(run.sync):
+                # No rank holds a replica, so a rank's own digest (of its shards) is no run
+                # fingerprint: the logical state is, the same on every rank that holds one set
+                # (under hsdp each replica group computes its own).
+                result.final_fingerprint = result.logical_fingerprint
         return report.in_sync

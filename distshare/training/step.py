@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from distshare.config import DTYPES, RunConfig
+from distshare.config import DTYPES, RunConfig, hsdp_mesh
 from distshare.data import build_dataset
 from distshare.data.plan import GlobalBatchPlan
 from distshare.data.tensors import TensorTable
@@ -45,8 +45,8 @@ class Run:
     info: DataInfo
     table: TensorTable
     plan: GlobalBatchPlan
-    model: nn.Module  # the bare model: fingerprints and names come from here
-    wrapped: nn.Module  # what forward is called on (DDP wrapper or the model itself)
+    model: nn.Module  # the bare model: fingerprints and names come from here (FSDP2: sharded in place)
+    wrapped: nn.Module  # what forward is called on (DDP wrapper, or the model itself: FSDP2, one process)
     optimizer: torch.optim.Optimizer
     sync: GradSync
 
@@ -66,7 +66,9 @@ def build_run(cfg: RunConfig, world: World, sync: GradSync | None = None) -> Run
         drop_last=cfg.plan.drop_last,
     )
     model = build_model(cfg.model, info, seed=cfg.seed).to(world.device)
-    sync = sync or make_sync(cfg.sync, world.world_size)
+    sync = sync or make_sync(
+        cfg.sync, world.world_size, cfg.parallel, hsdp_mesh(cfg, world.world_size)[0], world.device.type
+    )
     wrapped, optimizer = sync.prepare(model, build_optimizer(cfg, model))
     return Run(cfg, world, info, table, plan, model, wrapped, optimizer, sync)
 

@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from distshare.config import RunConfig, dump_config
-from distshare.distributed.sync import GradSync
+from distshare.distributed.sync import GradSync, ShardedSync
 from distshare.distributed.world import World
 from distshare.training.checkpointer import Checkpointer
 from distshare.training.hooks import KeepState, OnStep
@@ -51,6 +51,11 @@ def train(
     result = TrainResult(rank=world.rank, world_size=world.world_size, steps=cfg.steps)
     result.dropped_per_epoch = run.plan.dropped_per_epoch
     result.sync = run.sync.name
+    if world.world_size == 1:
+        result.parallel = "single process"  # nothing to lay out, whatever cfg.parallel says
+    if isinstance(run.sync, ShardedSync):
+        result.parallel = "fsdp" if run.sync.replicas == 1 else "hsdp"
+        result.mesh = (run.sync.replicas, run.sync.shards)
     result.device = world.device.type if world.device.type == "cpu" else str(world.device)
     result.restart = restart
     standard: list[Component] = [Checkpointer(restart), ReplicaChecker(cfg.check_every, cfg.check_buffers)]
