@@ -4,6 +4,7 @@ parameter set while every rank sees different data.
     distshare verify                 # tiny transformer, sentence corpus, 2 simulated CPU ranks
     distshare verify --nproc 3 --json
     distshare verify --engine torchrun   # the same, its 2 ranks started by torchrun
+    distshare verify --parallel fsdp     # the same checks on FSDP2 shards (hsdp: --nproc 4, mesh 2 x 2)
 
 It trains on W ranks (default 2), compares the replicas' fingerprints at every step, and
 trains the same model once more in a single process on the same global batches. The checks:
@@ -53,8 +54,9 @@ from distshare.errors import UsageError
 from distshare.integrity.fingerprint import fingerprint_grads
 from distshare.numerics.diff import Diff, diff
 from distshare.numerics.rounding import reorder_norm_bound
-from distshare.report import markdown_table, plot_losses, run_dir
+from distshare.report import markdown_table, plot_verify, replica_checks, run_dir
 from distshare.training import Component, Loop, TrainResult
+from distshare.training.metrics import METRICS_FILE
 
 # The embedded default: small enough to finish in well under a minute on 2 cores, large
 # enough that W ranks x k micro-batches is a real split (G = 48 = 2 x 2 x 12; W = 3, 4 divide too).
@@ -155,6 +157,7 @@ def verify_command(args: argparse.Namespace) -> int:
         "ok": ok,
         "command": "verify",
         **summary,
+        **results[0].layout_facts(),
         "max_abs_diff_vs_single_process": final_diff.max_abs_diff,
         "bitwise_equal_to_single_process": final_diff.bitwise_equal,
         "single_process": {
@@ -169,17 +172,24 @@ def verify_command(args: argparse.Namespace) -> int:
         "checks": [{k: v for k, v in c.items() if k not in ("final", "step0", "partition")} for c in checks],
     }
     table = [(c["name"], "ok" if c["ok"] else "FAIL", c["detail"]) for c in checks]
-    plot_losses(
+    plot_verify(
         out / "loss.png",
+        judged.steps,
         {f"{summary['world_size']} ranks": summary["losses"], "1 process, one big batch": ref.run.losses},
-        "distshare verify",
+        replica_checks(out / METRICS_FILE),
+        [c["name"] for c in checks if not c["ok"]],
+        summary["world_size"],
     )
     p = summary["plan"]
     failed = [c["name"] for c in checks if not c["ok"]]
     verdict = (
         f"{len(checks)} checks, {summary['steps']} steps on {summary['world_size']} ranks "
         f"(G={p['global_batch']} = {p['world_size']} x {p['accum_steps']} x {p['micro_batch']}), "
-        + ("replicas bit-identical at every step" if ok else f"failed: {', '.join(failed)}")
+        + (
+            ("replicas bit-identical at every step" if cfg.parallel != "fsdp" else "one sharded parameter set")
+            if ok
+            else f"failed: {', '.join(failed)}"
+        )
     )
     return finish("verify", cfg, result, table, verdict, args.json, out, _report)
 
@@ -198,7 +208,8 @@ def _checks(cfg: RunConfig, results: list[TrainResult], ref: Reference, summary:
 
     local = [FirstStepProbe.of(r)["local_grads"] for r in results]
     synced = [FirstStepProbe.of(r)["synced_grads"] for r in results]
-    observable = all(g is not None for g in local)
+    # Empty under FSDP2: until the reduce-scatter it keeps a rank's own gradient unsharded, inside itself.
+    observable = all(g for g in local)
     differed = observable and len({tuple(sorted(g.items())) for g in local}) == len(local)  # type: ignore[union-attr]
     agreed = len({tuple(sorted((s or {}).items())) for s in synced}) == 1
     if observable:
@@ -207,8 +218,18 @@ def _checks(cfg: RunConfig, results: list[TrainResult], ref: Reference, summary:
             f"after sync {'identical' if agreed else 'NOT identical'}"
         )
     else:
-        why = "exact mode keeps per-sample contributions, not a local sum" if cfg.sync == "exact" else "ddp, k=1"
+        why = (
+            "exact mode keeps per-sample contributions, not a local sum"
+            if cfg.sync == "exact"
+            else f"{cfg.parallel} keeps them unsharded inside FSDP2 until the reduce-scatter"
+            if cfg.parallel != "ddp"
+            else "ddp, k=1"
+        )
         detail = f"after sync {'identical' if agreed else 'NOT identical'} (local gradients not observable: {why})"
+    if cfg.parallel != "ddp":  # no rank holds a whole gradient: digests of the logical tensors
+        detail += "; synced gradients compared as whole tensors (logical digests" + (
+            ", one per replica group)" if cfg.parallel == "hsdp" else ": one shard group, so equal by construction)"
+        )
     checks.append(
         {
             "name": "different data, one gradient",
@@ -322,6 +343,11 @@ def _parity_command(args: argparse.Namespace, cfg: RunConfig) -> int:
     if launched() or cfg.plan.world_size < 2:
         raise UsageError(
             "verify --engine all starts every launcher itself: run it as a plain command with --nproc >= 2"
+        )
+    if cfg.parallel != "ddp":
+        raise UsageError(
+            f"verify --engine all runs every engine, and accelerate does not run --parallel {cfg.parallel} "
+            "(its FSDP plugin needs GPU process groups): verify it per engine, --engine torch, torchrun or ray"
         )
     plan, info = preflight(cfg)
     warn_oversubscribed(cfg.plan.world_size)  # each engine in turn starts W ranks here

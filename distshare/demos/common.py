@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from distshare import report
 from distshare.config import RunConfig, load_config
 from distshare.data import build_dataset
 from distshare.data.tensors import TensorTable
@@ -90,22 +91,22 @@ def seeded(seed: int) -> Iterator[None]:
 
 
 def pyplot() -> Any:
-    """matplotlib's pyplot on the Agg backend: figures need no display."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+    """matplotlib's pyplot on the Agg backend (figures need no display), in distshare's style."""
+    return report.pyplot()
 
 
 def save(fig: Any, out_dir: Path, name: str) -> str:
-    """Write a figure as `<name>.png` in `out_dir`; return the file name for the finding."""
+    """Write a figure as `<name>.png` in `out_dir` (at `report.DPI`); return the file name for the finding."""
     file = f"{name}.png"
-    fig.tight_layout()
-    fig.savefig(out_dir / file, dpi=90)
-    pyplot().close(fig)
+    if fig.get_layout_engine() is None:
+        fig.tight_layout()
+    report.save_figure(fig, out_dir / file)
     return file
+
+
+def finding_title(claim: str, holds: bool, numbers: str) -> str:
+    """A figure's title: the claim when the measurement holds, its failure when not, and the numbers."""
+    return f"{claim}\n{numbers}" if holds else f"FAILS: {claim}\n{numbers}"
 
 
 def params_used(model: nn.Module, run: Any) -> tuple[int, set[int]]:

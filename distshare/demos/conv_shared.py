@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from distshare.data.shapes import PATTERN_NAMES, PATTERN_SIZE, render
-from distshare.demos.common import pyplot, save, seeded
+from distshare.demos.common import finding_title, pyplot, save, seeded
 from distshare.demos.finding import Control, Finding, verdict
 from distshare.numerics.rounding import gamma_for
 
@@ -157,7 +157,7 @@ def run(out_dir: Path, seed: int = 0, mutant: str | None = None) -> Finding:
     control = Control(
         "locally connected", CONTROL, verdict(local_eq["max_error_over_bound"] <= 1.0), {"equivariance": local_eq}
     )
-    figure = _figure(out_dir, _as_function(tested), local, x, counts, conv_eq, local_eq)
+    figure = _figure(out_dir, _as_function(tested), local, x, counts, conv_eq, local_eq, holds)
     headline = (
         f"interior shift error {conv_eq['max_abs_error']:.1e} ({conv_eq['max_error_over_bound']:.2g} of the bound); "
         f"locally connected {local_eq['max_abs_error']:.1e} ({local_eq['max_error_over_bound']:.1e} x bound); "
@@ -195,43 +195,70 @@ def _error_map(f: Any, x: Tensor) -> Tensor:
 
 
 def _figure(
-    out_dir: Path, conv: Any, local: LocallyConnected, x: Tensor, counts: dict[str, int], conv_eq: dict, local_eq: dict
+    out_dir: Path,
+    conv: Any,
+    local: LocallyConnected,
+    x: Tensor,
+    counts: dict[str, int],
+    conv_eq: dict,
+    local_eq: dict,
+    holds: bool,
 ) -> str:
+    maps = {"conv": _error_map(conv, x), "locally connected": _error_map(local, x)}
+    return save(figure_of(x[0, 0], maps, counts, conv_eq, local_eq, holds), out_dir, NAME)
+
+
+def figure_of(
+    image: Tensor, maps: dict[str, Tensor], counts: dict[str, int], conv_eq: dict, local_eq: dict, holds: bool
+) -> Any:
+    """Top: one input and its shift. Middle: |f(shift x) - shift f(x)| of the conv and of the
+    locally connected layer (one colour scale; grey: the border, not measured). Right: parameters."""
     plt = pyplot()
     from matplotlib.patches import Rectangle
 
     dy, dx = SHOWN
     key = f"{dy},{dx}"
     inner = interior(dy, dx)
-    fig, ax = plt.subplots(1, 5, figsize=(17, 3.8), gridspec_kw={"width_ratios": [1, 1, 1, 1.25, 1.2]})
-    ax[0].imshow(x[0, 0].numpy(), cmap="gray")
-    ax[0].set_title(f"input (1 of {x.shape[0]})", fontsize=9)
-    ax[1].imshow(torch.roll(x[0, 0], SHOWN, dims=(0, 1)).numpy(), cmap="gray")
-    ax[1].set_title(f"input shifted by {dy},{dx} (rolled)", fontsize=9)
-    maps = {"conv": _error_map(conv, x), "locally connected": _error_map(local, x)}
+    fig, ax = plt.subplot_mosaic(
+        [["input", "shifted", "params"], ["conv", "locally connected", "params"]],
+        figsize=(10, 8.4),
+        width_ratios=(1, 1, 0.9),
+        layout="constrained",
+    )
+    pixels = None
+    for name, shown, title in (
+        ("input", image, "an input image"),
+        ("shifted", torch.roll(image, SHOWN, dims=(0, 1)), f"shifted by {key} (rolled)"),
+    ):
+        pixels = ax[name].imshow(shown.numpy(), cmap="gray")
+        ax[name].set_title(title)
+        ax[name].set_xlabel("column")
+        ax[name].set_ylabel("row")
+    fig.colorbar(pixels, ax=[ax["input"], ax["shifted"]], label="pixel value", shrink=0.9)
     vmax = float(maps["locally connected"].nan_to_num(0).max())
     cmap = plt.get_cmap("magma").with_extremes(bad="lightgrey")
-    for a, (title, err), eq in zip(ax[2:4], maps.items(), (conv_eq, local_eq), strict=True):
+    im = None
+    for (title, err), eq in zip(maps.items(), (conv_eq, local_eq), strict=True):
+        a = ax[title]
         im = a.imshow(err.numpy(), cmap=cmap, vmin=0, vmax=vmax)
         side = inner.stop - inner.start
-        a.add_patch(Rectangle((inner.start - 0.5, inner.start - 0.5), side, side, fill=False, ec="tab:cyan", lw=1.2))
+        a.add_patch(Rectangle((inner.start - 0.5, inner.start - 0.5), side, side, fill=False, ec="tab:cyan", lw=1.5))
         m = eq["by_shift"][key]
-        a.set_title(
-            f"{title}, shift {key}\ninterior max {m['max_abs_error']:.1e} = {m['max_error_over_bound']:.2g} x bound\n"
-            f"worst of {len(SHIFTS)} shifts: {eq['max_abs_error']:.1e} = {eq['max_error_over_bound']:.2g} x bound",
-            fontsize=8,
+        a.set_title(f"{title}: interior max\n{m['max_abs_error']:.1e} = {m['max_error_over_bound']:.2g} x bound")
+        a.set_xlabel("column (grey: border, not measured)")
+        a.set_ylabel("row")
+    fig.colorbar(im, ax=[ax["conv"], ax["locally connected"]], label="|f(shift x) - shift f(x)|", shrink=0.9)
+    bars = ax["params"].bar(list(counts), list(counts.values()), color=["tab:green", "tab:orange", "tab:red"])
+    ax["params"].bar_label(bars, [str(v) for v in counts.values()])
+    ax["params"].set_xticks(range(len(counts)), [n.replace("_", "\n") for n in counts])
+    ax["params"].set(yscale="log", xlabel="layer", ylabel="parameters")
+    ax["params"].set_title("parameters, for the same\ninput and output shapes")
+    fig.suptitle(
+        finding_title(
+            "A convolution applies one kernel everywhere: shift the input, the output shifts",
+            holds,
+            f"conv: worst of {len(SHIFTS)} shifts {conv_eq['max_error_over_bound']:.2g} x the rounding bound; "
+            f"locally connected {local_eq['max_error_over_bound']:.1e} x",
         )
-        a.set_xlabel(
-            f"max over {x.shape[0]} images x {CHANNELS} channels\ngrey: border, not measured (wrap, padding)",
-            fontsize=7,
-        )
-        a.set_xticks([])
-        a.set_yticks([])
-    fig.colorbar(im, ax=ax[3], label="|f(shift x) - shift f(x)|")
-    for a in ax[:2]:
-        a.axis("off")
-    bars = ax[4].bar(list(counts), list(counts.values()), color=["tab:green", "tab:orange", "tab:red"])
-    ax[4].bar_label(bars, [str(v) for v in counts.values()], fontsize=7)
-    ax[4].set(yscale="log", ylabel="parameters", title="same input and output shapes")
-    ax[4].tick_params(axis="x", labelsize=7)
-    return save(fig, out_dir, NAME)
+    )
+    return fig

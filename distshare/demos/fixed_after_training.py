@@ -31,7 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from distshare.data.tensors import TensorTable
-from distshare.demos.common import CNN, TRANSFORMER, config, data, pyplot, save, trained
+from distshare.demos.common import CNN, TRANSFORMER, config, data, finding_title, pyplot, save, trained
 from distshare.demos.finding import Control, Finding, verdict
 from distshare.integrity.fingerprint import fingerprint_state
 from distshare.training import build_optimizer, loss_sum
@@ -186,7 +186,7 @@ def run(out_dir: Path, seed: int = 0, mutant: str | None = None) -> Finding:
         verdict(unchanged(tta)),
         tta,
     )
-    figure = _figure(out_dir, runs, tta, bn)
+    figure = save(figure_of(runs, tta, bn, holds), out_dir, NAME)
     q = [g for g in tta["changed_elements"] if g.endswith("W_Q")]
     headline = (
         f"served {NEW_DATA} new samples 3 ways: "
@@ -209,37 +209,67 @@ def run(out_dir: Path, seed: int = 0, mutant: str | None = None) -> Finding:
     )
 
 
-def _figure(out_dir: Path, runs: dict, tta: dict, bn: dict) -> str:
+def _zero_bar(ax: Any, x: float, width: float, colour: str) -> None:
+    """A bar of height 0 drawn as what it is: a thick stroke on the axis in the bar's colour (an
+    empty bar is otherwise invisible), labelled "0" above it."""
+    ax.plot([x - width / 2, x + width / 2], [0, 0], color=colour, lw=5, solid_capstyle="butt", clip_on=False)
+
+
+def figure_of(runs: dict, tta: dict, bn: dict, holds: bool) -> Any:
+    """Top: parameter elements changed by each way of serving (counts; colour: the fraction).
+    Bottom left: how far the first W_Q moved batch by batch. Bottom right: the BN CNN aside."""
     plt = pyplot()
-    fig, ax = plt.subplots(1, 3, figsize=(15, 4.2), gridspec_kw={"width_ratios": [1.4, 1, 0.8]})
+    fig, ax = plt.subplot_mosaic([["grid", "grid"], ["drift", "bn"]], figsize=(10, 8.4), layout="constrained")
     rows = {**runs, f"control: {TTA}": tta}
     groups = list(tta["changed_elements"])
     grid = torch.tensor([[r["changed_elements"][g] / r["elements"][g] for g in groups] for r in rows.values()])
-    im = ax[0].imshow(grid.numpy(), cmap="Reds", vmin=0, vmax=1, aspect="auto")
+    im = ax["grid"].imshow(grid.numpy(), cmap="Reds", vmin=0, vmax=1, aspect="auto")
     for y, r in enumerate(rows.values()):
         for x, g in enumerate(groups):
             colour = "white" if grid[y, x] > 0.5 else "black"
-            ax[0].text(x, y, str(r["changed_elements"][g]), ha="center", va="center", fontsize=8, color=colour)
-    ax[0].set_xticks(range(len(groups)), groups, fontsize=7)
-    ax[0].set_yticks(range(len(rows)), list(rows), fontsize=7)
-    ax[0].set_title(f"Parameter elements whose bits changed\nafter serving {NEW_DATA} new samples (count)", fontsize=9)
-    fig.colorbar(im, ax=ax[0], label="fraction of the tensors' elements changed")
+            ax["grid"].text(x, y, str(r["changed_elements"][g]), ha="center", va="center", color=colour)
+    ax["grid"].set_xticks(range(len(groups)), groups)
+    ax["grid"].set_yticks(range(len(rows)), list(rows))
+    ax["grid"].set_xlabel("parameters (layer, projection; 'other': every other parameter)")
+    ax["grid"].set_title(f"Parameter elements whose bits changed after serving {NEW_DATA} new samples (count)")
+    fig.colorbar(im, ax=ax["grid"], label="fraction of elements changed")
+
     watched = _group(tta["relative_change_of"])
+    drift = ax["drift"]
     for (name, r), style in zip(rows.items(), ("o-", "s--", "^:", "x-"), strict=True):
-        ax[1].plot(range(1, len(r["relative_change"]) + 1), r["relative_change"], style, label=name)
-    ax[1].set(
-        xlabel="served batch",
-        ylabel="||W - W_trained|| / ||W_trained||",
-        title=f"{watched} during serving",
+        drift.plot(range(1, len(r["relative_change"]) + 1), r["relative_change"], style, label=name)
+    drift.set(xlabel="served batch", ylabel="||W - W_trained|| / ||W_trained||", title=f"{watched} during serving")
+    drift.xaxis.set_major_locator(plt.MaxNLocator(integer=True))
+    drift.legend(loc="upper left")
+
+    bars = ax["bn"]
+    modes = list(bn)
+    for i, m in enumerate(modes):
+        for offset, key, colour, label in (
+            (-0.2, "params_changed", "tab:blue", "parameter tensors"),
+            (0.2, "buffers_changed", "tab:orange", "buffer tensors"),
+        ):
+            value = bn[m][key]
+            bars.bar(i + offset, value, 0.4, color=colour, label=label if i == 0 else None)
+            if value == 0:
+                _zero_bar(bars, i + offset, 0.4, colour)
+            bars.annotate(str(value), (i + offset, value), xytext=(0, 4), textcoords="offset points", ha="center")
+    bars.set_xticks(range(len(modes)), [f"served in\n{m}" for m in modes])
+    bars.set_ylim(
+        0, max(1, *(r["buffers_changed"] for r in bn.values()), *(r["params_changed"] for r in bn.values())) * 1.25
     )
-    ax[1].legend(fontsize=7)
-    x = torch.arange(len(bn)).float()
-    ax[2].bar(x - 0.2, [r["params_changed"] for r in bn.values()], 0.4, label="parameter tensors changed")
-    ax[2].bar(x + 0.2, [r["buffers_changed"] for r in bn.values()], 0.4, label="buffer tensors changed")
-    for i, r in enumerate(bn.values()):
-        ax[2].text(i - 0.2, r["params_changed"], str(r["params_changed"]), ha="center", va="bottom", fontsize=8)
-        ax[2].text(i + 0.2, r["buffers_changed"], str(r["buffers_changed"]), ha="center", va="bottom", fontsize=8)
-    ax[2].set_xticks(x.tolist(), [f"served in {m}" for m in bn], fontsize=8)
-    ax[2].set(ylabel="state tensors changed", title="Aside: BN CNN, the buffers pitfall")
-    ax[2].legend(fontsize=7)
-    return save(fig, out_dir, NAME)
+    bars.yaxis.set_major_locator(plt.MaxNLocator(integer=True))
+    bars.set(xlabel="batch-norm CNN", ylabel="state tensors changed", title="Aside: the buffers pitfall")
+    bars.legend(loc="upper left")
+
+    changed = sum(sum(r["changed_elements"].values()) for r in runs.values())
+    q = sum(tta["changed_elements"][g] for g in groups if g.endswith("W_Q"))
+    fig.suptitle(
+        finding_title(
+            "After training, using the model changes no weight",
+            holds,
+            f"{len(runs)} ways of serving: {changed} parameter elements changed; "
+            f"test-time adaptation (control): {q} W_Q elements",
+        )
+    )
+    return fig

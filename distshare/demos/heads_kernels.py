@@ -29,13 +29,14 @@ from __future__ import annotations
 import copy
 import itertools
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from distshare.data.shapes import PATTERN_NAMES
-from distshare.demos.common import CNN, TRANSFORMER, Trained, pyplot, save, trained
+from distshare.demos.common import CNN, TRANSFORMER, Trained, finding_title, pyplot, save, trained
 from distshare.demos.context import initial, sentence_ids, trained_from
 from distshare.demos.finding import Control, Finding, verdict
 from distshare.models import build_model
@@ -243,7 +244,7 @@ def run(out_dir: Path, seed: int = 0, mutant: str | None = None) -> Finding:
         "final_train_loss": {"transformer": tr.result.losses[-1], "cnn": cnn.result.losses[-1]},
         **claim,
     }
-    figure = _figure(out_dir, transformer, tr, conv, claim, untrained, copies, mutant)
+    figure = _figure(out_dir, transformer, tr, conv, claim, untrained, copies, mutant, holds)
     per_layer = ", ".join(
         f"L{x['layer']} {x['distinct_views']}/{x['heads']} (smallest pair {x['smallest_pair_js']:.3f} > "
         f"bar {x['bar_js']:.3f} nats)"
@@ -280,61 +281,73 @@ def _figure(
     untrained: dict,
     copies: dict,
     mutant: str | None,
+    holds: bool,
 ) -> str:
+    with torch.no_grad():
+        _, maps = model.encode(sentence_ids(SENTENCE, tr.info))
+    attention = [m[0] for m in maps]  # per layer: heads x query x key, on SENTENCE
+    kernels = conv.weight.detach()[:, 0]
+    return save(figure_of(SENTENCE.split(), attention, kernels, claim, untrained, copies, mutant, holds), out_dir, NAME)
+
+
+def figure_of(
+    words: list[str],
+    attention: list[Tensor],
+    kernels: Tensor,
+    claim: dict,
+    untrained: dict,
+    copies: dict,
+    mutant: str | None,
+    holds: bool,
+) -> Any:
+    """The heads' attention on one sentence (a row of panels per layer), the first-layer kernels,
+    what each filter responds to, and the count of distinct views against the controls."""
     plt = pyplot()
     layers = claim["heads"]["layers"]
-    n_layers, n_heads, n_filters = len(layers), layers[0]["heads"], conv.out_channels
+    n_layers, n_heads, n_filters = len(attention), attention[0].shape[0], kernels.shape[0]
     cols = 2 * max(n_heads, n_filters // 2)  # heads 2 columns wide, kernels 1; a last narrow one for colour bars
     mosaic = [[f"h{layer}{c // (cols // n_heads)}" for c in range(cols)] + ["attn_bar"] for layer in range(n_layers)]
     mosaic.append([f"k{c // (cols // n_filters)}" for c in range(cols)] + ["kernel_bar"])
-    mosaic.append(["profile"] * (cols // 2) + ["views"] * (cols // 2) + ["."])
-    fig, ax = plt.subplot_mosaic(
-        mosaic,
-        figsize=(13, 3.4 * n_layers + 7),
-        height_ratios=[3] * n_layers + [1.4, 3.4],
-        width_ratios=[1] * cols + [0.15],
-    )
-
-    words = SENTENCE.split()
-    with torch.no_grad():
-        _, maps = model.encode(sentence_ids(SENTENCE, tr.info))
+    fig = plt.figure(figsize=(10, 2.9 * n_layers + 7.6), layout="constrained")
+    # Two subfigures, laid out apart: the bottom row's colour bar does not shift the panels above.
+    top, bottom = fig.subfigures(2, 1, height_ratios=(3 * n_layers + 1.3, 3.9))
+    ax = top.subplot_mosaic(mosaic, height_ratios=[3] * n_layers + [1.3], width_ratios=[1] * cols + [0.15])
+    ax.update(bottom.subplot_mosaic([["profile", "views"]]))
     image = None
     for layer in range(n_layers):
         for hd in range(n_heads):
             a = ax[f"h{layer}{hd}"]
-            image = a.imshow(maps[layer][0, hd], cmap="viridis", vmin=0, vmax=1)
-            a.set_xticks(range(len(words)), words, fontsize=7, rotation=45)
-            a.set_yticks(range(len(words)), words if hd == 0 else [], fontsize=7)
-            a.set_title(f"layer {layer}, head {hd}", fontsize=9)
-        ax[f"h{layer}0"].set_ylabel(f"layer {layer}: query", fontsize=8)
-    fig.colorbar(image, cax=ax["attn_bar"], label=f'attention weight on "{SENTENCE}" (row: query, column: key)')
+            image = a.imshow(attention[layer][hd], cmap="viridis", vmin=0, vmax=1)
+            a.set_xticks(range(len(words)), words, rotation=45, ha="right", rotation_mode="anchor")
+            a.set_yticks(range(len(words)), words if hd == 0 else [])
+            a.set_title(f"layer {layer}, head {hd}")
+        ax[f"h{layer}0"].set_ylabel(f"layer {layer}\nquery (row)", fontweight="bold")
+    fig.colorbar(image, cax=ax["attn_bar"], label=f'attention weight, key (column) on "{" ".join(words)}"')
 
-    weights = conv.weight.detach()[:, 0]
-    lim = float(weights.abs().max())
+    lim = float(kernels.abs().max())
     kernel_image = None
     for i in range(n_filters):
         a = ax[f"k{i}"]
-        kernel_image = a.imshow(weights[i], cmap="RdBu_r", vmin=-lim, vmax=lim)
-        a.set_title(f"filter {i}", fontsize=8)
+        kernel_image = a.imshow(kernels[i], cmap="RdBu_r", vmin=-lim, vmax=lim)
+        a.set_title(f"filter {i}")
         a.set_xticks([])
         a.set_yticks([])
-    fig.colorbar(kernel_image, cax=ax["kernel_bar"], label="kernel weight")
+    ax["k0"].set_ylabel("conv 1\nkernels", fontweight="bold")
+    fig.colorbar(kernel_image, cax=ax["kernel_bar"], label="weight")
 
     f = claim["filters"]
     profile = ax["profile"]
     resp = profile.imshow(torch.tensor(f["mean_peak_response_by_pattern"]), cmap="magma", aspect="auto")
-    profile.set_xticks(range(len(PATTERN_NAMES)), PATTERN_NAMES, fontsize=8)
-    profile.set_yticks(range(n_filters), [f"filter {i}" for i in range(n_filters)], fontsize=8)
-    profile.set_title(
-        f"what each filter responds to: {f['distinct_views']}/{f['filters']} distinct filters", fontsize=9
-    )
-    fig.colorbar(resp, ax=profile, label="mean peak response (ReLU) over images")
+    profile.set_xticks(range(len(PATTERN_NAMES)), PATTERN_NAMES, rotation=30, ha="right", rotation_mode="anchor")
+    profile.set_yticks(range(n_filters), [f"filter {i}" for i in range(n_filters)])
+    profile.set_xlabel("shape in the image")
+    profile.set_title(f"what each filter responds to:\n{f['distinct_views']}/{f['filters']} distinct filters")
+    fig.colorbar(resp, ax=profile, label="mean peak response (ReLU)")
 
     bars = ax["views"]
-    groups = [
-        f"heads, layer {x['layer']}\nsmallest pair {x['smallest_pair_js']:.3f} nats\nbar (untrained) {x['bar_js']:.3f}"
-        for x in layers
-    ] + [f"filters\nsmallest pair {f['smallest_pair_max_abs_diff']:.2g}\nbar (rounding) {f['tolerance']:.1g}"]
+    groups = [f"heads L{x['layer']}\nmin {x['smallest_pair_js']:.3f}\nbar {x['bar_js']:.3f}" for x in layers] + [
+        f"filters\nmin {f['smallest_pair_max_abs_diff']:.2g}\nbar {f['tolerance']:.1g}"
+    ]
     series = (
         ("trained (the claim)" + (f", mutant: {mutant}" if mutant else ""), claim, "tab:blue"),
         ("untrained (control)", untrained, "tab:red"),
@@ -346,11 +359,22 @@ def _figure(
         xs = [g + (s - 1) * width for g in range(len(groups))]
         bars.bar(xs, counts, width=width, color=colour, label=label)
         for xpos, count in zip(xs, counts, strict=True):
-            bars.text(xpos, count + 0.1, str(count), ha="center", fontsize=8)
-    bars.set_xticks(range(len(groups)), groups, fontsize=8)
+            bars.text(xpos, count + 0.1, str(count), ha="center")
+    bars.set_xticks(range(len(groups)), groups)
     bars.set_ylabel("distinct views")
-    bars.set_ylim(0, max(n_heads, n_filters) + 1.5)
-    bars.legend(fontsize=8, loc="upper left")
-    bars.set_title("distinct views: trained vs the controls", fontsize=9)
-    fig.suptitle("Several heads, several filters: several views of the same input", fontsize=11)
-    return save(fig, out_dir, NAME)
+    bars.set_xlabel("smallest pair's difference vs the bar (heads: JS nats)")
+    bars.set_ylim(0, max(n_heads, n_filters) + 3.5)
+    bars.yaxis.set_major_locator(plt.MaxNLocator(integer=True))
+    bars.legend(loc="upper left")
+    bars.set_title("distinct views: trained vs the controls")
+    heads_found = ", ".join(f"L{x['layer']} {x['distinct_views']}/{x['heads']}" for x in layers)
+    fig.suptitle(
+        finding_title(
+            "Several heads, several filters: several views of the same input",
+            holds,
+            f"trained: distinct heads {heads_found}, filters {f['distinct_views']}/{f['filters']}; "
+            f"started as copies: heads {[x['distinct_views'] for x in copies['heads']['layers']]}, "
+            f"filters {copies['filters']['distinct_views']}",
+        )
+    )
+    return fig

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import textwrap
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -38,7 +39,7 @@ import torch
 from torch import nn
 
 from distshare.config import RunConfig
-from distshare.demos.common import config, pyplot, save
+from distshare.demos.common import config, finding_title, pyplot, save
 from distshare.demos.finding import Control, Finding, verdict
 from distshare.distributed.spawn import run_distributed
 from distshare.distributed.sync import DDPSync, GradSync
@@ -239,7 +240,8 @@ def run(out_dir: Path, seed: int = 0, mutant: str | None = None) -> Finding:
             {"chain_links": per_batch_links, "final_weight_sets": len(set(per_batch["trail"]))},
         ),
     ]
-    figure = _figure(out_dir, initial, single, single_exact, trails, per_batch["trail"], numbers)
+    holds = one_weight_set(links, ddp_agree, exact_agree)
+    figure = _figure(out_dir, initial, single, single_exact, trails, per_batch["trail"], numbers, holds)
     headline = (
         f"{updates} updates, each from the last ({links}/{updates} replayed bit for bit); {RANKS} DDP ranks agree at "
         f"{ddp_agree}/{updates} steps; exact sum = one process at {exact_agree}/{updates}; unsynced ranks agree at "
@@ -249,7 +251,7 @@ def run(out_dir: Path, seed: int = 0, mutant: str | None = None) -> Finding:
         NAME,
         QUESTION,
         CLAIM,
-        verdict(one_weight_set(links, ddp_agree, exact_agree)),
+        verdict(holds),
         controls,
         numbers,
         figure,
@@ -267,8 +269,22 @@ def _figure(
     trails: dict[str, list[list[str]]],
     per_batch: list[str],
     numbers: dict,
+    holds: bool,
 ) -> str:
-    """Each fingerprint drawn as a colour (from its digest): equal colours, equal weights."""
+    return save(figure_of(initial, single, single_exact, trails, per_batch, numbers, holds), out_dir, NAME)
+
+
+def figure_of(
+    initial: str,
+    single: dict,
+    single_exact: dict,
+    trails: dict[str, list[list[str]]],
+    per_batch: list[str],
+    numbers: dict,
+    holds: bool,
+) -> Any:
+    """Each fingerprint drawn as a colour (from its digest): equal colours, equal weights. The
+    colours name weight sets, they measure nothing: no colour bar, the digest is written in the cell."""
     plt = pyplot()
     rows = [("1 process", single["trail"])]
     rows += [(f"rank {r}, ddp", t) for r, t in enumerate(trails["ddp"])]
@@ -282,31 +298,36 @@ def _figure(
         return [int(h[i : i + 2], 16) / 255 for i in (0, 2, 4)]
 
     grid = torch.tensor([[colour(initial)] + [colour(d) for d in t] for _, t in rows])
-    fig, ax = plt.subplots(figsize=(11, 5.2))
+    fig, ax = plt.subplots(figsize=(10, 7), layout="constrained")
     ax.imshow(grid.numpy(), aspect="auto")
-    ax.set_yticks(range(len(rows)), [label for label, _ in rows], fontsize=8)
+    ax.set_yticks(range(len(rows)), [label for label, _ in rows])
     steps = len(single["trail"])
     ax.set_xticks(range(steps + 1), ["init"] + [str(i + 1) for i in range(steps)])
     ax.set_xlabel("update (optimizer step)")
+    ax.set_ylabel("who holds the weights")
     for y, (_, t) in enumerate(rows):
         for x, d in enumerate([initial, *t]):
             dark = sum(w * c for w, c in zip((0.3, 0.59, 0.11), colour(d), strict=True)) < 0.55
-            ax.text(
-                x, y, d.split(":")[-1][:4], ha="center", va="center", fontsize=6, color="white" if dark else "black"
-            )
+            ax.text(x, y, d.split(":")[-1][:4], ha="center", va="center", color="white" if dark else "black")
     for y in (2.5, 5.5):  # groups: local and ddp, exact sum, controls
         ax.axhline(y, color="white", lw=3)
-    ax.set_title("Weight fingerprint after every update: one colour (and label) per distinct weight set", fontsize=10)
+    ax.set_title("weight fingerprint after every update: one colour (and digest) per distinct weight set")
     d = numbers["ddp_vs_one_process_final"]
     note = (
-        f"ddp: both ranks agree at {numbers['ddp_steps_all_ranks_agree']}/{steps} steps. They differ from '1 process' "
+        f"ddp: the ranks agree at {numbers['ddp_steps_all_ranks_agree']}/{steps} steps; they differ from '1 process' "
         f"by rounding only (bitwise equal at {numbers['ddp_steps_bitwise_equal_to_one_process']}/{steps} steps; after "
-        f"step {steps}: max abs {d['max_abs_diff']:.1e}, norm rel {d['norm_rel_diff']:.1e}):\n"
-        f"each rank sums its 2 samples and the all-reduce adds the two sums, another order than 1 process summing 4. "
-        f"The exact sum is order-free: 2 ranks = 1 process at {numbers['exact_steps_ranks_agree_with_one_process']}/"
-        f"{steps} steps.\n"
-        f"Each update starts from the last: {numbers['chain_links']}/{steps} steps replayed bit for bit from the "
-        f"previous state."
+        f"step {steps}: max abs {d['max_abs_diff']:.1e}, norm rel {d['norm_rel_diff']:.1e}): each rank sums its 2 "
+        "samples and the all-reduce adds the two sums, another order than 1 process summing 4. The exact sum is "
+        f"order-free: 2 ranks = 1 process at {numbers['exact_steps_ranks_agree_with_one_process']}/{steps} steps."
     )
-    ax.text(0.0, -0.16, note, fontsize=7, va="top", ha="left", transform=ax.transAxes)
-    return save(fig, out_dir, NAME)
+    fig.supxlabel(textwrap.fill(note, 115), x=0.01, ha="left", fontsize=9)
+    fig.suptitle(
+        finding_title(
+            "One weight set: every rank holds the same weights, each update starts from the last",
+            holds,
+            f"ddp ranks agree at {numbers['ddp_steps_all_ranks_agree']}/{steps} steps, the exact sum equals 1 process "
+            f"at {numbers['exact_steps_ranks_agree_with_one_process']}/{steps}; "
+            f"{numbers['chain_links']}/{steps} updates replayed bit for bit",
+        )
+    )
+    return fig

@@ -1,13 +1,15 @@
 """Figures and report.md of `distshare equivalence`, rendered from its result (the JSON).
 
 The heatmap puts the grid on one page: world size down, accumulation steps across, one
-panel per precision. A cell's colour is the partition's worst normwise parameter difference
-from one big batch in units of u (log scale, one colour bar for every panel); its text is
-the verdict's own numbers (that difference, the largest ULP distance, the gradient's
-observed/bound ratio) and the verdict. A bitwise-equal cell is grey and says "bitwise", a
-non-finite one is red and says "NON-FINITE", a failed one has a red frame and says why.
+panel per precision, stacked (the figure is as wide as the k columns, for a README's 800 px).
+A cell's colour is the partition's worst normwise parameter difference from one big batch in
+units of u (log scale, one colour bar for every panel); its text is the verdict's own numbers
+(that difference, the largest ULP distance, the gradient's observed/bound ratio) and the
+verdict, black or white by contrast with the cell. A bitwise-equal cell is grey and says
+"bitwise", a non-finite one is red and says "NON-FINITE", a failed one has a red frame and says
+why. The title counts the splits that pass, and says FAILED when one does not.
 
-The loss figure shows the curves (which overlap) and, beside them, how far each
+The loss figure shows the curves (which overlap) and, below them, how far each
 partition's loss is from the reference's, with a row for "0" (equal) and one for "NaN/inf"
 so that no point disappears from the log axis. The loss is a float64 sum over ranks and
 micro-batches in an order of its own, so it can differ in its last bits where the
@@ -21,7 +23,7 @@ import textwrap
 from pathlib import Path
 from typing import Any
 
-from distshare.report import markdown_table
+from distshare.report import MAX_WIDTH_IN, markdown_table, pyplot, save_figure
 
 BITWISE_COLOUR = "#d9d9d9"  # neutral grey: no difference at all, not a small one
 NONFINITE_COLOUR = "#b2182b"  # red: a NaN or infinity, a failure whatever else holds
@@ -31,12 +33,7 @@ CMAP = "viridis"
 
 
 def _pyplot() -> Any:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+    return pyplot()
 
 
 def _float(value: Any) -> float:
@@ -131,8 +128,32 @@ def cell_text(p: dict[str, Any], sync: str | None = None) -> str:
 
 
 def _luminance(rgba: tuple[float, ...]) -> float:
-    r, g, b = rgba[:3]
-    return 0.299 * r + 0.587 * g + 0.114 * b
+    """Relative luminance (WCAG 2): what decides whether black or white text reads on a colour."""
+
+    def linear(c: float) -> float:
+        return c / 12.92 if c <= 0.04045 else ((c + 0.055) / 1.055) ** 2.4
+
+    r, g, b = (linear(c) for c in rgba[:3])
+    return 0.2126 * r + 0.7152 * g + 0.0722 * b
+
+
+def text_colour(rgba: tuple[float, ...]) -> str:
+    """Black or white, whichever contrasts more with the cell's colour (WCAG contrast ratio)."""
+    lum = _luminance(rgba)
+    return "black" if (lum + 0.05) / 0.05 >= 1.05 / (lum + 0.05) else "white"
+
+
+def heatmap_title(partitions: list[dict[str, Any]], sync: str | None = None) -> str:
+    """The heatmap's finding, from the verdicts: how many splits pass, how many are bitwise, the worst."""
+    n_ok = sum(passes(p, sync) for p in partitions)
+    n_bit = sum(bool(p["bitwise_equal"]) for p in partitions)
+    finite = [v for p in partitions if math.isfinite(v := cell_value(p))]
+    worst = f"; worst parameter difference {_g(max(finite))} u" if finite and max(finite) > 0 else ""
+    if n_ok == len(partitions):
+        head = f"All {len(partitions)} splits W x k train like one big batch"
+    else:
+        head = f"FAILED: {len(partitions) - n_ok} of {len(partitions)} splits do not train like one big batch"
+    return f"{head}\n{n_ok}/{len(partitions)} ok, {n_bit} bitwise equal{worst}"
 
 
 def heatmap_figure(partitions: list[dict[str, Any]], sync: str | None = None) -> Any:
@@ -153,16 +174,18 @@ def heatmap_figure(partitions: list[dict[str, Any]], sync: str | None = None) ->
     ]
     norm = LogNorm(vmin=min([0.1, *shown]), vmax=max([10.0, *shown]))
     cmap = plt.get_cmap(CMAP)
+    # One panel per precision, stacked: the figure is as wide as the k columns (readable at a
+    # README's 800 px), and as tall as it needs.
+    width = min(MAX_WIDTH_IN, 2.6 + 1.75 * len(ks))
     fig, axes = plt.subplots(
-        1,
         len(dtypes),
-        figsize=(2.0 + 1.6 * len(ks) * len(dtypes), 2.3 + 0.95 * len(ws)),
-        dpi=110,
+        1,
+        figsize=(width, 2.2 + (0.6 + 1.05 * len(ws)) * len(dtypes)),
         squeeze=False,
         layout="constrained",
     )
     kinds: set[str] = set()
-    for ax, dtype in zip(axes[0], dtypes, strict=True):
+    for ax, dtype in zip(axes[:, 0], dtypes, strict=True):
         cells = {(p["world_size"], p["accum_steps"]): p for p in partitions if p["dtype"] == dtype}
         u = _float(next(iter(cells.values()))["unit_roundoff"])
         image = [[(1.0, 1.0, 1.0, 0.0)] * len(ks) for _ in ws]  # transparent: not in the grid
@@ -170,7 +193,7 @@ def heatmap_figure(partitions: list[dict[str, Any]], sync: str | None = None) ->
             for j, k in enumerate(ks):
                 p = cells.get((w, k))
                 if p is None:
-                    ax.text(j, i, "not run", ha="center", va="center", fontsize=7, color="0.5")
+                    ax.text(j, i, "not run", ha="center", va="center", fontsize=9, color="0.35")
                     continue
                 if is_nonfinite(p):
                     colour, kind = to_rgba(NONFINITE_COLOUR), "nonfinite"
@@ -195,8 +218,8 @@ def heatmap_figure(partitions: list[dict[str, Any]], sync: str | None = None) ->
                     text,
                     ha="center",
                     va="center",
-                    fontsize=7,
-                    color="black" if _luminance(colour) > 0.5 else "white",
+                    fontsize=9,
+                    color=text_colour(colour),
                     fontweight="normal" if ok else "bold",
                 )
         ax.imshow(image, aspect="auto")
@@ -211,10 +234,10 @@ def heatmap_figure(partitions: list[dict[str, Any]], sync: str | None = None) ->
         ax.set_ylabel("world size W (ranks)")
         n_ok = sum(passes(p, sync) for p in cells.values())
         n_bit = sum(bool(p["bitwise_equal"]) for p in cells.values())
-        ax.set_title(f"{dtype} (u = {u:.1e}): {n_ok}/{len(cells)} ok, {n_bit} bitwise", fontsize=9)
+        ax.set_title(f"{dtype} (u = {u:.1e}): {n_ok}/{len(cells)} ok, {n_bit} bitwise")
     if "diff" in kinds:  # a colour bar only where some cell has a colour from it
-        bar = fig.colorbar(ScalarMappable(norm=norm, cmap=cmap), ax=list(axes[0]), shrink=0.85, pad=0.02)
-        bar.set_label("params ||a - b|| / ||b||, worst step, in units of u (log)", fontsize=8)
+        bar = fig.colorbar(ScalarMappable(norm=norm, cmap=cmap), ax=list(axes[:, 0]), shrink=0.85, pad=0.02)
+        bar.set_label("params ||a - b|| / ||b||, worst step, in units of u (log)")
     legend = {
         "bitwise": Patch(fc=BITWISE_COLOUR, ec="0.6", label="bitwise equal (params, gradients, buffers)"),
         "equal": Patch(fc=EQUAL_PARAMS_COLOUR, ec="0.6", label="params equal, gradient or buffers not"),
@@ -234,13 +257,11 @@ def heatmap_figure(partitions: list[dict[str, Any]], sync: str | None = None) ->
     fig.legend(
         handles=handles,
         loc="outside lower center",
-        ncol=max(1, len(handles)),
-        fontsize=7,
+        ncol=max(1, min(2, len(handles))),
         frameon=False,
-        title=textwrap.fill(caption, 40 + 25 * len(ks) * len(dtypes)),
-        title_fontsize=7,
+        title=textwrap.fill(caption, int(width * 13)),
     )
-    fig.suptitle("Does every split W x k train like one big batch?", fontsize=10)
+    fig.suptitle(heatmap_title(partitions, sync))
     return fig
 
 
@@ -252,11 +273,7 @@ def plot_heatmap(path: Path, partitions: list[dict[str, Any]], sync: str | None 
     many ULPs there), so it is not what the colour shows. `sync="exact"` judges as exact mode
     does: a cell that is not bitwise fails.
     """
-    plt = _pyplot()
-    fig = heatmap_figure(partitions, sync)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save_figure(heatmap_figure(partitions, sync), path)
 
 
 def _which(partitions: list[dict[str, Any]], named: list[dict[str, Any]]) -> str:
@@ -306,13 +323,25 @@ def loss_note(partitions: list[dict[str, Any]], reference: dict[str, list[float]
     )
 
 
+def loss_title(series: list[tuple[dict[str, Any], list[float]]], sync: str | None = None) -> str:
+    """The loss figure's finding, from the differences: NaN/inf, the largest, or none at all."""
+    mode = f" (sync={sync})" if sync else ""
+    bad = [p for p, diffs in series if any(not math.isfinite(d) for d in diffs)]
+    finite = [d for _, diffs in series for d in diffs if math.isfinite(d)]
+    if bad:
+        return f"FAILED: the loss of {len(bad)} of {len(series)} splits is NaN or infinite{mode}"
+    if not finite or max(finite) == 0:
+        return f"The loss of all {len(series)} splits equals one big batch's, bit for bit{mode}"
+    return f"The loss of {len(series)} splits stays within {max(finite):.2g} of one big batch's{mode}"
+
+
 def loss_figure(partitions: list[dict[str, Any]], reference: dict[str, list[float]], sync: str | None = None) -> Any:
     """The loss figure as a matplotlib Figure (what `plot_loss_curves` saves)."""
     plt = _pyplot()
     from matplotlib.lines import Line2D
     from matplotlib.ticker import MaxNLocator
 
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.4), dpi=110)
+    fig, (left, right) = plt.subplots(2, 1, figsize=(8, 8.2), height_ratios=(1, 2))
     colours = {d: f"C{i}" for i, d in enumerate(reference)}
     for p in partitions:
         colours.setdefault(p["dtype"], f"C{len(colours)}")
@@ -324,8 +353,8 @@ def loss_figure(partitions: list[dict[str, Any]], reference: dict[str, list[floa
         left.plot(range(len(p["losses"])), [_float(y) for y in p["losses"]], color=colours[p["dtype"]], lw=0.6)
     left.set_xlabel("step")
     left.set_ylabel("global mean loss")
-    left.set_title("every partition (thin; they overlap); bold: the reference", fontsize=9)
-    left.legend(fontsize=7)
+    left.set_title("every partition (thin; they overlap); bold: the reference")
+    left.legend()
 
     series = [(p, [_float(s["loss_diff"]) for s in p["steps"]]) for p in partitions]
     values = [d for _, ds in series for d in ds]
@@ -377,7 +406,7 @@ def loss_figure(partitions: list[dict[str, Any]], reference: dict[str, list[floa
     if any_bad:
         handles.append(Line2D([], [], ls="none", marker="x", mew=2, color=NONFINITE_COLOUR, label="NaN or inf: FAIL"))
     if handles:
-        right.legend(handles=handles, fontsize=7, loc="best")
+        right.legend(handles=handles, loc="best")
     if positive:
         step = max(1, (high_decade - low_decade + 1) // 6)
         ticks = [10.0**e for e in range(low_decade, high_decade + 1, step)]
@@ -413,7 +442,7 @@ def loss_figure(partitions: list[dict[str, Any]], reference: dict[str, list[floa
         title = "parameters bitwise equal everywhere: only the loss's own rounding differs"
     else:
         title = "distance from the reference's loss (every point drawn; 0 on its own row)"
-    right.set_title(title, fontsize=9)
+    right.set_title(title)
     notes = [
         "The loss of step s is taken at the parameters before update s (step 0: the same initial parameters "
         "everywhere); it is summed over micro-batches and ranks in an order of the partition's own, so it can "
@@ -421,11 +450,11 @@ def loss_figure(partitions: list[dict[str, Any]], reference: dict[str, list[floa
     ]
     if note:
         notes.insert(0, note)
-    text = "\n".join(textwrap.fill(n, 190) for n in notes)
-    fig.text(0.01, 0.01, text, fontsize=7.5, color="0.15" if note else "0.35", va="bottom")
-    mode = f" (sync={sync})" if sync else ""
-    fig.suptitle(f"Loss of every partition against one big batch{mode}", fontsize=10)
-    fig.tight_layout(rect=(0, 0.05 + 0.035 * text.count("\n"), 1, 0.97))
+    text = "\n".join(textwrap.fill(n, 100) for n in notes)
+    fig.text(0.01, 0.01, text, fontsize=9, color="0.15" if note else "0.35", va="bottom")
+    fig.suptitle(loss_title(series, sync))
+    lines = text.count("\n") + 1
+    fig.tight_layout(rect=(0, (0.25 + 0.17 * lines) / fig.get_figheight(), 1, 1))
     return fig
 
 
@@ -436,11 +465,7 @@ def plot_loss_curves(
     one colour per precision (the partitions of one precision bunch together), dashed and
     hollow where the partition's parameters are bitwise equal to the reference's; 0 and
     NaN/inf on rows of their own."""
-    plt = _pyplot()
-    fig = loss_figure(partitions, reference, sync)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save_figure(loss_figure(partitions, reference, sync), path)
 
 
 def _num(value: Any, spec: str) -> str:
