@@ -323,6 +323,11 @@ def _report(result: dict, table: list[tuple[str, str, str]]) -> str:
             "micro-batches, then the all-reduce sums the ranks, while one process sums the whole batch in "
             "one matrix product. Later steps carry the difference forward through the optimizer.",
             "",
+            "The figure: the two loss curves (they overlap: alone they prove little), then per step on a log "
+            "scale the parameters' difference from the one process beside the rounding envelope, the loss's "
+            "relative difference (an exact 0 on its own row, '0 (bitwise)'), the gradient's difference over its "
+            "rounding bound, and a mark for every replica check (green: bit-identical; red X: the ranks differ).",
+            "",
             "![loss](loss.png)",
             "",
             f"Final fingerprint (every rank): `{result['final_fingerprint']}`",
