@@ -174,7 +174,7 @@ def test_a_missing_engine_package_says_what_to_install(monkeypatch):
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "ray" else real(name, *a))
-    with pytest.raises(UsageError, match=r"pip install 'ray\[train\]'"):
+    with pytest.raises(UsageError, match=r"pip install 'distshare\[ray\]'"):
         resolve_engine(load_config(None, ["engine=ray", "plan.world_size=2"]))
 
 

@@ -29,6 +29,7 @@ from safetensors.torch import load_file
 from distshare.config import RunConfig, dump_config
 from distshare.engines.torchrun import torchrun_command
 from distshare.errors import DistshareError
+from distshare.extras import install_hint
 from distshare.numerics.diff import diff
 
 # The runs of the table, in order: (engine, launcher), named as `--engine` and result.json's
@@ -138,7 +139,7 @@ def _run_engine(
         cmd = torchrun_command(w, train[2:]) + ["--engine", "torch"]  # what `--engine torchrun` runs
     elif engine == "accelerate":
         if not _installed("accelerate"):
-            return EngineRun(engine, launcher, [], w, skipped="accelerate not installed")
+            return EngineRun(engine, launcher, [], w, skipped=f"accelerate not installed: {install_hint('accelerate')}")
         acc_config = out.parent / "accelerate-cpu.yaml"
         acc_config.write_text(yaml.safe_dump({**ACCELERATE_CPU_CONFIG, "num_processes": w}))
         cmd = py + ["-m", "accelerate.commands.launch", "--config_file", str(acc_config)]
@@ -146,7 +147,7 @@ def _run_engine(
         cmd += ["--engine", "accelerate"]
     elif engine == "ray":
         if not _installed("ray"):
-            return EngineRun(engine, launcher, [], w, skipped="ray not installed")
+            return EngineRun(engine, launcher, [], w, skipped=f"ray not installed: {install_hint('ray')}")
         cmd = py + train + ["--engine", "ray", "--nproc", str(w)]
         if ray_address:
             cmd += ["--ray-address", ray_address]

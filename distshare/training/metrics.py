@@ -11,7 +11,8 @@ that ran: their global loss is unknown (it needs the collective that failed), so
 null and `unreduced` says why; the last line is flushed before the process ends.
 
 Rows go to a sink: a file on the machine of rank 0 (`FileSink`), or anything with
-`write(rows)` and `close()` (Ray's workers send them to the driver, which writes the file).
+`write(rows)` and `close()` (Ray's rank 0 sends them to the driver, which writes each to its
+`FileSink` as it arrives: the file grows during the run under every engine).
 """
 
 from __future__ import annotations

@@ -1,0 +1,104 @@
+"""Claim: a Ray run shows and keeps what the other engines show and keep. Its driver draws
+the progress bar, writes config.yaml at once and each metrics.jsonl row as it arrives (the
+file grows while the run goes), and Ctrl-C ends it like any run: exit 130, "interrupted:
+resume from ... with: distshare train ...", config.yaml and the rows so far on disk, and the
+same reason in INCOMPLETE.
+
+One real run on a local Ray the command starts itself (as a user's would), interrupted as a
+terminal's Ctrl-C does: SIGINT to the whole process group. Every wait is bounded.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from conftest import ROOT, get_launch_command, subprocess_env
+from small_split import SMALL_SPLIT
+
+pytest.importorskip("ray")
+
+START_S = 120.0  # Ray's start-up and the first window of rows: about 20 s on 2 busy cores
+STOP_S = 60.0  # Ctrl-C to exit: stop the workers, shut Ray down
+
+
+def _wait_for(what: str, ok: Callable[[], bool], proc: subprocess.Popen, within_s: float) -> None:
+    deadline = time.monotonic() + within_s
+    while not ok():
+        if proc.poll() is not None:
+            raise AssertionError(f"the run ended (exit {proc.returncode}) before {what}")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"no {what} within {within_s:.0f} s")
+        time.sleep(0.2)
+
+
+def _lines(path: Path) -> int:
+    return len(path.read_text().splitlines()) if path.is_file() else 0
+
+
+@pytest.fixture(scope="module")
+def interrupted(tmp_path_factory) -> dict:
+    """A long Ray run, watched while it goes, then interrupted: what was seen, and its end."""
+    tmp = tmp_path_factory.mktemp("ray-interrupt")
+    out, ckpt, err = tmp / "run", tmp / "ckpt", tmp / "stderr.txt"
+    args = ["train", "--engine", "ray", "--nproc", "2", *SMALL_SPLIT, "--steps", "100000"]
+    args += ["--checkpoint-dir", str(ckpt), "--checkpoint-every", "20", "--out", str(out)]
+    metrics = out / "metrics.jsonl"
+    seen: dict = {}
+    with err.open("w") as stderr:
+        proc = subprocess.Popen(
+            [*get_launch_command(), *args],
+            cwd=ROOT,
+            env=subprocess_env(),
+            stdout=subprocess.PIPE,
+            stderr=stderr,
+            text=True,
+            start_new_session=True,  # its own process group, as a terminal's foreground job
+        )
+        try:
+            _wait_for("metrics.jsonl row", lambda: _lines(metrics) >= 1, proc, START_S)
+            seen["first"] = _lines(metrics)
+            _wait_for("more rows", lambda: _lines(metrics) > seen["first"] + 10, proc, START_S)
+            seen["later"] = _lines(metrics)
+            _wait_for("checkpoint", lambda: any(ckpt.glob("step-*")), proc, START_S)
+            seen["stderr_while_running"] = err.read_text()
+            os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C in a terminal: the whole foreground group
+            stdout, _ = proc.communicate(timeout=STOP_S)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=STOP_S)
+    return {"rc": proc.returncode, "stdout": stdout, "stderr": err.read_text(), "out": out, **seen}
+
+
+@pytest.mark.launcher
+@pytest.mark.slow
+def test_ray_streams_metrics_and_progress_while_it_runs(interrupted):
+    assert interrupted["later"] > interrupted["first"] >= 1  # rows appear as they run, not at the end
+    shown = interrupted["stderr_while_running"]
+    assert "ray: 2 Ray Train worker(s)" in shown
+    assert "train:" in shown and "step/s" in shown, shown[-2000:]  # the bar, as under the other engines
+    assert "loss=" in shown
+
+
+@pytest.mark.launcher
+@pytest.mark.slow
+@pytest.mark.faults
+def test_ray_ctrl_c_leaves_what_the_other_engines_leave(interrupted):
+    out, err = interrupted["out"], interrupted["stderr"]
+    assert interrupted["rc"] == 130, err[-3000:]
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("distshare: interrupted: resume from step-"), err[-3000:]
+    assert " with: distshare train " in last and "--engine=ray" in last and "--resume=" in last
+    assert "Traceback" not in err
+    assert (out / "config.yaml").is_file()
+    rows = [line for line in (out / "metrics.jsonl").read_text().splitlines() if line]
+    assert len(rows) >= interrupted["later"]  # nothing that arrived was lost
+    reason = (out / "INCOMPLETE").read_text().splitlines()[0]
+    assert reason == last.removeprefix("distshare: ")
+    assert not (out / "result.json").exists()
