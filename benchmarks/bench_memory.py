@@ -43,6 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
+from benchmarks.bench_check_cost import OVERRIDES as CHECK_COST_MODEL  # noqa: E402
 from distshare.config import load_config  # noqa: E402
 from distshare.distributed.spawn import run_distributed  # noqa: E402
 from distshare.distributed.world import World  # noqa: E402
@@ -51,18 +52,7 @@ from distshare.integrity.logical import LOGICAL_ALGORITHM, is_dtensor  # noqa: E
 from distshare.integrity.state import named_state_tensors  # noqa: E402
 from distshare.training import Run, train  # noqa: E402
 
-OVERRIDES = [  # bench_check_cost.py's model
-    "model.d_model=512",
-    "model.n_heads=8",
-    "model.n_layers=4",
-    "model.d_ff=2048",
-    "optim.name=adamw",
-    "plan.global_batch=32",
-    "plan.accum_steps=1",
-    "plan.micro_batch=null",
-    "data.num_samples=512",
-    "data.name=svo",
-]
+OVERRIDES = [*CHECK_COST_MODEL, "data.name=svo"]  # bench_check_cost.py's model
 MB = 1e6
 
 

@@ -16,8 +16,9 @@ from typing import Any
 import torch
 from torch.utils.hooks import RemovableHandle
 
-from distshare.equivalence.runs import PartitionRun, is_sharded_model, record_gradients, state_of
+from distshare.equivalence.runs import PartitionRun, record_gradients, state_of
 from distshare.equivalence.tasks import trainee_of
+from distshare.integrity.logical import is_sharded_model
 from distshare.training import Component, Loop, TrainResult
 
 

@@ -27,7 +27,7 @@ from torch.utils.hooks import RemovableHandle
 from distshare.distributed.world import World
 from distshare.equivalence.gradient import step_gradient
 from distshare.equivalence.tasks import GridTask, Trainee
-from distshare.integrity.logical import is_dtensor
+from distshare.integrity.logical import is_dtensor, is_sharded_model
 from distshare.numerics.diff import diff
 
 Tensors = dict[str, torch.Tensor]
@@ -56,11 +56,6 @@ class PartitionRun:
 def whole(t: torch.Tensor) -> torch.Tensor:
     """The whole tensor: a sharded one gathered (a collective: every rank calls it), else itself."""
     return t.full_tensor() if is_dtensor(t) else t  # type: ignore[attr-defined]
-
-
-def is_sharded_model(model: nn.Module) -> bool:
-    """Does the model hold its parameters as shards (FSDP2 / HSDP `DTensor`s)?"""
-    return any(is_dtensor(p) for p in model.parameters())
 
 
 def grads_of(model: nn.Module) -> Tensors:

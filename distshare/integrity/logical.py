@@ -53,6 +53,11 @@ def is_dtensor(t: object) -> bool:
     return hasattr(t, "device_mesh") and hasattr(t, "placements") and hasattr(t, "to_local")
 
 
+def is_sharded_model(model: torch.nn.Module) -> bool:
+    """Does the model hold its parameters as shards (FSDP2 `fully_shard`, HSDP `DTensor`s)?"""
+    return any(is_dtensor(p) for p in model.parameters())
+
+
 def _host_bytes(t: torch.Tensor) -> np.ndarray:
     """The tensor's raw bytes on the host, row-major, as uint8 (any dtype, bfloat16 included)."""
     t = t.detach()

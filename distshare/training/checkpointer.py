@@ -27,7 +27,6 @@ import torch.distributed as dist
 
 from distshare.errors import UsageError
 from distshare.integrity.checkpoint import (
-    is_sharded,
     is_sharded_checkpoint,
     load_checkpoint,
     load_sharded_checkpoint,
@@ -35,6 +34,7 @@ from distshare.integrity.checkpoint import (
     save_sharded_checkpoint,
 )
 from distshare.integrity.checkpoint.write import run_position
+from distshare.integrity.logical import is_sharded_model
 from distshare.integrity.resume import (
     Found,
     clear_leftovers,
@@ -191,7 +191,7 @@ def save(
     if world.distributed:
         every = [None] * world.world_size
         dist.all_gather_object(every, mine)
-    sharded = is_sharded(run.model)
+    sharded = is_sharded_model(run.model)
     if not world.is_main and not sharded:
         return None
     ck = run.cfg.checkpoint
@@ -227,7 +227,7 @@ class ReplicaCheckpoints(Component):
     """
 
     def begin(self, loop: Loop) -> None:
-        if is_sharded(loop.run.model):  # every rank says so: the config is the same everywhere
+        if is_sharded_model(loop.run.model):  # every rank says so: the config is the same everywhere
             raise UsageError(
                 "--save-every-rank writes each rank's replica, and under fsdp / hsdp no rank holds one: "
                 "the checkpoint in --checkpoint-dir already holds every rank's shards (distshare checksum verifies it)"

@@ -50,7 +50,7 @@ from distshare.integrity.checkpoint.format import (
 )
 from distshare.integrity.checkpoint.match import CheckpointMatch, match_checkpoint
 from distshare.integrity.checkpoint.read import read_manifest
-from distshare.integrity.checkpoint.sharded import is_sharded, load_sharded_checkpoint, save_sharded_checkpoint
+from distshare.integrity.checkpoint.sharded import load_sharded_checkpoint, save_sharded_checkpoint
 from distshare.integrity.checkpoint.sharded_verify import is_sharded_checkpoint, read_sharded_manifest
 from distshare.integrity.checkpoint.verify import load_checkpoint, verify_checkpoint
 from distshare.integrity.checkpoint.write import plan_position, save_checkpoint, save_run_checkpoint
@@ -68,7 +68,6 @@ __all__ = [
     "CheckpointCorrupted",
     "CheckpointMatch",
     "compare_checkpoints",
-    "is_sharded",
     "is_sharded_checkpoint",
     "load_sharded_checkpoint",
     "load_checkpoint",

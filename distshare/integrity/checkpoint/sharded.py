@@ -61,11 +61,6 @@ from distshare.integrity.state import named_state_tensors
 STORAGE = "torch.distributed.checkpoint"
 
 
-def is_sharded(model: nn.Module) -> bool:
-    """True for a model whose parameters are DTensors (FSDP2 `fully_shard`, HSDP)."""
-    return any(is_dtensor(p) for p in model.parameters())
-
-
 def save_sharded_checkpoint(
     path: str | Path,
     model: nn.Module,
