@@ -18,17 +18,23 @@ from distshare.errors import UsageError
 from distshare.integrity.checkpoint.format import FORMAT, MANIFEST, SAFETENSORS_DTYPES, CheckpointCorrupted
 
 
+def load_manifest_json(path: Path) -> Any:
+    """The parsed manifest.json of a checkpoint directory, whatever its format: UsageError (exit 2)
+    when there is none, CheckpointCorrupted when it cannot be read or parsed."""
+    if not path.is_dir() or not (path / MANIFEST).is_file():
+        raise UsageError(f"{path}: not a distshare checkpoint (no {MANIFEST})")
+    try:
+        return json.loads((path / MANIFEST).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointCorrupted(path, {MANIFEST: f"unreadable ({exc})"}) from None
+
+
 def read_manifest(path: str | Path) -> dict[str, Any]:
     """The manifest of a checkpoint directory; UsageError (exit 2) if this is not one."""
     path = Path(path)
     if not path.exists():
         raise UsageError(f"{path}: no such file or directory")
-    if not path.is_dir() or not (path / MANIFEST).is_file():
-        raise UsageError(f"{path}: not a distshare checkpoint (no {MANIFEST})")
-    try:
-        manifest = json.loads((path / MANIFEST).read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointCorrupted(path, {MANIFEST: f"unreadable ({exc})"}) from None
+    manifest = load_manifest_json(path)
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise UsageError(f"{path}: not a distshare checkpoint ({MANIFEST} is not a {FORMAT} manifest)")
     _check_entries(path, manifest)

@@ -32,6 +32,7 @@ from distshare.integrity.checkpoint.format import (
     CheckpointCorrupted,
     meta_digest,
 )
+from distshare.integrity.checkpoint.read import load_manifest_json
 from distshare.integrity.fingerprint import combined_fingerprint, fingerprint_many
 from distshare.integrity.logical import LOGICAL_ALGORITHM
 from distshare.integrity.state import hyperparameters
@@ -50,12 +51,7 @@ def is_sharded_checkpoint(path: str | Path) -> bool:
 def read_sharded_manifest(path: str | Path) -> dict[str, Any]:
     """The manifest of a sharded checkpoint; UsageError (exit 2) if `path` is not one."""
     path = Path(path)
-    if not (path / MANIFEST).is_file():
-        raise UsageError(f"{path}: not a distshare checkpoint (no {MANIFEST})")
-    try:
-        manifest = json.loads((path / MANIFEST).read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointCorrupted(path, {MANIFEST: f"unreadable ({exc})"}) from None
+    manifest = load_manifest_json(path)
     if not isinstance(manifest, dict) or manifest.get("format") != SHARDED_FORMAT:
         raise UsageError(f"{path}: not a sharded distshare checkpoint")
     # A hand-edited manifest must reach the readers as a named problem, never as a KeyError.
