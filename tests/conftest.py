@@ -185,6 +185,47 @@ def cli(capsys):
     return run
 
 
+@pytest.fixture(scope="session")
+def twenty_steps_straight(tmp_path_factory) -> dict:
+    """The run the resume and restart tests must end on, bit for bit: 20 steps straight of the
+    small split (tests/small_split.py) on 2 spawned ranks, a replica check every 5, in a fresh
+    process; run once for the session. Its JSON (`result.json`'s content) and `out`, its directory."""
+    from small_split import SMALL_SPLIT
+
+    out = tmp_path_factory.mktemp("twenty-straight")
+    args = ["train", "--engine", "torch", "--nproc", "2", *SMALL_SPLIT, "--steps", "20", "--check-every", "5"]
+    proc = run_cli(*args, "--no-progress", "--json", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return {**rank0_json(proc), "out": out}
+
+
+@pytest.fixture(scope="session")
+def hung_run(tmp_path_factory) -> dict[str, Any]:
+    """`distshare train` (in this process) on 2 spawned ranks whose rank 1 goes silent at the
+    start of step 3 (`distshare.testing.faults`), every collective bounded by `timeout` seconds;
+    run once for the session. test_hang.py reads what it said and how long it waited,
+    test_failure_records.py what it left in its run directory `out`."""
+    import contextlib
+    import io
+    import time
+
+    from distshare.cli import main
+    from distshare.testing.faults import fault_env
+
+    timeout = 3
+    out = tmp_path_factory.mktemp("hung") / "run"
+    argv = ["train", "--nproc", "2", "--steps", "6", "--timeout", str(timeout), "--no-progress", "--out", str(out)]
+    stdout, stderr = io.StringIO(), io.StringIO()
+    with pytest.MonkeyPatch.context() as mp:
+        for key, value in fault_env(hang_at="1:3").items():  # spawned ranks inherit it
+            mp.setenv(key, value)
+        start = time.monotonic()
+        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+            code = main(argv)
+        wall = time.monotonic() - start
+    return {"code": code, "err": stderr.getvalue(), "wall": wall, "timeout": timeout, "out": out}
+
+
 @pytest.fixture(scope="module")
 def findings(request, tmp_path_factory) -> dict[str, dict]:
     """The demos the test module names in its `DEMOS`, each run once for the module: name -> finding."""

@@ -130,9 +130,20 @@ def _three_rank_scenarios(world) -> dict[str, dict]:
     return {mode: _step(world, mode, k=3).to_dict() for mode in ("ddp", "scale", "same_on_1_2")}
 
 
+def _two_rank_scenarios(world) -> dict[str, dict]:
+    """Every 2-rank scenario of this file in one spawned world: the MLP's, then GPT-2's."""
+    return {"mlp": _mlp_scenarios(world), "gpt2": _gpt2_scenarios(world)}
+
+
 @pytest.fixture(scope="module")
-def two_ranks() -> dict[str, dict]:
-    reports = run_distributed(_mlp_scenarios, 2)
+def world_of_two() -> list[dict[str, dict]]:
+    """Rank by rank, what `_two_rank_scenarios` returned."""
+    return run_distributed(_two_rank_scenarios, 2)
+
+
+@pytest.fixture(scope="module")
+def two_ranks(world_of_two) -> dict[str, dict]:
+    reports = [rank["mlp"] for rank in world_of_two]
     assert reports[0] == reports[1], "every rank ends with the same verdict"
     return reports[0]
 
@@ -276,8 +287,8 @@ def _gpt2_scenarios(world) -> dict:
 
 
 @pytest.mark.slow
-def test_watch_checks_a_gpt2_ddp_loop_and_catches_the_run_that_is_not_data_parallel():
-    results = run_distributed(_gpt2_scenarios, 2)
+def test_watch_checks_a_gpt2_ddp_loop_and_catches_the_run_that_is_not_data_parallel(world_of_two):
+    results = [rank["gpt2"] for rank in world_of_two]
     ddp = results[0]["ddp"]
     assert ddp["in_sync"] and ddp["first_not_parallel"] is None
     assert ddp["report"]["ok"] and ddp["report"]["step"] == 3 and ddp["report"]["bitwise"]

@@ -39,15 +39,6 @@ def _distshare(args: list[str], timeout: float = 240, **env: str) -> subprocess.
 
 
 @pytest.fixture(scope="module")
-def spawned(tmp_path_factory) -> dict:
-    """The torch engine's run: the baseline every other engine must match."""
-    out = tmp_path_factory.mktemp("spawned")
-    proc = _distshare(["train", "--engine", "torch", "--nproc", "2", *RUN, "--out", str(out)])
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    return rank0_json(proc)
-
-
-@pytest.fixture(scope="module")
 def ray_cluster():
     """One local Ray for the whole module: Ray's start-up is the slow part of its tests."""
     ray = pytest.importorskip("ray")
@@ -56,6 +47,25 @@ def ray_cluster():
         yield ray.get_runtime_context().gcs_address
     finally:
         ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def parity(ray_cluster, tmp_path_factory) -> tuple[subprocess.CompletedProcess[str], Path]:
+    """`verify --engine all` on RUN, once for the module: its process and its run directory."""
+    out = tmp_path_factory.mktemp("parity")
+    args = ["verify", "--engine", "all", "--nproc", "2", "--ray-address", ray_cluster, *RUN, "--out", str(out)]
+    return _distshare(args, timeout=480), out
+
+
+@pytest.fixture(scope="module")
+def spawned(parity) -> dict:
+    """The torch engine's run: the baseline every other engine must match. The parity table's
+    first run is it: `distshare train --engine torch --nproc 2` on RUN's config, in its own process."""
+    proc, out = parity
+    assert (out / "spawn" / "result.json").is_file(), proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = read_result(out / "spawn")
+    assert result["engine"] == "torch" and result["launcher"] == "spawn" and result["ok"], result
+    return result
 
 
 # W = 3 ranks x k = 3 micro-batches: neither a power of two, so cancelling accelerate's
@@ -111,10 +121,9 @@ def test_ray_train_two_workers_matches_the_torch_engine(spawned, ray_cluster, tm
 
 @pytest.mark.launcher
 @pytest.mark.slow
-def test_parity_table_every_engine_bitwise_float64(ray_cluster, tmp_path):
+def test_parity_table_every_engine_bitwise_float64(parity):
     """`verify --engine all`: torch, torchrun, accelerate launch, Ray and one process."""
-    args = ["verify", "--engine", "all", "--nproc", "2", "--ray-address", ray_cluster, *RUN, "--out", str(tmp_path)]
-    proc = _distshare(args, timeout=480)
+    proc, out = parity
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = rank0_json(proc)
     rows = {r["name"]: r for r in result["rows"]}
@@ -131,7 +140,7 @@ def test_parity_table_every_engine_bitwise_float64(ray_cluster, tmp_path):
     assert result["engines_bitwise_equal"]
     # One process sums each global batch in another order: not bitwise, at rounding scale.
     assert result["max_abs_diff_vs_reference"] <= 1e-12
-    assert (tmp_path / "report.md").read_text().count("| torch (torchrun) |") == 1
+    assert (out / "report.md").read_text().count("| torch (torchrun) |") == 1
 
 
 @pytest.mark.parametrize(

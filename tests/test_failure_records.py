@@ -23,7 +23,6 @@ from conftest import free_port, read_metrics
 from small_split import SMALL_SPLIT
 
 from distshare.report import INCOMPLETE, RUN_DIR_LINK
-from distshare.testing.faults import fault_env
 from distshare.training.loop import Component
 
 INTERRUPT_ENV = "DISTSHARE_TEST_INTERRUPT_AT"  # "STEP": Ctrl-C arrives as step STEP starts (first attempt only)
@@ -113,15 +112,14 @@ def test_an_interrupt_without_checkpoints_says_there_is_nothing_to_resume(cli, i
 
 @pytest.mark.faults
 @pytest.mark.slow
-def test_a_hang_is_named_in_the_marker_and_the_steps_before_it_are_in_the_metrics(cli, monkeypatch, tmp_path):
-    for key, value in fault_env(hang_at="1:3").items():  # rank 1 sleeps at the start of step 3
-        monkeypatch.setenv(key, value)
-    args = ["--nproc", "2", "--steps", "6", "--timeout", "3", "--no-progress", "--out", str(tmp_path)]
-    code, _, err = cli("train", *args)
-    assert code == 1
-    marker = (tmp_path / INCOMPLETE).read_text()
+def test_a_hang_is_named_in_the_marker_and_the_steps_before_it_are_in_the_metrics(hung_run):
+    # conftest's run (shared with test_hang.py): `distshare train --nproc 2 --steps 6 --timeout 3`,
+    # rank 1 sleeping at the start of step 3.
+    out = hung_run["out"]
+    assert hung_run["code"] == 1 and hung_run["timeout"] == 3
+    marker = (out / INCOMPLETE).read_text()
     assert marker.splitlines()[0] == "hang: rank 1 went silent at step 3 (no answer within 3 s)", marker
-    rows = read_metrics(tmp_path)  # was a 0-byte file: steps 0..2 had run
+    rows = read_metrics(out)  # was a 0-byte file: steps 0..2 had run
     assert [r["step"] for r in rows] == [0, 1, 2] and all(r["loss"] is None for r in rows)
 
 

@@ -2,8 +2,8 @@
 the tensor, the rank (and for a flipped bit, the element); and runs without a fault never
 raise a false alarm.
 
-All faults share one 3-rank world (one start-up): with 3 ranks a strict majority exists, so
-the faulty rank is named alone.
+All faults share one 3-rank world (one start-up) with the fault-free runs, which go first: with
+3 ranks a strict majority exists, so the faulty rank is named alone.
 """
 
 from __future__ import annotations
@@ -19,9 +19,20 @@ WORLD = 3
 pytestmark = [pytest.mark.faults, pytest.mark.slow]  # every test here injects a fault on spawned ranks
 
 
+def _clean_then_every_fault(world):
+    """The fault-free runs first (on fresh ranks), then every fault, in the one world."""
+    return clean_checks(world, steps=70), run_all_faults(world)
+
+
 @pytest.fixture(scope="module")
-def outcomes():
-    per_rank = run_distributed(run_all_faults, WORLD, timeout_s=60, deadline_s=240)
+def three_ranks():
+    """Rank by rank, (the clean runs, every fault's outcome): one 3-rank world for the module."""
+    return run_distributed(_clean_then_every_fault, WORLD, timeout_s=60, deadline_s=360)
+
+
+@pytest.fixture(scope="module")
+def outcomes(three_ranks):
+    per_rank = [faults for _, faults in three_ranks]
     return {o.fault: o for o in per_rank[0]}, per_rank
 
 
@@ -75,13 +86,8 @@ def test_optimizer_drift_is_localized_to_the_element(outcomes):
     assert d.differing == 1 and d.first_index == o.expected_index and d.max_ulp > 0
 
 
-def _clean(world):
-    return clean_checks(world, steps=70)
-
-
-def test_clean_runs_raise_no_false_alarm():
-    per_rank = run_distributed(_clean, WORLD, timeout_s=60, deadline_s=240)
-    runs = per_rank[0]
+def test_clean_runs_raise_no_false_alarm(three_ranks):
+    runs = three_ranks[0][0]
     assert sum(checks for _, checks, _ in runs) >= 200
     for label, _, failure in runs:
         assert failure is None, f"{label}: {failure.summary()}"

@@ -14,7 +14,6 @@ import time
 import pytest
 from conftest import get_launch_command, run_command
 
-from distshare.cli import main
 from distshare.distributed import watchdog
 from distshare.distributed.spawn import run_distributed
 from distshare.distributed.world import World
@@ -29,15 +28,11 @@ BOUND_S = 60
 
 @pytest.mark.faults
 @pytest.mark.slow
-def test_the_cli_names_the_silent_rank_and_marks_the_run_incomplete(tmp_path, capsys, monkeypatch):
-    for key, value in fault_env(hang_at="1:3").items():  # spawned ranks inherit it: rank 1 stops at step 3
-        monkeypatch.setenv(key, value)
-    run = tmp_path / "run"
-    argv = ["train", "--nproc", "2", "--steps", "6", "--timeout", str(TIMEOUT), "--no-progress", "--out", str(run)]
-    start = time.monotonic()
-    code = main(argv)
-    wall = time.monotonic() - start
-    err = capsys.readouterr().err
+def test_the_cli_names_the_silent_rank_and_marks_the_run_incomplete(hung_run):
+    # conftest's run (shared with test_failure_records.py): `distshare train --nproc 2 --steps 6
+    # --timeout 3` in this process, rank 1 stopping at step 3.
+    code, err, wall, run = hung_run["code"], hung_run["err"], hung_run["wall"], hung_run["out"]
+    assert hung_run["timeout"] == TIMEOUT
     assert code == 1
     line = f"distshare: error: rank 1 went silent at step 3 (no answer within {TIMEOUT} s)"
     assert err.strip().splitlines() == [line]

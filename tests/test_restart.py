@@ -38,11 +38,9 @@ def _distshare(*args: str) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory) -> dict:
-    out = tmp_path_factory.mktemp("uninterrupted")
-    proc = run_command(_distshare("train", "--engine", "torch", "--nproc", "2", *RUN, "--out", str(out)))
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    return rank0_json(proc)
+def uninterrupted(twenty_steps_straight) -> dict:
+    """RUN on 2 spawned ranks, never interrupted (conftest's run, shared with test_resume.py)."""
+    return twenty_steps_straight
 
 
 def _assert_restarted_and_exact(

@@ -93,9 +93,9 @@ def _every_mode(world: World, k: int) -> dict[str, tuple[str, dict | None, dict]
 
 
 @pytest.fixture(scope="module")
-def two_ranks() -> list[dict[str, tuple[str, dict | None, dict]]]:
+def two_ranks(world_of_two) -> list[dict[str, tuple[str, dict | None, dict]]]:
     """Each sync class's step on 2 gloo ranks, k = 2 micro-batches each."""
-    return run_distributed(_every_mode, 2, K, timeout_s=60, deadline_s=180)
+    return [rank["every_mode"] for rank in world_of_two]
 
 
 def test_make_sync_gives_each_mode_its_class():
@@ -190,8 +190,11 @@ def references():
 
 
 @pytest.mark.parametrize("world_size", [2, pytest.param(3, marks=pytest.mark.slow)])
-def test_ranks_match_one_process_on_the_global_batch(world_size, references):
-    ranks = run_distributed(_train_all_modes, world_size, timeout_s=60, deadline_s=240)
+def test_ranks_match_one_process_on_the_global_batch(world_size, references, request):
+    if world_size == 2:
+        ranks = [rank["train_all_modes"] for rank in request.getfixturevalue("world_of_two")]
+    else:
+        ranks = run_distributed(_train_all_modes, world_size, timeout_s=60, deadline_s=240)
     for (dtype, sync), (grads, state, in_sync, fp) in ranks[0].items():
         ref_grads, ref_state = references[dtype]
         g, p = diff(grads, ref_grads), diff(state, ref_state)
@@ -221,8 +224,8 @@ def _grads_before_and_after_sync(world: World, sync: str) -> tuple[bool | None, 
 
 
 @pytest.mark.parametrize("sync", ["ddp", "allreduce"])
-def test_gradients_differ_before_the_sync_and_agree_after(sync):
-    results = run_distributed(_grads_before_and_after_sync, 2, sync, timeout_s=60, deadline_s=120)
+def test_gradients_differ_before_the_sync_and_agree_after(world_of_two, sync):
+    results = [rank["before_and_after_sync"][sync] for rank in world_of_two]
     for before, after in results:
         assert before is False, "ranks saw different samples, so their local gradients must differ"
         assert after is True, "after the all-reduce every rank must hold the same gradient"
@@ -241,9 +244,9 @@ def _grads_without_sync(world: World) -> bool:
     return compare_replicas(run.model, grads=True).in_sync
 
 
-def test_the_check_sees_a_sync_that_does_nothing():
+def test_the_check_sees_a_sync_that_does_nothing(world_of_two):
     # The control: the same check on a sync that skips the all-reduce finds the ranks apart.
-    assert run_distributed(_grads_without_sync, 2, timeout_s=60, deadline_s=120) == [False, False]
+    assert [rank["without_sync"] for rank in world_of_two] == [False, False]
 
 
 def test_single_process_plan_is_the_reference():
@@ -265,8 +268,8 @@ def _train_with_tail(world: World) -> tuple:
     return r.state, r.samples_by_step, r.replicas_in_sync
 
 
-def test_an_incomplete_last_batch_is_split_not_padded():
-    ranks = run_distributed(_train_with_tail, 2, timeout_s=60, deadline_s=120)
+def test_an_incomplete_last_batch_is_split_not_padded(world_of_two):
+    ranks = [rank["tail"] for rank in world_of_two]
     state, samples, in_sync = ranks[0]
     assert in_sync
     assert [len(m) for m in samples[4]] == [1, 1]
@@ -277,3 +280,24 @@ def test_an_incomplete_last_batch_is_split_not_padded():
     )
     expected = train(ref, World(), progress=False, keep_state=True).state
     assert diff(state, expected).max_abs_diff <= 1e-12
+
+
+# --- one spawned world of 2 ranks for the module ----------------------------------------------
+
+
+def _on_two_ranks(world: World) -> dict:
+    """Everything this module runs on 2 ranks, in one spawned world (one start-up instead of
+    one per test), in the same order on every rank."""
+    return {
+        "every_mode": _every_mode(world, K),
+        "train_all_modes": _train_all_modes(world),
+        "before_and_after_sync": {sync: _grads_before_and_after_sync(world, sync) for sync in ("ddp", "allreduce")},
+        "without_sync": _grads_without_sync(world),
+        "tail": _train_with_tail(world),
+    }
+
+
+@pytest.fixture(scope="module")
+def world_of_two() -> list[dict]:
+    """Rank by rank, what `_on_two_ranks` returned."""
+    return run_distributed(_on_two_ranks, 2, timeout_s=60, deadline_s=300)
