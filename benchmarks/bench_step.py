@@ -14,7 +14,9 @@ batch plan (G = W x k x b from `configs/train/<model>.yaml`) and the same sample
 - distshare: `distshare.training.train(cfg, world, out_dir, progress)`, what every rank of
   `distshare train --nproc 2` runs, with replicas checked as the config says (`check_every`
   of `configs/train/<model>.yaml`), at every step (`check_every=1`, what `distshare verify`
-  does), or only at the last step (`check_every=0`).
+  does), at every step with the rolling check (`check_every=1, check_mode=rolling`: one slice of
+  the state digested per step, compared one step late; `distshare.integrity.rolling`), or only
+  at the last step (`check_every=0`).
 
 Each rank stamps the start of the loop and the end of every step (for distshare through a
 loop component, after the step's replica check; a loss all-reduce after a step falls into
@@ -25,6 +27,10 @@ check at `check_every=10`, the windowed loss all-reduce) and the final replica c
 the last step) are. A median of per-step gaps would hide all of them; it is still reported,
 as `median_gap_ratio`, to show how much. What `train` does after its last step (the last
 window's loss all-reduce, closing the metrics file and the progress bar) is `after_loop_ms`.
+
+What a check at every step costs is the every-step variants against `distshare_check_at_end`
+(the same loop without the checks in between): `check_ratios`, paired the same way, with the
+goal `CHECK_GOAL` (issue 19: <= 1.02).
 
 The variants are interleaved inside the ranks, in a rotated order each repeat, so drift of
 the machine hits all of them. The ratio is the median over repeats of (variant's time per
@@ -66,10 +72,19 @@ from distshare.models import build_model
 from distshare.training import train
 from distshare.training.loop import Component, Loop
 from distshare.training.metrics import METRICS_FILE
+from distshare.training.replica_check import ReplicaChecker
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "train"
-VARIANTS = ("baseline", "distshare_as_configured", "distshare_check_every_step", "distshare_check_at_end")
+VARIANTS = (
+    "baseline",
+    "distshare_as_configured",
+    "distshare_check_every_step",
+    "distshare_rolling_every_step",
+    "distshare_check_at_end",
+)
 GOAL = 1.05  # distshare's step may cost at most 5% more than the hand-written loop
+CHECK_GOAL = 1.02  # a check at every step may cost at most 2% over the same loop checked at the end
+EVERY_STEP = ("distshare_check_every_step", "distshare_rolling_every_step")
 Stamp = tuple[float, float]  # (wall clock, this process's CPU time, all threads), s
 # A run's stamps: [start of the loop, end of step 0, end of step 1, ...]; steps + 1 of them.
 
@@ -140,12 +155,38 @@ class Stamps(Component):
             self.params = {name: p.detach().clone() for name, p in loop.run.model.named_parameters()}
 
 
+class CheckTimer:
+    """The time the replica checker spends after each step (wall, and this thread's CPU): the
+    check's own cost, measured inside the loop, less disturbed by other processes than a
+    difference of two loop times. (A gather running in the background is not in it; the
+    process CPU time of the loop is.)"""
+
+    def __init__(self) -> None:
+        self.wall = self.cpu = 0.0
+        self._inner = ReplicaChecker.after_step
+
+    def __enter__(self) -> CheckTimer:
+        inner, timer = self._inner, self
+
+        def after_step(checker: ReplicaChecker, loop: Loop, step: int, row: dict[str, Any]) -> None:
+            w, c = time.perf_counter(), time.thread_time()
+            inner(checker, loop, step, row)
+            timer.wall += time.perf_counter() - w
+            timer.cpu += time.thread_time() - c
+
+        ReplicaChecker.after_step = after_step  # type: ignore[method-assign]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        ReplicaChecker.after_step = self._inner  # type: ignore[method-assign]
+
+
 def distshare_loop(
-    cfg: RunConfig, world: World, check_every: int, progress: bool, out_dir: Path | None
+    cfg: RunConfig, world: World, check_every: int, progress: bool, out_dir: Path | None, mode: str = "full"
 ) -> tuple[list[Stamp], float, dict[str, torch.Tensor], bool]:
     """`distshare.training.train`; returns its stamps, the end of train(), the parameters, in-sync."""
     clock = Stamps(cfg.steps)
-    run_cfg = dataclasses.replace(cfg, check_every=check_every)
+    run_cfg = dataclasses.replace(cfg, check_every=check_every, check_mode=mode)
     result = train(run_cfg, world, out_dir=out_dir, progress=progress, components=[clock])
     return clock.stamps, time.perf_counter(), clock.params, result.replicas_in_sync
 
@@ -180,11 +221,13 @@ def bench_rank(world: World, cfg: RunConfig, repeats: int, warmup: int, progress
                 if variant == "baseline":
                     stamps, final[variant] = baseline_loop(cfg, world, cfg.steps)
                 else:
-                    check_every = {"distshare_as_configured": cfg.check_every, "distshare_check_every_step": 1}.get(
-                        variant, 0
+                    check_every = {"distshare_as_configured": cfg.check_every}.get(
+                        variant, 1 if variant in EVERY_STEP else 0
                     )
+                    mode = "rolling" if variant == "distshare_rolling_every_step" else "full"
                     out = Path(tmp, f"{variant}-{r}") if files else None
-                    stamps, end, final[variant], ok = distshare_loop(cfg, world, check_every, progress, out)
+                    with CheckTimer() as timer:
+                        stamps, end, final[variant], ok = distshare_loop(cfg, world, check_every, progress, out, mode)
                     in_sync = in_sync and ok
                     tail = (end - stamps[-1][0]) * 1e3
                     if out is not None and world.is_main:  # outside the timing
@@ -196,6 +239,9 @@ def bench_rank(world: World, cfg: RunConfig, repeats: int, warmup: int, progress
                         "wall_gap_ms": _median_gap_ms(stamps, warmup, 0),
                         "cpu_gap_ms": _median_gap_ms(stamps, warmup, 1),
                         "after_loop_ms": tail,
+                        # the checker's own time per step, all steps (0 for the baseline)
+                        "check_wall_ms": timer.wall * 1e3 / cfg.steps if variant != "baseline" else 0.0,
+                        "check_cpu_ms": timer.cpu * 1e3 / cfg.steps if variant != "baseline" else 0.0,
                     }
                 )
             # Same plan, same sample order, same init: both sides must end in the same place.
@@ -270,6 +316,9 @@ def summarize(rank0: dict, cfg: RunConfig, args: argparse.Namespace, load: tuple
         if name != "baseline":
             wall[name]["after_loop_ms"] = _sig(statistics.median(run["after_loop_ms"] for run in r))
     ratios = {name: v["ratio"] for name, v in wall.items() if name != "baseline"}
+    at_end = runs["distshare_check_at_end"]
+    check = {name: _stats(runs[name], at_end, "wall") for name in EVERY_STEP}
+    check_cpu = {name: _stats(runs[name], at_end, "cpu") for name in EVERY_STEP}
     return {
         "benchmark": "step_time",
         "command": "python benchmarks/bench_step.py " + " ".join(sys.argv[1:]),
@@ -292,6 +341,24 @@ def summarize(rank0: dict, cfg: RunConfig, args: argparse.Namespace, load: tuple
         "median_gap_ratios": {name: v["median_gap_ratio"] for name, v in wall.items() if name != "baseline"},
         "goal_ratio": GOAL,
         "meets_goal": {name: r <= GOAL for name, r in ratios.items()},
+        # what the checks at every step cost: against the same loop checked only at the end
+        "check_ratios": {name: v["ratio"] for name, v in check.items()},
+        "check_ratio_quartiles": {name: [v["ratio_q1"], v["ratio_q3"]] for name, v in check.items()},
+        "check_cpu_ratios": {name: v["ratio"] for name, v in check_cpu.items()},
+        "check_goal_ratio": CHECK_GOAL,
+        # the checker's own time per step (inside the loop), and as a fraction of the step
+        "check_ms_per_step": {
+            name: {
+                "wall": _sig(statistics.median(run["check_wall_ms"] for run in runs[name])),
+                "cpu": _sig(statistics.median(run["check_cpu_ms"] for run in runs[name])),
+                "fraction_of_step": _sig(
+                    statistics.median(run["check_wall_ms"] / run["wall_ms"] for run in runs[name])
+                ),
+            }
+            for name in runs
+            if name != "baseline"
+        },
+        "meets_check_goal": {name: v["ratio"] <= CHECK_GOAL for name, v in check.items()},
         "wall": wall,
         "cpu": cpu,
         "max_abs_param_diff_vs_baseline": rank0["max_abs_param_diff"],
@@ -326,6 +393,17 @@ def table(result: dict[str, Any]) -> str:
         lines.append(
             f"{name:<28} {w['ms_per_step']:>8.3f} {span:>13} {w['ratio']:>6.3f} {spread:>13} "
             f"{c['ms_per_step']:>7.3f} {c['ratio']:>9.3f}  {verdict}"
+        )
+    goal = result["check_goal_ratio"]
+    lines += ["", f"what checking at every step costs (against distshare_check_at_end; goal <= {goal}):"]
+    for name, r in result["check_ratios"].items():
+        q1, q3 = result["check_ratio_quartiles"][name]
+        verdict = "ok" if result["meets_check_goal"][name] else "OVER"
+        own = result["check_ms_per_step"][name]
+        lines.append(
+            f"  {name:<28} {r:>6.3f} ({q1:.3f}-{q3:.3f})  cpu {result['check_cpu_ratios'][name]:.3f}  {verdict}; "
+            f"the checker itself {own['wall']:.3f} ms/step ({100 * own['fraction_of_step']:.2f}% of the step), "
+            f"{own['cpu']:.3f} ms CPU"
         )
     tails = {n: w["after_loop_ms"] for n, w in result["wall"].items() if "after_loop_ms" in w}
     gap = result["median_gap_ratios"]

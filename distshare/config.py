@@ -36,6 +36,7 @@ DEVICES = ("cpu", "cuda")
 SYNC_MODES = ("ddp", "allreduce", "exact")
 PARALLEL = ("ddp", "fsdp", "hsdp")  # data-parallel layouts: replicas | shards | shards replicated in groups
 BUFFER_CHECKS = ("compare", "separate", "ignore")  # distshare.integrity.replicas.BUFFER_MODES
+CHECK_MODES = ("full", "rolling")  # distshare.training.replica_check
 DTYPES = {"float32": torch.float32, "float64": torch.float64}  # model.dtype: the name and the torch dtype
 NORMS = ("none", "batch", "group")
 OPTIMIZERS = ("sgd", "adam", "adamw")
@@ -170,6 +171,10 @@ class RunConfig:
     check_every: int = 10  # compare replica fingerprints every N steps (verify: 1); 0 = only at the end
     # compare | separate (buffers compared and reported, not a failure: BatchNorm under DDP) | ignore
     check_buffers: str = "compare"
+    # full: each check digests every byte of the state | rolling: each check digests one slice
+    # (all of it within check_slices checks) and is compared one check late; full at the ends
+    check_mode: str = "full"
+    check_slices: int = 0  # rolling: slices of the state (0: as many as give about 32 MiB each)
     timeout_s: float = 120.0  # bound on every collective and on waiting for ranks, seconds
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)  # checkpoints and resume
 
@@ -183,6 +188,9 @@ class RunConfig:
         _choice("optim.name", self.optim.name, OPTIMIZERS)
         _choice("sync", self.sync, SYNC_MODES)
         _choice("check_buffers", self.check_buffers, BUFFER_CHECKS)
+        _choice("check_mode", self.check_mode, CHECK_MODES)
+        if self.check_slices < 0:
+            raise ConfigError("check_slices", f"expected 0 (auto) or a positive integer, got {self.check_slices}")
         _check_parallel(self)
         if self.sync == "exact" and self.model.name == "cnn" and self.model.norm == "batch":
             raise ConfigError(

@@ -280,7 +280,8 @@ def replica_checks(metrics_file: Path) -> dict[int, bool]:
     for line in metrics_file.read_text().splitlines():
         row = json.loads(line) if line.strip() else {}
         if "replicas_in_sync" in row:
-            checks[int(row["step"])] = bool(row["replicas_in_sync"])
+            # A rolling check is judged one step late: its row names the step whose state it covered.
+            checks[int(row.get("checked_step", row["step"]))] = bool(row["replicas_in_sync"])
     return checks
 
 

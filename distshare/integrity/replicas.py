@@ -129,6 +129,10 @@ class ReplicaReport:
     # replica: nothing to compare), "replicated" (plain tensors, against every rank).
     layout: dict[str, Any] | None = None
     sites: dict[str, list[ShardSite]] = field(default_factory=dict)  # tensor -> per odd rank: group, shard
+    # A difference first seen by a rolling every-step check (distshare.integrity.rolling): the
+    # state step and slice whose digests differed (`Coverage.to_dict()`); this report is the full
+    # check that followed, at `step`. None: this check alone found it.
+    coverage: dict[str, Any] | None = None
 
     @property
     def in_sync(self) -> bool:
@@ -151,6 +155,9 @@ class ReplicaReport:
                 return self.layout_line()
             return f"all {self.world_size} replicas identical ({self.combined[0]})"
         at = f" at step {self.step}" if self.step is not None else ""
+        if self.coverage is not None:
+            c = self.coverage
+            at += f" (first seen in the state of step {c['state_step']}, slice {c['slice'] + 1} of {c['slices']})"
         if not at and self.diagnosis is not None and self.diagnosis.evidence.get("check") == BEFORE_FIRST_STEP:
             at = f" {BEFORE_FIRST_STEP}"
         apart = " and ".join(KIND_WORDS[k] for k in self.separate)
@@ -240,6 +247,7 @@ class ReplicaReport:
             separate=d.get("separate", []),
             layout=d.get("layout"),
             sites={k: [ShardSite(**s) for s in v] for k, v in d.get("sites", {}).items()},
+            coverage=d.get("coverage"),
         )
 
     def to_dict(self) -> dict:
@@ -255,6 +263,7 @@ class ReplicaReport:
             "separate": self.separate,
             "layout": self.layout,
             "sites": {k: [asdict(s) for s in v] for k, v in self.sites.items()},
+            "coverage": self.coverage,
             "summary": self.summary(),
         }
 
