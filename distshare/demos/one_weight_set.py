@@ -241,7 +241,7 @@ def run(out_dir: Path, seed: int = 0, mutant: str | None = None) -> Finding:
         ),
     ]
     holds = one_weight_set(links, ddp_agree, exact_agree)
-    figure = _figure(out_dir, initial, single, single_exact, trails, per_batch["trail"], numbers, holds)
+    figure = save(figure_of(initial, single, single_exact, trails, per_batch["trail"], numbers, holds), out_dir, NAME)
     headline = (
         f"{updates} updates, each from the last ({links}/{updates} replayed bit for bit); {RANKS} DDP ranks agree at "
         f"{ddp_agree}/{updates} steps; exact sum = one process at {exact_agree}/{updates}; unsynced ranks agree at "
@@ -259,19 +259,6 @@ def run(out_dir: Path, seed: int = 0, mutant: str | None = None) -> Finding:
         by_construction=BY_CONSTRUCTION,
         mutant=mutant,
     )
-
-
-def _figure(
-    out_dir: Path,
-    initial: str,
-    single: dict,
-    single_exact: dict,
-    trails: dict[str, list[list[str]]],
-    per_batch: list[str],
-    numbers: dict,
-    holds: bool,
-) -> str:
-    return save(figure_of(initial, single, single_exact, trails, per_batch, numbers, holds), out_dir, NAME)
 
 
 def figure_of(
