@@ -15,8 +15,10 @@ batch plan (G = W x k x b from `configs/train/<model>.yaml`) and the same sample
   `distshare train --nproc 2` runs, with replicas checked as the config says (`check_every`
   of `configs/train/<model>.yaml`), at every step (`check_every=1`, what `distshare verify`
   does), at every step with the rolling check (`check_every=1, check_mode=rolling`: one slice of
-  the state digested per step, compared one step late; `distshare.integrity.rolling`), or only
-  at the last step (`check_every=0`).
+  the state digested per step, the digests of `check_batch` steps compared by one gather in the
+  background, judged at the next step; `distshare.integrity.rolling`), the same with one gather
+  per step (`check_batch=1`: what the rolling check did before its digests were batched), or
+  only at the last step (`check_every=0`).
 
 Each rank stamps the start of the loop and the end of every step (for distshare through a
 loop component, after the step's replica check; a loss all-reduce after a step falls into
@@ -80,11 +82,20 @@ VARIANTS = (
     "distshare_as_configured",
     "distshare_check_every_step",
     "distshare_rolling_every_step",
+    "distshare_rolling_unbatched_every_step",
     "distshare_check_at_end",
 )
+# Each distshare variant's replica checks: (check_every, check_mode, check_batch); None: as configured.
+CHECKS: dict[str, tuple[int | None, str, int | None]] = {
+    "distshare_as_configured": (None, "full", None),
+    "distshare_check_every_step": (1, "full", None),
+    "distshare_rolling_every_step": (1, "rolling", None),  # check_batch as configured (default 16)
+    "distshare_rolling_unbatched_every_step": (1, "rolling", 1),  # one gather per step
+    "distshare_check_at_end": (0, "full", None),
+}
 GOAL = 1.05  # distshare's step may cost at most 5% more than the hand-written loop
 CHECK_GOAL = 1.02  # a check at every step may cost at most 2% over the same loop checked at the end
-EVERY_STEP = ("distshare_check_every_step", "distshare_rolling_every_step")
+EVERY_STEP = ("distshare_check_every_step", "distshare_rolling_every_step", "distshare_rolling_unbatched_every_step")
 Stamp = tuple[float, float]  # (wall clock, this process's CPU time, all threads), s
 # A run's stamps: [start of the loop, end of step 0, end of step 1, ...]; steps + 1 of them.
 
@@ -163,6 +174,7 @@ class CheckTimer:
 
     def __init__(self) -> None:
         self.wall = self.cpu = 0.0
+        self.steady_cpu: list[float] = []  # per step but the first and the last (their checks are full)
         self._inner = ReplicaChecker.after_step
 
     def __enter__(self) -> CheckTimer:
@@ -172,7 +184,10 @@ class CheckTimer:
             w, c = time.perf_counter(), time.thread_time()
             inner(checker, loop, step, row)
             timer.wall += time.perf_counter() - w
-            timer.cpu += time.thread_time() - c
+            cpu = time.thread_time() - c
+            timer.cpu += cpu
+            if 0 < step < loop.steps - 1:
+                timer.steady_cpu.append(cpu)
 
         ReplicaChecker.after_step = after_step  # type: ignore[method-assign]
         return self
@@ -182,11 +197,18 @@ class CheckTimer:
 
 
 def distshare_loop(
-    cfg: RunConfig, world: World, check_every: int, progress: bool, out_dir: Path | None, mode: str = "full"
+    cfg: RunConfig, world: World, variant: str, progress: bool, out_dir: Path | None
 ) -> tuple[list[Stamp], float, dict[str, torch.Tensor], bool]:
-    """`distshare.training.train`; returns its stamps, the end of train(), the parameters, in-sync."""
+    """`distshare.training.train` with `variant`'s checks (`CHECKS`); returns its stamps, the end
+    of train(), the parameters, in-sync."""
     clock = Stamps(cfg.steps)
-    run_cfg = dataclasses.replace(cfg, check_every=check_every, check_mode=mode)
+    every, mode, batch = CHECKS[variant]
+    run_cfg = dataclasses.replace(
+        cfg,
+        check_every=cfg.check_every if every is None else every,
+        check_mode=mode,
+        check_batch=cfg.check_batch if batch is None else batch,
+    )
     result = train(run_cfg, world, out_dir=out_dir, progress=progress, components=[clock])
     return clock.stamps, time.perf_counter(), clock.params, result.replicas_in_sync
 
@@ -218,16 +240,13 @@ def bench_rank(world: World, cfg: RunConfig, repeats: int, warmup: int, progress
             for variant in order:
                 dist.barrier()
                 tail = math.nan
+                timer = CheckTimer()  # entered only around distshare's loop: zero for the baseline
                 if variant == "baseline":
                     stamps, final[variant] = baseline_loop(cfg, world, cfg.steps)
                 else:
-                    check_every = {"distshare_as_configured": cfg.check_every}.get(
-                        variant, 1 if variant in EVERY_STEP else 0
-                    )
-                    mode = "rolling" if variant == "distshare_rolling_every_step" else "full"
                     out = Path(tmp, f"{variant}-{r}") if files else None
-                    with CheckTimer() as timer:
-                        stamps, end, final[variant], ok = distshare_loop(cfg, world, check_every, progress, out, mode)
+                    with timer:
+                        stamps, end, final[variant], ok = distshare_loop(cfg, world, variant, progress, out)
                     in_sync = in_sync and ok
                     tail = (end - stamps[-1][0]) * 1e3
                     if out is not None and world.is_main:  # outside the timing
@@ -242,6 +261,10 @@ def bench_rank(world: World, cfg: RunConfig, repeats: int, warmup: int, progress
                         # the checker's own time per step, all steps (0 for the baseline)
                         "check_wall_ms": timer.wall * 1e3 / cfg.steps if variant != "baseline" else 0.0,
                         "check_cpu_ms": timer.cpu * 1e3 / cfg.steps if variant != "baseline" else 0.0,
+                        # between the first and the last step: the mean (a gather every K steps
+                        # included) and the median (a step without one) of the checker's CPU time
+                        "check_steady_cpu_ms": statistics.fmean(timer.steady_cpu or [0.0]) * 1e3,
+                        "check_steady_median_cpu_ms": statistics.median(timer.steady_cpu or [0.0]) * 1e3,
                     }
                 )
             # Same plan, same sample order, same init: both sides must end in the same place.
@@ -336,6 +359,7 @@ def summarize(rank0: dict, cfg: RunConfig, args: argparse.Namespace, load: tuple
         "metrics_files_readable": rank0["metrics_files_readable"],
         "plan": {"global_batch": plan.global_batch, "accum_steps": plan.accum_steps, "micro_batch": plan.micro_batch},
         "check_every_as_configured": cfg.check_every,
+        "check_batch_as_configured": cfg.check_batch,
         "ratios": ratios,
         "cpu_ratios": {name: v["ratio"] for name, v in cpu.items() if name != "baseline"},
         "median_gap_ratios": {name: v["median_gap_ratio"] for name, v in wall.items() if name != "baseline"},
@@ -351,6 +375,8 @@ def summarize(rank0: dict, cfg: RunConfig, args: argparse.Namespace, load: tuple
             name: {
                 "wall": _sig(statistics.median(run["check_wall_ms"] for run in runs[name])),
                 "cpu": _sig(statistics.median(run["check_cpu_ms"] for run in runs[name])),
+                "steady_cpu_mean": _sig(statistics.median(run["check_steady_cpu_ms"] for run in runs[name])),
+                "steady_cpu_median": _sig(statistics.median(run["check_steady_median_cpu_ms"] for run in runs[name])),
                 "fraction_of_step": _sig(
                     statistics.median(run["check_wall_ms"] / run["wall_ms"] for run in runs[name])
                 ),
@@ -382,7 +408,7 @@ def table(result: dict[str, Any]) -> str:
         f"{result['repeats']} repeats; torch {m['torch']}, {m['cpus']} CPUs, load "
         f"{m['load_average_before_after'][0]} -> {m['load_average_before_after'][1]}",
         "",
-        f"{'variant':<28} {'ms/step':>8} {'min-max':>13} {'ratio':>6} {'(q1-q3)':>13} "
+        f"{'variant':<38} {'ms/step':>8} {'min-max':>13} {'ratio':>6} {'(q1-q3)':>13} "
         f"{'cpu ms':>7} {'cpu ratio':>9}  goal <= {result['goal_ratio']}",
     ]
     for name, w in result["wall"].items():
@@ -391,7 +417,7 @@ def table(result: dict[str, Any]) -> str:
         spread = f"({w['ratio_q1']:.2f}-{w['ratio_q3']:.2f})"
         span = f"{w['min_ms_per_step']:.2f}-{w['max_ms_per_step']:.2f}"
         lines.append(
-            f"{name:<28} {w['ms_per_step']:>8.3f} {span:>13} {w['ratio']:>6.3f} {spread:>13} "
+            f"{name:<38} {w['ms_per_step']:>8.3f} {span:>13} {w['ratio']:>6.3f} {spread:>13} "
             f"{c['ms_per_step']:>7.3f} {c['ratio']:>9.3f}  {verdict}"
         )
     goal = result["check_goal_ratio"]
@@ -401,9 +427,10 @@ def table(result: dict[str, Any]) -> str:
         verdict = "ok" if result["meets_check_goal"][name] else "OVER"
         own = result["check_ms_per_step"][name]
         lines.append(
-            f"  {name:<28} {r:>6.3f} ({q1:.3f}-{q3:.3f})  cpu {result['check_cpu_ratios'][name]:.3f}  {verdict}; "
+            f"  {name:<38} {r:>6.3f} ({q1:.3f}-{q3:.3f})  cpu {result['check_cpu_ratios'][name]:.3f}  {verdict}; "
             f"the checker itself {own['wall']:.3f} ms/step ({100 * own['fraction_of_step']:.2f}% of the step), "
-            f"{own['cpu']:.3f} ms CPU"
+            f"{own['cpu']:.3f} ms CPU; between first and last step {own['steady_cpu_mean']:.3f} ms CPU "
+            f"(median {own['steady_cpu_median']:.3f})"
         )
     tails = {n: w["after_loop_ms"] for n, w in result["wall"].items() if "after_loop_ms" in w}
     gap = result["median_gap_ratios"]

@@ -172,9 +172,13 @@ class RunConfig:
     # compare | separate (buffers compared and reported, not a failure: BatchNorm under DDP) | ignore
     check_buffers: str = "compare"
     # full: each check digests every byte of the state | rolling: each check digests one slice
-    # (all of it within check_slices checks) and is compared one check late; full at the ends
+    # (all of it within check_slices checks), compared check_batch checks at a time in the
+    # background; full at the ends
     check_mode: str = "full"
     check_slices: int = 0  # rolling: slices of the state (0: as many as give about 32 MiB each)
+    # rolling: checks whose 16-byte digests one background gather compares; a difference is
+    # reported within (slices + check_batch) x check_every steps (distshare.integrity.rolling)
+    check_batch: int = 16
     timeout_s: float = 120.0  # bound on every collective and on waiting for ranks, seconds
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)  # checkpoints and resume
 
@@ -191,6 +195,8 @@ class RunConfig:
         _choice("check_mode", self.check_mode, CHECK_MODES)
         if self.check_slices < 0:
             raise ConfigError("check_slices", f"expected 0 (auto) or a positive integer, got {self.check_slices}")
+        if self.check_batch < 1:
+            raise ConfigError("check_batch", f"expected a positive number of checks per gather, got {self.check_batch}")
         _check_parallel(self)
         if self.sync == "exact" and self.model.name == "cnn" and self.model.norm == "batch":
             raise ConfigError(

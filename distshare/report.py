@@ -280,8 +280,12 @@ def replica_checks(metrics_file: Path) -> dict[int, bool]:
     for line in metrics_file.read_text().splitlines():
         row = json.loads(line) if line.strip() else {}
         if "replicas_in_sync" in row:
-            # A rolling check is judged one step late: its row names the step whose state it covered.
-            checks[int(row.get("checked_step", row["step"]))] = bool(row["replicas_in_sync"])
+            # Rolling checks are judged later, a batch at a time: the row lists the steps whose
+            # states it covered, and the first that differed (the ones before it agreed).
+            steps = row.get("checked_steps", [row.get("checked_step", row["step"])])
+            first = row.get("first_differing_step")
+            for s in steps:
+                checks[int(s)] = bool(row["replicas_in_sync"]) or (first is not None and s < first)
     return checks
 
 

@@ -36,12 +36,13 @@ replica groups (HSDP); under pure FSDP, where no shard has a copy, the reports s
 
 `mode="rolling"` makes the checks between the first and the last cheap enough for every step
 (`distshare.integrity.rolling`): each digests one slice of the state (all of it within
-`slices` checks) and gathers the 16-byte rolling digest in the background while the next step
-trains; the next check judges it (a bounded wait), and a difference makes that check a full one
-(localized, diagnosed, raised), its report naming the step and slice that first showed it
-(`ReplicaReport.coverage`). A flipped bit present after step t is so reported by step
-t + (slices + 1) x every. The first check and `close()`'s are full; host (CPU), unsharded
-replicas only (else every check stays full: `watcher.mode` says which ran).
+`slices` checks) and keeps its 16-byte rolling digest; every `batch` checks one all_gather
+compares those digests in the background while training goes on, judged at the next check (a
+bounded wait). A difference makes that check a full one (localized, diagnosed, raised), its
+report naming the step and slice whose digest first differed (`ReplicaReport.coverage`). A
+flipped bit present after step t is so reported by step t + (slices + batch) x every. The
+first check and `close()`'s are full, and `close()` first compares the digests still held; host
+(CPU), unsharded replicas only (else every check stays full: `watcher.mode` says which ran).
 
 Its checks run on a process group of their own, with a timeout, so they never interleave
 with DDP's all-reduces. A rank that calls `optimizer.step()` twice without a forward in
@@ -54,7 +55,6 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Mapping
-from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
@@ -74,21 +74,12 @@ from distshare.integrity.replicas import (
     compare_snapshot,
     take_snapshot,
 )
-from distshare.integrity.rolling import Coverage, RollingDigest, supported
+from distshare.integrity.rolling import BATCH, Exchange, RollingDigest, Verdict, mark_unlocalized, supported
 from distshare.integrity.state import innermost_optimizer, unwrap
 
 
 class ReplicaCheckTimeout(VerificationFailed):
     """The ranks did not all reach a replica check within the timeout."""
-
-
-@dataclass
-class _InFlight:
-    """A rolling check whose gather runs in the background: judged at the next check."""
-
-    coverage: Coverage
-    work: Any  # None in one process
-    gathered: list[torch.Tensor]
 
 
 class Watch:
@@ -109,11 +100,14 @@ class Watch:
         data_parallel: bool | Mapping[str, Any] = False,
         mode: str = "full",
         slices: int = 0,
+        batch: int = BATCH,
     ) -> None:
         if every < 1:
             raise ValueError(f"every={every}: expected a positive number of optimizer steps")
         if mode not in ("full", "rolling"):
             raise ValueError(f"mode={mode!r}: expected 'full' or 'rolling'")
+        if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+            raise ValueError(f"batch={batch!r}: expected a positive number of checks per gather")
         check_modes(grads, buffers)  # before any hook is registered
         optimizer = innermost_optimizer(optimizer)  # accelerate's wrapper has no hook tables: hook the one inside
         self.model, self.optimizer = model, optimizer
@@ -140,9 +134,9 @@ class Watch:
             dp_options = dict(data_parallel) if isinstance(data_parallel, Mapping) else {}
             self.data_parallel = DataParallelCheck(model, timeout_s=timeout_s, group=self._group, **dp_options)
         # Rolling checks (mode="rolling"): the same answer on every rank, so all or none make the group.
-        self.mode, self.rolling, self.rolling_checks = "full", None, 0
-        self._in_flight: _InFlight | None = None
+        self.mode, self.rolling, self.exchange = "full", None, None
         self._rolling_group = None
+        self._rolling_verdict: Verdict | None = None  # set while the full check after a rolling difference runs
         self.rolling_not_used: str | None = None
         if mode == "rolling":
             why = supported(model, optimizer) if extra is None else "extra state is digested by full checks"
@@ -154,6 +148,7 @@ class Watch:
                 self.rolling = RollingDigest(model, optimizer, slices, buffers=buffers == "compare")
                 if self._group is not None:  # its own: a gather in flight never meets another check's
                     self._rolling_group = dist.new_group(timeout=timedelta(seconds=timeout_s))
+                self.exchange = Exchange(self._rolling_group, batch, timeout_s)
         inner = unwrap(model)
         self._watch_buffers = buffers != "ignore" and any(True for _ in inner.buffers())
         self._handles = [
@@ -220,8 +215,11 @@ class Watch:
             ) from None
         self.checks += 1
         self._checked_at = self.steps
-        if getattr(self, "_coverage", None) is not None:
-            report.coverage = self._coverage.to_dict()
+        verdict = self._rolling_verdict
+        if verdict is not None:  # the full check after rolling digests differed
+            report.coverage = verdict.coverage()
+            if report.in_sync:
+                mark_unlocalized(report, verdict)
         self.reports.append(report)
         if not report.in_sync and self.first_divergence is None:
             self.first_divergence = report
@@ -230,40 +228,37 @@ class Watch:
         return report
 
     def _rolling_check(self, step: int) -> None:
-        """Judge the rolling check in flight (a full check if it differed), then start this step's."""
+        """Judge the gather in flight (a full check if it differed), then digest this step's slice."""
         self._settle(step)
         coverage = self.rolling.advance(step)
-        mine = torch.frombuffer(bytearray(self.rolling.value), dtype=torch.uint8)
-        if self._rolling_group is None:
-            self._in_flight = _InFlight(coverage, None, [mine])
-        else:
-            gathered = [torch.empty_like(mine) for _ in range(dist.get_world_size(self._rolling_group))]
-            work = dist.all_gather(gathered, mine, group=self._rolling_group, async_op=True)
-            self._in_flight = _InFlight(coverage, work, gathered)
+        self.exchange.add(coverage, self.rolling.value)  # a gather starts when `batch` are held
         self._checked_at = self.steps
 
     def _settle(self, step: int | None) -> None:
-        flight, self._in_flight = self._in_flight, None
-        if flight is None:
+        try:
+            verdict = self.exchange.settle()
+        except RuntimeError as exc:
+            steps = [c.state_step for c in self.exchange.waited_for]
+            raise ReplicaCheckTimeout(
+                f"distshare.watch: the rolling check of steps {steps[0]}-{steps[-1]} timed out after "
+                f"{self.timeout_s:g} s: some rank did not reach it ({exc})"
+            ) from None
+        if verdict is None:
             return
-        if flight.work is not None:
-            try:
-                flight.work.wait(timedelta(seconds=self.timeout_s))  # the group's timeout bounds it too
-            except RuntimeError as exc:
-                raise ReplicaCheckTimeout(
-                    f"distshare.watch: the rolling check of step {flight.coverage.state_step} timed out after "
-                    f"{self.timeout_s:g} s: some rank did not reach it ({exc})"
-                ) from None
-        self.rolling_checks += 1
-        self.checks += 1
-        if len({bytes(t.tolist()) for t in flight.gathered}) == 1 or self.first_divergence is not None:
+        self.checks += len(verdict.compared)
+        if verdict.agreed or self.first_divergence is not None:
             return
         # Every rank saw the same digests: every rank joins this full check (localize, diagnose, raise).
-        self._coverage = flight.coverage
+        self._rolling_verdict = verdict
         try:
             self.check(step)
         finally:
-            self._coverage = None
+            self._rolling_verdict = None
+
+    @property
+    def rolling_checks(self) -> int:
+        """Rolling digests compared so far (each: one checked step's state)."""
+        return self.exchange.compared if self.exchange is not None else 0
 
     def check_data_parallel(self, step: int | None = None) -> DataParallelReport | None:
         """Collective: judge the step the data-parallel check watched (None: off, or not armed)."""
@@ -281,8 +276,10 @@ class Watch:
         """A last check if steps were taken since the last one; then the hooks are removed."""
         report = None
         try:
-            if self._in_flight is not None:
-                self._settle(self.iterations - 1)  # may raise: the last rolling check differed
+            if self.exchange is not None:
+                self._settle(self.iterations - 1)  # may raise: the last rolling checks differed
+                self.exchange.flush()  # the digests still held (a partial batch), compared now
+                self._settle(self.iterations - 1)
             if self._handles and (self.steps != self._checked_at or self.rolling is not None):
                 report = self.check(step=self.iterations - 1)  # the last check is a full one
         finally:
@@ -319,9 +316,9 @@ def watch(model: nn.Module, optimizer: torch.optim.Optimizer, every: int = 1, **
     from `optimizer.step()` on every rank when replicas differ (or records it in
     `first_divergence`, with `raise_on_divergence=False`). Use it as a context manager, or call
     `close()` after the loop for the last check. `options`: those of `Watch` (grads, buffers,
-    extra, raise_on_divergence, locate, timeout_s, keep, data_parallel, mode, slices).
-    `mode="rolling"`: cheap checks at every step, one slice of the state each, compared one
-    check late (see the module doc); `data_parallel=True`
+    extra, raise_on_divergence, locate, timeout_s, keep, data_parallel, mode, slices, batch).
+    `mode="rolling"`: cheap checks at every step, one slice of the state each, their digests
+    compared `batch` checks at a time in the background (see the module doc); `data_parallel=True`
     also checks each checked step is data-parallel (`NotDataParallelError`; a mapping passes
     options such as `replicated_inputs=True` or `reduction="sum"`).
     """

@@ -18,62 +18,65 @@ agrees costs what it did before, and the run's fingerprint stays the state's.
 
 `mode="rolling"` (config `check_mode: rolling`) makes the checks in between cheap enough for
 every step: each digests one slice of the state (`distshare.integrity.rolling`: all of it
-within `slices` checks) and compares the rolling digest of all slices, as last taken, by an
-all_gather that runs in the background, on a group of its own, while the next step trains; it
-is judged at the next check (a bounded wait). A difference makes that next check a full one
-(every byte, localized and diagnosed, as above), its report saying in which step's state and
-which slice the rolling check first saw it (`ReplicaReport.coverage`). So a corruption present
-after step t is in a digested slice by step t + slices x every and reported by the check after
-that; the check before the first step and the one after the last are always full. The metrics
-row of a rolling check's verdict names the step whose state it covered (`checked_step`). It
-covers host (CPU) replicas; a sharded or device-resident state keeps the full checks
-(`result.extras["replica_check"]` says which mode ran, and why). Buffers checked apart
-(`check_buffers: separate`) are left to the full checks at both ends.
+within `slices` checks) and keeps its 16-byte rolling digest (of all slices, as last taken);
+every `batch` checks (config `check_batch`) one all_gather compares the digests of those
+checks, in the background, on a group of its own, while the next step trains; it is judged at
+the next check (a bounded wait). A difference makes that check a full one (every byte,
+localized and diagnosed, as above), its report saying in which step's state and which slice
+the rolling check first saw it (`ReplicaReport.coverage`: the first differing digest of the
+batch, not the last). So a corruption present after step t is in a digested slice by step
+t + slices x every and reported by step t + (slices + batch) x every (`rolling.bound`). The
+check before the first step and the one after the last are always full, and the last one
+first compares the digests still held (a partial batch). The metrics row of a step that
+judged a batch lists the steps whose states it covered (`checked_steps`) and, when they
+differed, the first that did (`first_differing_step`). It covers host (CPU) replicas; a
+sharded or device-resident state keeps the full checks (`result.extras["replica_check"]`
+says which mode ran, and why). Buffers checked apart (`check_buffers: separate`) are left to
+the full checks at both ends.
 """
 
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
-import torch
 import torch.distributed as dist
 
 from distshare.distributed.sync import is_sharded
 from distshare.integrity.fingerprint import state_digest
 from distshare.integrity.logical import LOGICAL_ALGORITHM
-from distshare.integrity.replicas import compare_replicas, vote
-from distshare.integrity.rolling import Coverage, RollingDigest, supported
+from distshare.integrity.replicas import compare_replicas
+from distshare.integrity.rolling import BATCH, Exchange, RollingDigest, Verdict, bound, mark_unlocalized, supported
 from distshare.training.loop import Component, Loop
 
 MODES = ("full", "rolling")
 
 
-@dataclass
-class _Pending:
-    """A rolling check in flight: what it covered, and the gather of every rank's rolling digest."""
-
-    coverage: Coverage
-    work: Any  # the all_gather's Work (None in one process)
-    gathered: list[torch.Tensor]
-
-
 class ReplicaChecker(Component):
-    """Compare replicas every `every` steps (0: only after the last step); `mode`: full | rolling."""
+    """Compare replicas every `every` steps (0: only after the last step); `mode`: full | rolling.
+
+    `batch`: rolling checks whose digests one gather compares (None: the run's `check_batch`).
+    """
 
     def __init__(
-        self, every: int, buffers: str = "compare", mode: str = "full", slices: int = 0, timeout_s: float = 120.0
+        self,
+        every: int,
+        buffers: str = "compare",
+        mode: str = "full",
+        slices: int = 0,
+        timeout_s: float = 120.0,
+        batch: int | None = None,
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"mode={mode!r}: expected one of {', '.join(MODES)}")
+        if batch is not None and batch < 1:
+            raise ValueError(f"batch={batch}: expected a positive number of checks per gather")
         self.every, self.buffers = every, buffers  # buffers: compare | separate | ignore (config check_buffers)
-        self.mode, self.slices, self.timeout_s = mode, slices, timeout_s
+        self.mode, self.slices, self.timeout_s, self.batch = mode, slices, timeout_s, batch
         self.rolling: RollingDigest | None = None
+        self.exchange: Exchange | None = None
         self.group: Any = None
-        self.pending: _Pending | None = None
-        self.rolling_checks = 0
 
     def due(self, step: int, steps: int) -> bool:
         return step == steps - 1 or bool(self.every and (step + 1) % self.every == 0)
@@ -85,14 +88,21 @@ class ReplicaChecker(Component):
         if self.rolling is None:
             row["replicas_in_sync"] = self._check(loop, step, last=last)
             return
-        covered = self.pending.coverage.state_step if self.pending is not None else None
-        verdict = self._settle(loop, step)
-        if last:  # the last check is a full one: the run's fingerprint is the state's
-            row["replicas_in_sync"] = self._check(loop, step, last=True) and verdict is not False
+        verdicts = [self._settle(loop, step)]
+        if last:
+            # The digests still held (a partial batch) are compared now, then the last state in full:
+            # the run's fingerprint is the state's.
+            self.exchange.flush()
+            verdicts.append(self._settle(loop, step))
+            full = self._check(loop, step, last=True)
+            row["replicas_in_sync"] = full and all(v.agreed for v in verdicts if v is not None)
+            _name_steps(row, verdicts, own=(step, full))
             return
-        self._launch(loop, self.rolling.advance(step))
-        if verdict is not None:
-            row["replicas_in_sync"], row["checked_step"] = verdict, covered
+        coverage = self.rolling.advance(step)
+        self.exchange.add(coverage, self.rolling.value)  # a gather starts when `batch` are held
+        if verdicts[0] is not None:
+            row["replicas_in_sync"] = verdicts[0].agreed
+            _name_steps(row, verdicts)
 
     def begin(self, loop: Loop) -> None:
         # After the checkpointer's begin (it comes first): a resumed run starts from what it restored.
@@ -112,7 +122,7 @@ class ReplicaChecker(Component):
     def close(self, loop: Loop) -> None:
         # After a failure a gather may be in flight: it is dropped, never waited for (a peer may
         # be gone); the group goes with the process.
-        if self.group is not None and self.pending is None:
+        if self.group is not None and (self.exchange is None or self.exchange.in_flight is None):
             with contextlib.suppress(Exception):  # nothing left to release is no failure
                 dist.destroy_process_group(self.group)
             self.group = None
@@ -150,49 +160,32 @@ class ReplicaChecker(Component):
             loop.result.extras["replica_check"] = {"mode": "full", "rolling_not_used": why}
             return
         self.rolling = RollingDigest(run.model, run.optimizer, self.slices, buffers=self.buffers == "compare")
+        if self.batch is None:
+            self.batch = getattr(run.cfg, "check_batch", BATCH)
         if loop.world.distributed:
             # A group of its own: the background gather never queues behind (or ahead of) DDP's
             # all-reduces, and its timeout bounds every wait.
             self.group = dist.new_group(timeout=timedelta(seconds=self.timeout_s))
+        self.exchange = Exchange(self.group, self.batch, self.timeout_s)
 
-    def _launch(self, loop: Loop, coverage: Coverage) -> None:
-        """Start gathering every rank's rolling digest; judged at the next check (`_settle`)."""
-        mine = torch.frombuffer(bytearray(self.rolling.value), dtype=torch.uint8)
-        if self.group is None:
-            self.pending = _Pending(coverage, None, [mine])
-            return
-        gathered = [torch.empty_like(mine) for _ in range(dist.get_world_size(self.group))]
-        work = dist.all_gather(gathered, mine, group=self.group, async_op=True)
-        self.pending = _Pending(coverage, work, gathered)
-
-    def _settle(self, loop: Loop, step: int) -> bool | None:
-        """Judge the rolling check in flight (None: none was); on a difference, a full check now."""
-        pending, self.pending = self.pending, None
-        if pending is None:
+    def _settle(self, loop: Loop, step: int) -> Verdict | None:
+        """Judge the gather in flight (None: none was); on a difference, a full check now."""
+        verdict = self.exchange.settle()
+        if verdict is None:
             return None
-        if pending.work is not None:
-            pending.work.wait(timedelta(seconds=self.timeout_s))  # the group's timeout bounds it too
-        digests = [bytes(t.tolist()).hex() for t in pending.gathered]
-        self.rolling_checks += 1
-        loop.result.checks += 1
-        self.last_coverage = pending.coverage
-        if len(set(digests)) == 1:
-            return True
+        loop.result.checks += len(verdict.compared)  # each compared digest: one step's state checked
+        self.last_coverage = verdict.compared[-1]
         result = loop.result
-        if result.first_divergence is not None:
-            return False  # already found, localized and recorded: no second full check per step
+        if verdict.agreed or result.first_divergence is not None:
+            return verdict  # a difference already found, localized and recorded: no second full check
         # Every rank saw the same digests, so every rank joins this full check: where, and why.
         run = loop.run
         report = compare_replicas(run.wrapped, run.optimizer, grads="on_divergence", step=step, buffers=self.buffers)
-        report.coverage = pending.coverage.to_dict()
+        report.coverage = verdict.coverage()
         if report.in_sync:
-            # The slice differed at that step and nothing differs now (overwritten since, on
-            # every rank): still a divergence, named by the slice, without elements.
-            odd, _, strict = vote([f"xxh3_128:{d}" for d in digests])
-            report.differing = {f"extra/rolling/slice{pending.coverage.slice}": odd}
-            report.majority = {f"extra/rolling/slice{pending.coverage.slice}": strict}
+            mark_unlocalized(report, verdict)
         result.first_divergence = report.to_dict()
-        return False
+        return verdict
 
     def _account(self) -> dict[str, Any]:
         """What the rolling checks covered: the run's record (`result.extras["replica_check"]`)."""
@@ -203,10 +196,25 @@ class ReplicaChecker(Component):
             "slices": r.slices,
             "state_bytes": r.state_bytes,
             "every": self.every,
-            # a difference present after step t is in a digested slice by step t + this, and
-            # reported by the check after that one
-            "bound_steps": r.slices * max(self.every, 1),
-            "rolling_checks": self.rolling_checks,
+            "batch": self.batch,
+            # a difference present after step t is in a digested slice by step t + digested_within_steps
+            # and reported (localized, diagnosed) by step t + reported_within_steps
+            **bound(r.slices, self.batch, self.every),
+            "rolling_checks": self.exchange.compared,
+            "gathers": self.exchange.gathers,
             "plan_rebuilds": r.rebuilds,
             "last_rolling": last.to_dict() if last is not None else None,
         }
+
+
+def _name_steps(row: dict[str, Any], verdicts: list[Verdict | None], own: tuple[int, bool] | None = None) -> None:
+    """The metrics row of a step that judged rolling digests: the steps whose states they covered
+    (`checked_steps`; with `own`, the row's step and its full check's verdict, last) and, when
+    any differed, the first that did (`first_differing_step`); the steps before it agreed."""
+    judged = [v for v in verdicts if v is not None]
+    row["checked_steps"] = [s for v in judged for s in v.steps] + ([own[0]] if own is not None else [])
+    first = next((v.differing.state_step for v in judged if not v.agreed), None)
+    if first is None and own is not None and not own[1]:
+        first = own[0]
+    if first is not None:
+        row["first_differing_step"] = first

@@ -58,7 +58,9 @@ def train(
         result.mesh = (run.sync.replicas, run.sync.shards)
     result.device = world.device.type if world.device.type == "cpu" else str(world.device)
     result.restart = restart
-    checker = ReplicaChecker(cfg.check_every, cfg.check_buffers, cfg.check_mode, cfg.check_slices, cfg.timeout_s)
+    checker = ReplicaChecker(
+        cfg.check_every, cfg.check_buffers, cfg.check_mode, cfg.check_slices, cfg.timeout_s, cfg.check_batch
+    )
     standard: list[Component] = [Checkpointer(restart), checker]
     if metrics is None and out_dir is not None:
         metrics = FileSink(Path(out_dir) / METRICS_FILE)
