@@ -225,6 +225,63 @@ def _brief(d: Any) -> dict[str, float]:
     return {"max_abs": d.max_abs_diff, "norm_rel": d.norm_rel_diff}
 
 
+# ---------------------------------------------------------------- memory against the batch
+
+# bench_check_cost.py's 12.6M-parameter transformer (d_model 512, 4 layers, d_ff 2048).
+MEMORY_MODEL = ["model.d_model=512", "model.n_heads=8", "model.n_layers=4", "model.d_ff=2048"]
+MEMORY_CAP_GB = 16  # address space per child (the machine has 24 GiB)
+
+
+def _memory_child(mode: str, samples: int) -> None:
+    """One process: 2 steps of `mode` at a global batch of `samples`; prints RSS (MB) before and at peak."""
+    import resource
+
+    torch.set_num_threads(1)
+    # A cap on the address space: a run that would need more fails here with a MemoryError
+    # instead of taking the machine down (the per-sample buffer grows with the batch).
+    resource.setrlimit(resource.RLIMIT_AS, (MEMORY_CAP_GB << 30, resource.RLIM_INFINITY))
+    cfg = load_config(
+        CONFIGS / "transformer.yaml",
+        [*MEMORY_MODEL, f"sync={mode}", f"plan.global_batch={samples}", "plan.accum_steps=1"]
+        + ["plan.micro_batch=null", f"data.num_samples={2 * samples}", "steps=2", "check_every=0"],
+    )
+    before = _rss_now_mb()
+    start = time.perf_counter()
+    try:
+        train(cfg, World(), None, progress=False)
+    except (MemoryError, RuntimeError) as exc:  # torch's CPU allocator raises RuntimeError
+        if "memory" not in str(exc).lower() and not isinstance(exc, MemoryError):
+            raise
+        print(json.dumps({"mode": mode, "samples": samples, "rss_before_mb": before, "failed": "out of memory"}))
+        return
+    seconds = (time.perf_counter() - start) / 2
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    row = {"mode": mode, "samples": samples, "rss_before_mb": before, "peak_rss_mb": peak, "step_s": seconds}
+    print(json.dumps(row))
+
+
+def _rss_now_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096 / 2**20
+
+
+def memory(samples: list[int]) -> list[dict[str, Any]]:
+    """Peak RSS of normal and exact mode at each global batch, each in a fresh process (one rank)."""
+    import subprocess
+
+    rows = []
+    for n in samples:
+        for mode in MODES:
+            out = subprocess.run(
+                [sys.executable, __file__, "--memory-child", mode, str(n)],
+                capture_output=True,
+                text=True,
+                check=True,
+            )
+            rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", default="transformer,cnn,gpt2")
@@ -234,9 +291,27 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--precision-steps", type=int, default=30)
     p.add_argument("--threads", type=int, default=1, help="torch threads for the GPT-2 row")
+    p.add_argument("--memory", default="", help="global batches for the peak-memory rows, e.g. 32,128,512")
+    p.add_argument("--memory-child", nargs=2, help=argparse.SUPPRESS)
     p.add_argument("--json", action="store_true")
     p.add_argument("--out", help="write the results as JSON to this file")
     args = p.parse_args(argv)
+    if args.memory_child:
+        _memory_child(args.memory_child[0], int(args.memory_child[1]))
+        return 0
+    if args.memory:
+        rows = memory([int(n) for n in args.memory.split(",")])
+        for r in rows:
+            what = (
+                f"failed: {r['failed']} (address space capped at {MEMORY_CAP_GB} GB)"
+                if "failed" in r
+                else f"peak RSS {r['peak_rss_mb']:7.0f} MB (before training {r['rss_before_mb']:.0f} MB), "
+                f"{r['step_s']:.2f} s/step"
+            )
+            print(f"12.6M model, {r['mode']:5s} G={r['samples']:4d}: {what}")
+        if args.out:
+            Path(args.out).write_text(json.dumps({"memory": rows}, indent=1) + "\n")
+        return 0
     if args.nproc < 1 or args.steps <= args.warmup + 2 or args.repeats < 1:
         print("bench_exact: need --nproc >= 1, --steps > --warmup + 2, --repeats >= 1", file=sys.stderr)
         return 2

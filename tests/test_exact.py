@@ -59,6 +59,16 @@ def test_small_grid_is_bitwise_in_exact_mode_float32_and_float64():
     _assert_all_bitwise(grid)
 
 
+@pytest.mark.slow
+def test_ranks_holding_several_chunks_are_bitwise():
+    # 80 samples a step: one process adds 32 + 32 + 16 rows, each of 2 ranks 32 + 8; the
+    # integer sum is streamed chunk by chunk, and the split still changes no bit.
+    cfg = _cfg("plan.global_batch=80", "data.num_samples=160")
+    grid = run_grid(ConfigTask(cfg), (1, 2), (1, 5), ["float32"], steps=2, progress=False)
+    assert len(grid.partitions) == 4
+    _assert_all_bitwise(grid)
+
+
 def test_normal_mode_is_not_bitwise_on_the_same_split_and_exact_mode_is():
     # One process, k = 1 against k = 4 (b = 6): only the order of the additions changes.
     normal = run_grid(ConfigTask(_cfg("sync=ddp")), (1,), (1, 4), ["float32"], steps=2, progress=False)
@@ -151,8 +161,142 @@ def test_underflow_is_counted_not_silent():
     acc = ExactGradSum(_model(2), 2)
     acc.add(torch.tensor([[1.0, 1.0], [1e-30, 0.5]], dtype=torch.float64))
     total = acc.total()
-    assert total.tolist() == [1.0, 1.5]  # 1e-30 is below 2^-61 of its element's largest
+    assert total.tolist() == [1.0, 1.5]  # 1e-30 is below the lower bin's unit, 2^-48 here
     assert acc.underflows == 1
+
+
+def _truncated_reference(rows: torch.Tensor, bits: int = 48) -> tuple[torch.Tensor, int]:
+    """The specification, in rationals: per element, the top bin T of the largest |contribution|
+    (largest in [2^(TW), 2^((T+1)W))), every contribution truncated toward zero at 2^((T-1)W),
+    the exact sum rounded once to float64; and how many non-zero contributions became 0."""
+    out, lost = [], 0
+    for j in range(rows.shape[1]):
+        column = [Fraction(float(x)) for x in rows[:, j]]
+        largest = max(abs(c) for c in column)
+        if largest == 0:
+            out.append(0.0)
+            continue
+        top = (math.frexp(float(largest))[1] - 1) // bits
+        unit = Fraction(2) ** ((top - 1) * bits)
+        total = Fraction(0)
+        for c in column:
+            kept = math.floor(abs(c) / unit) * (1 if c > 0 else -1)
+            lost += c != 0 and kept == 0
+            total += kept * unit
+        out.append(float(total))
+    return torch.tensor(out, dtype=torch.float64), lost
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("spread", ["gradients", "whole range"])
+def test_the_streamed_sum_is_the_specification_for_every_order_and_chunking(dtype, spread):
+    # Contributions arrive a chunk at a time and the window of each element rises as larger
+    # ones come: the bins it leaves are dropped whole. The result must be the rational
+    # specification above (truncation at the FINAL window, rounded once) and the same underflow
+    # count, whatever the order and the cuts.
+    gen = torch.Generator().manual_seed(7)
+    n, p = 96, 24
+    if spread == "gradients":  # 2^-80 .. 2^80 apart: windows rise across chunks, many underflows
+        exponent = torch.randint(-80, 80, (n, p), generator=gen)
+    else:  # every exponent the dtype has, subnormals included
+        info = torch.finfo(dtype)
+        exponent = torch.randint(int(math.log2(info.smallest_normal * info.eps)), int(math.log2(info.max)) - 6, (n, p))
+    rows = ((torch.rand(n, p, generator=gen, dtype=torch.float64) + 0.5) * torch.exp2(exponent.double())).to(dtype)
+    rows *= torch.where(torch.rand(n, p, generator=gen) < 0.5, -1, 1).to(dtype)
+    rows[torch.rand(n, p, generator=gen) < 0.2] = 0
+    expected, lost = _truncated_reference(rows)
+    assert lost > 0  # the case where dropped bins must be counted is exercised
+    for seed in range(3):
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+        acc = ExactGradSum(_model(p), n)
+        for part in torch.tensor_split(rows[order], [5, 40, 41, 70]):
+            acc.add(part)
+        assert torch.equal(acc.total(), expected), seed
+        assert acc.underflows == lost, seed
+
+
+def test_a_window_taken_per_chunk_is_caught_by_the_specification(monkeypatch):
+    # Mutant: each chunk truncated at its OWN largest contribution's window, as a streaming
+    # sum that forgets the running window would. Orders then disagree with each other.
+    from distshare.numerics import exact_sum
+
+    real = exact_sum.ExactGradSum._raise_top
+
+    def per_chunk(self, cols, top):
+        self.top[cols] = top  # the window follows each chunk, never the running maximum
+        real(self, cols, top)
+
+    monkeypatch.setattr(exact_sum.ExactGradSum, "_raise_top", per_chunk)
+    gen = torch.Generator().manual_seed(3)
+    rows = torch.randn(64, 16, generator=gen, dtype=torch.float64) * torch.exp2(
+        torch.randint(-60, 60, (64, 16), generator=gen).double()
+    )
+    totals = set()
+    for seed in range(3):
+        acc = ExactGradSum(_model(16), 64)
+        for part in torch.tensor_split(rows[torch.randperm(64, generator=torch.Generator().manual_seed(seed))], 4):
+            acc.add(part)
+        totals.add(acc.total().numpy().tobytes())
+    assert len(totals) > 1
+
+
+def test_a_dropped_bin_left_uncounted_is_caught(monkeypatch):
+    # Mutant: contributions truncated to 0 when the window rises are not counted.
+    from distshare.numerics import exact_sum
+
+    real = exact_sum.ExactGradSum._raise_top
+
+    def uncounted(self, cols, top):
+        lost = self.lost
+        real(self, cols, top)
+        self.lost = lost
+
+    rows = torch.tensor([[1e-20], [1.0], [0.5]], dtype=torch.float64)  # 1e-20 then a larger one
+    acc = ExactGradSum(_model(1), 3)
+    acc.add(rows[:1])
+    acc.add(rows[1:])
+    acc.total()
+    assert acc.underflows == 1
+    monkeypatch.setattr(exact_sum.ExactGradSum, "_raise_top", uncounted)
+    acc = ExactGradSum(_model(1), 3)
+    acc.add(rows[:1])
+    acc.add(rows[1:])
+    acc.total()
+    assert acc.underflows == 0
+
+
+def test_memory_does_not_grow_with_the_number_of_samples():
+    # The sum keeps 28 bytes a parameter and one chunk's scratch, for 32 samples or 4,096.
+    p = 1000
+    sizes = {}
+    for n in (32, 4096):
+        acc = ExactGradSum(_model(p), n)
+        for part in torch.randn(n, p).split(CHUNK):
+            acc.add(part)
+        acc.total()
+        state = [acc.top, acc.bins, acc.leads, *(t for work in acc._work.values() for t in work)]
+        sizes[n] = sum(t.numel() * t.element_size() for t in state)
+    assert sizes[32] == sizes[4096] == 28 * p + CHUNK * p * (3 * 4 + 8)
+
+
+def test_exact_mode_hands_the_sum_one_chunk_at_a_time():
+    # add_per_sample_grads never holds more than a chunk: every block it hands over has at
+    # most CHUNK rows, and 100 samples arrive as 32 + 32 + 32 + 4 rows.
+    cfg = _cfg("data.num_samples=100")
+    from distshare.data import build_dataset
+    from distshare.data.tensors import TensorTable
+
+    ds, info = build_dataset(cfg.data)
+    table = TensorTable.from_dataset(ds, info, torch.float32)
+    model = build_model(cfg.model, info, seed=0)
+    b = table.select(list(range(100)))
+    blocks = []
+    per_sample.add_per_sample_grads(
+        model, {"inputs": b.inputs, "labels": b.labels}, sample_losses, lambda g, c: blocks.append((g.shape, c))
+    )
+    rows = [shape[0] for shape, column in blocks if column == 0]
+    assert max(shape[0] for shape, _ in blocks) <= CHUNK
+    assert rows == [CHUNK, CHUNK, CHUNK, 100 - 3 * CHUNK]
 
 
 @pytest.mark.parametrize("bad", [math.inf, -math.inf, math.nan])

@@ -294,8 +294,8 @@ def exact_line(underflows: int) -> str:
     if not underflows:
         return "every per-sample contribution represented (no underflow)"
     return (
-        f"{underflows} per-sample contribution(s) below 2^-(62 - log2 n) of their element's largest, "
-        "rounded to 0 (identically on every split)"
+        f"{underflows} per-sample contribution(s) more than 48 bits below their element's largest, "
+        "truncated to 0 (identically on every split)"
     )
 
 
@@ -318,6 +318,8 @@ def training_summary(cfg: RunConfig, results: list[TrainResult], plan: GlobalBat
         "replicas_in_sync": in_sync,
         **({"exact_underflows": main.exact_underflows} if main.exact_underflows is not None else {}),
         "replica_checks": main.checks,
+        # How the checks ran: full, or rolling (slices, batch, the tested bound in steps, gathers).
+        **({"replica_check": main.extras["replica_check"]} if "replica_check" in main.extras else {}),
         "replicas_summary": _in_sync_summary(main) if diverged is None else diverged.summary(),
         # Why they differ (the likely cause, its evidence and fix), and where, apart.
         "replicas_diagnosis": diverged.diagnosis.to_dict() if diverged and diverged.diagnosis else None,

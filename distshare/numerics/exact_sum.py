@@ -6,21 +6,33 @@ the order of the sum. Exact mode removes both places where the split enters: eac
 gradient is computed alone, in one fixed shape (`distshare.numerics.per_sample`), and the
 contributions are added in integers, here.
 
-For every gradient element j, the largest |contribution| over the whole global batch is
-found by an all-reduce MAX (max is exact and order-free), which fixes a shared exponent e_j.
-Each contribution is scaled by 2^(62 - h - e_j) (h = ceil(log2 n) for n samples) and rounded
-to an int64: n of them cannot exceed 2^62, so the local sums and the all-reduce SUM are exact
-integer additions, associative in any order. The integer total is turned back into a float
-once and divided by the global item count once. So the gradient, and with it the whole
-training state, is bitwise the same for every partition of the global batch, every engine,
-and every order of arrival.
+The integers are digits on a grid of exponents fixed in advance, not taken from the data:
+bin b holds the bits of weight 2^(bW) .. 2^((b+1)W - 1), W = `digit_bits(n)` (48 for up to
+16,384 samples). Each gradient element keeps the two bins at the top of its largest
+contribution so far (top bin T: the largest |contribution| is below 2^((T+1)W)); a
+contribution is truncated toward zero at the lower bin's unit 2^((T-1)W) and cut into its two
+digits, and each bin sums its digits in an int64. A digit never depends on which other
+samples came before: when a larger contribution raises T, the lowest bin is dropped whole,
+which is exactly what truncating every earlier contribution at the new unit would have
+given. So contributions are added as soon as they exist (a chunk at a time: memory does not
+grow with the batch), yet the sum is the same integers for every order, every chunk
+composition, every partition over micro-batches and ranks: T is settled by an all-reduce MAX
+(exact, order-free), the bins by an all-reduce SUM of integers (associative). The total is
+turned into a float once (correctly rounded to float64) and divided by the item count once.
 
-Precision: each contribution keeps 62 - h bits below its element's largest contribution
-(57 bits for 32 samples): finer than float64's 53 for the large ones, coarser for those
-that are far smaller. A non-zero contribution below half a unit of its element's scale
-becomes 0; such underflows are counted, reported and never silent. Overflow of the integer
-sum cannot happen by construction; a non-finite gradient or a total that does not fit the
-parameter dtype raises `ExactOverflow` naming the parameter.
+Precision: each contribution keeps at least W bits below its element's largest contribution
+(48 for n <= 16,384; up to 2W when the largest sits high in its bin): finer than float32's 24
+bits. A non-zero contribution below the lower bin's unit becomes 0; such underflows are
+counted exactly (per element, how many contributions have their highest non-zero digit in
+each bin, so a dropped bin is counted), reported and never silent. Overflow of the integer
+sums cannot happen by construction (n digits of < 2^W stay below 2^62); a non-finite
+gradient, or a total that does not fit the parameter dtype, raises `ExactOverflow` naming the
+parameter, on every rank at once.
+
+Memory: per parameter, two int64 bins, the top bin's index (int32) and two int32 counts: 28
+bytes, whatever the number of samples, and scratch for 32 rows x 2^18 columns at a time (160
+MiB at most). Contributions are converted 32 rows at a time: a chunk's digits are summed
+exactly in float64 (32 x 2^48 = 2^53).
 """
 
 from __future__ import annotations
@@ -33,14 +45,28 @@ from torch import nn
 
 from distshare.errors import UsageError, VerificationFailed
 
-INT_BITS = 62  # headroom below int64's 63 bits: n contributions of < 2^(62 - h) sum to < 2^62
+CHUNK_ROWS = 32  # rows summed at once in float64: 32 digits of < 2^48 stay below 2^53, exact
+DIGIT_BITS = 48  # W: 53 - log2(CHUNK_ROWS)
+CHUNK_COLUMNS = 1 << 18  # columns converted at once: the scratch is CHUNK_ROWS x this x 20 bytes (160 MiB)
+NONFINITE = 1 << 30  # the top bin of an element with a non-finite contribution: wins the MAX
+
 
 class ExactOverflow(VerificationFailed):
     """A gradient that exact mode cannot represent: non-finite, or a sum beyond the dtype's range."""
 
 
+def digit_bits(samples: int) -> int:
+    """W for a sum of `samples` contributions: 48, fewer where n digits of W bits would pass 2^62."""
+    return min(DIGIT_BITS, 62 - math.ceil(math.log2(max(1, samples))))
+
+
 class ExactGradSum:
-    """One step's exact sum of per-sample gradient contributions, over micro-batches and ranks."""
+    """One step's exact sum of per-sample gradient contributions, over chunks and ranks.
+
+    `add(rows, start)` takes contributions of columns [start, start + rows.shape[1]) of the
+    flattened parameters (in `named_parameters` order) and converts them at once; the block
+    that holds column 0 counts the samples (rows) it brings.
+    """
 
     def __init__(
         self, model: nn.Module, global_samples: int, world_size: int = 1, group: dist.ProcessGroup | None = None
@@ -50,49 +76,113 @@ class ExactGradSum:
         first = self.params[0][1]
         self.dtype, self.device = first.dtype, first.device
         self.global_samples = global_samples
-        self.n = max(1, global_samples)
+        self.bits = digit_bits(global_samples)
         self.world_size = world_size
         self.group = group
-        self.rows: list[torch.Tensor] = []
-        self.underflows = 0  # contributions of this step that rounded to 0 (all ranks)
+        self.grid = _grid(self.bits, self.device)
+        self.top = torch.zeros(self.size, dtype=torch.int32, device=self.device)  # bin index (`_Grid`)
+        self.bins = torch.zeros(2, self.size, dtype=torch.int64, device=self.device)  # [top bin, lower bin]
+        self.leads = torch.zeros(2, self.size, dtype=torch.int32, device=self.device)  # highest digit there
+        self.samples = 0  # rows added on this rank
+        self.lost = 0  # this rank's contributions truncated to 0 so far
+        self.underflows = 0  # contributions of this step truncated to 0 (all ranks): set by total()
+        self._work: dict[tuple, tuple[torch.Tensor, ...]] = {}  # scratch of a chunk's shape, reused
 
-    def add(self, rows: torch.Tensor) -> None:
-        """This rank's per-sample gradients of one micro-batch, [n_i, P]."""
-        if rows.shape[0]:
-            self.rows.append(rows)
+    def reset(self, global_samples: int) -> None:
+        """Start the next step's sum (the same parameters): nothing allocated again."""
+        self.global_samples, self.bits = global_samples, digit_bits(global_samples)
+        self.grid = _grid(self.bits, self.device)
+        self.top.zero_()
+        self.bins.zero_()
+        self.leads.zero_()
+        self.samples = self.lost = self.underflows = 0
+
+    def add(self, rows: torch.Tensor, start: int = 0) -> None:
+        """Contributions [m, L] to columns [start, start + L): converted now, not kept."""
+        if start == 0:
+            self.samples += rows.shape[0]
+        for first in range(0, rows.shape[0], CHUNK_ROWS):
+            for column in range(0, max(1, rows.shape[1]), CHUNK_COLUMNS):  # bounded scratch
+                part = rows[first : first + CHUNK_ROWS, column : column + CHUNK_COLUMNS]
+                self._add(part, start + column)
+
+    def _add(self, rows: torch.Tensor, start: int) -> None:
+        if not rows.shape[0] or not rows.shape[1]:
+            return
+        rows = rows.to(_work_dtype(rows.dtype))  # exact; float16 cannot hold the scaled values (up to 2^96)
+        cols = slice(start, start + rows.shape[1])
+        key = (tuple(rows.shape), rows.dtype)
+        if key not in self._work:
+            self._work = {key: (*(torch.empty_like(rows) for _ in range(3)), rows.to(torch.float64))}
+        a, high, sign, wide = self._work[key]
+        # Magnitudes and signs apart: floor() of a magnitude is truncation toward zero, and
+        # it is fast where trunc() and fmod() are not (about 40x slower on CPU here).
+        torch.abs(rows, out=a)
+        largest = a.amax(dim=0)
+        top = self.grid.top(largest)  # 0 for a column of zeros
+        finite = torch.isfinite(largest)
+        if not bool(finite.all()):
+            a.masked_fill_(~finite, 0.0)  # the element is refused in total(); keep the rest exact
+            top = torch.where(finite, top, NONFINITE)
+        self._raise_top(cols, top)
+        a = self.grid.scaled(a, self.top[cols])  # in units of the lower bin
+        if a.dtype != high.dtype:  # scaled in float64 (mixed dtypes): its scratch too
+            high, sign, rows = torch.empty_like(a), torch.empty_like(a), rows.to(a.dtype)
+        a.floor_()  # |contribution| in units of the lower bin, truncated: its two digits
+        kept = torch.clamp(a, max=1, out=sign).sum(dim=0)  # still non-zero (float counts <= 32: exact)
+        torch.mul(a, 2.0**-self.bits, out=high).floor_()  # the top bin's digit
+        leading_high = torch.clamp(high, max=1, out=sign).sum(dim=0)
+        a.add_(high, alpha=-(2.0**self.bits))  # the lower bin's digit (exact: y with its top digit cleared)
+        torch.sign(rows, out=sign)
+        # Each bin's digits of up to 32 rows: below 2^53 in float64, so summed exactly.
+        self.bins[0, cols] += wide.copy_(high.mul_(sign)).sum(dim=0).to(torch.int64)
+        self.bins[1, cols] += wide.copy_(a.mul_(sign)).sum(dim=0).to(torch.int64)
+        nonzero = sign.abs_().sum(dim=0)
+        self.leads[0, cols] += leading_high.to(torch.int32)
+        self.leads[1, cols] += (kept - leading_high).to(torch.int32)
+        self.lost += int((nonzero - kept).sum())
+
+    def _raise_top(self, cols: slice, top: torch.Tensor) -> None:
+        """Move the columns' window up to `top` where it is higher: the bins it leaves are dropped whole."""
+        old = self.top[cols]
+        up = top > old
+        if not bool(up.any()):
+            return
+        by_one = up & (top == old + 1)
+        bins, leads = self.bins[:, cols], self.leads[:, cols]
+        # Contributions whose highest digit leaves the window are now truncated to 0.
+        self.lost += int((leads[1] * up).sum() + (leads[0] * (up & ~by_one)).sum())
+        bins[1] = torch.where(by_one, bins[0], torch.where(up, 0, bins[1]))
+        leads[1] = torch.where(by_one, leads[0], torch.where(up, 0, leads[1]))
+        bins[0] = torch.where(up, 0, bins[0])
+        leads[0] = torch.where(up, 0, leads[0])
+        self.top[cols] = torch.maximum(old, top)
 
     def total(self) -> torch.Tensor:
         """The exact sum over every rank's contributions, rounded once to float64; collective."""
-        if not self.rows:
-            local = torch.zeros(0, self.size, dtype=self.dtype, device=self.device)
-        else:
-            local = self.rows[0] if len(self.rows) == 1 else torch.cat(self.rows)
-        top = local.abs().amax(dim=0) if local.shape[0] else local.new_zeros(self.size)
-        top = torch.where(torch.isnan(top), torch.full_like(top, math.inf), top)
         if self._distributed:
+            top = self.top.clone()
             dist.all_reduce(top, op=dist.ReduceOp.MAX, group=self.group)
-        bad = ~torch.isfinite(top)
+            if not torch.equal(top, self.top):
+                self._raise_top(slice(0, self.size), top)
+        bad = self.top == NONFINITE
         if bool(bad.any()):
             raise ExactOverflow(f"sync=exact: the gradient of {self._name_at(int(bad.nonzero()[0]))} is not finite")
-        headroom = INT_BITS - math.ceil(math.log2(self.n))
-        _, exponent = torch.frexp(top.to(torch.float64))  # top < 2^exponent (0 where top == 0)
-        shift = headroom - exponent.to(torch.int64)
-        ints = _to_fixed(local, shift)
-        # Rounding never turns 0 into non-zero: the non-zeros that vanished are the underflows.
-        lost = torch.count_nonzero(local) - torch.count_nonzero(ints)
-        counts = torch.tensor([int(lost), local.shape[0]], dtype=torch.int64, device=ints.device)
-        summed = torch.cat([ints.sum(dim=0), counts])
+        counts = torch.tensor([self.lost, self.samples], dtype=torch.int64, device=self.device)
+        summed = torch.cat([self.bins.reshape(-1), counts])
         if self._distributed:
             dist.all_reduce(summed, op=dist.ReduceOp.SUM, group=self.group)
         self.underflows = int(summed[-2])
         if int(summed[-1]) != self.global_samples:
-            # More contributions than the headroom was sized for may have wrapped the integer
-            # sum around; fewer mean a sample missing from the step. Either way: refused.
+            # More contributions than the digits were sized for may have wrapped the integer
+            # sums around; fewer mean a sample missing from the step. Either way: refused.
             raise UsageError(
                 f"sync=exact: the step was started for global_samples={self.global_samples}, but the ranks "
                 f"added {int(summed[-1])} samples' gradients: pass the sample count of the whole global batch"
             )
-        return _ldexp(summed[:-2].to(torch.float64), -shift)
+        high, low = summed[: self.size], summed[self.size : 2 * self.size]
+        value = _round_to_float64(high, low, self.bits)
+        return _ldexp(value, self.grid.unit(self.top))
 
     def write_grads(self, normalizer: float) -> None:
         """Set every parameter's .grad to total / normalizer in its own dtype; collective."""
@@ -123,20 +213,120 @@ class ExactGradSum:
         return f"element {flat_index}"
 
 
-def _to_fixed(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
-    """round(x * 2^shift) as int64, column j scaled by 2^shift[j].
+def _work_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype contributions are digitized in: float64 stays, anything narrower becomes float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
-    In x's own dtype when every 2^shift[j] is a float of that dtype: multiplying by a power
-    of two is then exact (the results are below 2^62, and one that falls below the normal
-    range is below 0.5 and rounds to 0 either way), so the integers are the float64 route's,
-    without a float64 copy of every contribution. Else through float64.
+
+class _Grid:
+    """The fixed bins of one digit width W: bin k holds the bits of 2^(kW) .. 2^((k+1)W - 1).
+
+    A column's top bin is kept as an index i into `bounds` (every 2^(kW) a float64 can hold,
+    from its smallest subnormal up): i = how many bounds its largest |contribution| is >= of,
+    so the top bin is T = k_min + i - 1, and 0 means zero or below every bin start. Indices
+    order as the bins do, so a MAX over indices is the MAX over bins.
     """
-    info = torch.finfo(x.dtype)
-    highest = math.frexp(info.max)[1] - 1  # 2^highest is the largest power of two of the dtype
-    lowest = math.frexp(info.smallest_normal)[1] - 1 + math.frexp(info.eps)[1] - 1  # the smallest subnormal
-    if int(shift.max()) <= highest and int(shift.min()) >= lowest:
-        return (x * torch.exp2(shift.to(x.dtype))).round_().to(torch.int64)
-    return _ldexp(x.to(torch.float64), shift).round_().to(torch.int64)
+
+    def __init__(self, bits: int, device: torch.device) -> None:
+        self.bits = bits
+        self.k_min, k_max = -(1074 // bits), 1023 // bits  # float64: 2^-1074 .. 2^1023
+        ks = torch.arange(self.k_min, k_max + 1, dtype=torch.float64)
+        self.bounds = torch.exp2(ks * bits).to(device)
+        # The scale of each index's columns, 2^((1 - T) W), makes the lower bin's unit 1;
+        # kept in two factors (one alone may not fit: up to 2^240 for float32 gradients).
+        self.shift = (1 - (torch.arange(len(ks) + 1, dtype=torch.float64) + self.k_min - 1)) * bits
+        self.device = device
+        self._factors: dict[torch.dtype, tuple[torch.Tensor, torch.Tensor, torch.Tensor, int, int, int, int]] = {}
+
+    def factors(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int, int, int, int]:
+        """(single, first, second, and the index ranges where one factor, and two, are normal floats)."""
+        if dtype not in self._factors:
+            info = torch.finfo(dtype)
+            low, high = math.frexp(info.smallest_normal)[1] - 1, math.frexp(info.max)[1] - 1
+            half = torch.floor(self.shift / 2)
+            one = ((self.shift >= low) & (self.shift <= high)).nonzero().squeeze(1)
+            two = ((half >= low) & (self.shift - half <= high) & (self.shift - half >= low)).nonzero().squeeze(1)
+            tables = [
+                torch.exp2(v.clamp(low, high)).to(dtype=dtype, device=self.device)
+                for v in (self.shift, half, self.shift - half)
+            ]
+            self._factors[dtype] = (*tables, int(one[0]), int(one[-1]), int(two[0]), int(two[-1]))
+        return self._factors[dtype]
+
+    def lowest(self, dtype: torch.dtype) -> int:
+        """The index of the smallest non-zero value of `dtype`."""
+        tiny = torch.tensor([torch.finfo(dtype).smallest_normal * torch.finfo(dtype).eps], dtype=torch.float64)
+        return int(self.top(tiny)[0])
+
+    def top(self, largest: torch.Tensor) -> torch.Tensor:
+        """Each column's top-bin index (int32) from its largest |contribution|."""
+        return torch.bucketize(largest.to(torch.float64), self.bounds, out_int32=True, right=True)
+
+    def scaled(self, x: torch.Tensor, top: torch.Tensor) -> torch.Tensor:
+        """x * 2^((1 - T) W), in place where it can be, column by column: exact wherever the result is >= 1.
+
+        A power-of-two factor is exact for every result that matters: one below 1 is truncated
+        to 0 anyway, and the results stay below 2^(2W) <= 2^96, within float32. Columns whose
+        factors the dtype cannot hold (mixed dtypes only) are scaled in float64.
+        """
+        single, first, second, one_lo, one_hi, two_lo, two_hi = self.factors(x.dtype)
+        # Below the bin of the dtype's smallest subnormal a column is all zeros (a column of
+        # zeros has index 0; a non-finite one was zeroed): any factor serves it.
+        index = top.clamp(min=self.lowest(x.dtype), max=len(self.shift) - 1).long()
+        lo, hi = int(index.min()), int(index.max())
+        if one_lo <= lo and hi <= one_hi:
+            return x.mul_(single[index])
+        if two_lo <= lo and hi <= two_hi:
+            return x.mul_(first[index]).mul_(second[index])
+        return self.scaled(x.to(torch.float64), top)
+
+    def unit(self, top: torch.Tensor) -> torch.Tensor:
+        """The exponent of each column's lower-bin unit: (T - 1) W (int64)."""
+        return (top.to(torch.int64) + self.k_min - 2) * self.bits
+
+
+_grids: dict[tuple[int, str], _Grid] = {}
+
+
+def _grid(bits: int, device: torch.device) -> _Grid:
+    key = (bits, str(device))
+    if key not in _grids:
+        _grids[key] = _Grid(bits, device)
+    return _grids[key]
+
+
+def _round_to_float64(high: torch.Tensor, low: torch.Tensor, bits: int) -> torch.Tensor:
+    """high * 2^bits + low (int64 digit sums), correctly rounded to float64 (nearest, ties to even)."""
+    # Both below 2^53 (the usual case): two exact float64 operands, one correctly rounded addition.
+    value = high.to(torch.float64) * 2.0**bits + low.to(torch.float64)
+    wide = (high.abs() >= 2**53) | (low.abs() >= 2**53)
+    if bool(wide.any()):
+        where = wide.nonzero().squeeze(1)
+        value[where] = _round_wide(high[where], low[where], bits)
+    return value
+
+
+def _round_wide(high: torch.Tensor, low: torch.Tensor, bits: int) -> torch.Tensor:
+    """`_round_to_float64` in integers, for digit sums of up to 62 bits."""
+    carry = torch.bitwise_right_shift(low, bits)  # floor: low becomes a digit in [0, 2^bits)
+    low = low - torch.bitwise_left_shift(carry, bits)
+    high = high + carry
+    negative = high < 0  # the value's sign: work on its magnitude
+    borrow = (negative & (low > 0)).to(torch.int64)
+    high = torch.where(negative, -high - borrow, high)
+    low = torch.where(negative & (low > 0), (1 << bits) - low, low)
+    # Keep the 62 leading bits of the magnitude (at least 55: the 53 of a float64 and two more)
+    # and OR in a sticky bit for what lies below them: the int64 -> float64 conversion then
+    # rounds as the exact value would.
+    _, length = torch.frexp(high.to(torch.float64))  # bit length of high, or one more if rounded up
+    length = length.to(torch.int64)
+    rounded_up = (high > 0) & (torch.bitwise_right_shift(high, (length - 1).clamp(min=0)) == 0)
+    length = torch.where(rounded_up, length - 1, length)
+    drop = (length + bits - 62).clamp(min=0)  # <= bits: high < 2^62
+    kept = torch.bitwise_left_shift(high, bits - drop) | torch.bitwise_right_shift(low, drop)
+    sticky = (low & (torch.bitwise_left_shift(torch.ones_like(drop), drop) - 1)) != 0
+    magnitude = (kept | sticky.to(torch.int64)).to(torch.float64) * torch.exp2(drop.to(torch.float64))
+    return torch.where(negative, -magnitude, magnitude)
 
 
 def _ldexp(x: torch.Tensor, exponent: torch.Tensor) -> torch.Tensor:

@@ -27,7 +27,7 @@ naming the layer and the known fix.
 from __future__ import annotations
 
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
@@ -85,49 +85,151 @@ def per_sample_grads(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-sample gradients as one [n, P] matrix (parameters flattened in order), and the n losses.
 
+    The whole matrix, for tests and inspection: exact mode itself takes the chunks' blocks as
+    they come (`add_per_sample_grads`) and never holds more than one chunk's.
+    """
+    size = sum(p.numel() for p in model.parameters())
+    leaves = _leaves(batch)
+    n = int(leaves[0].shape[0]) if leaves else 0
+    rows = next(model.parameters()).new_zeros(n, size)
+    done = [0]
+
+    def add(block: torch.Tensor, start: int) -> None:
+        if start == 0:
+            done[0] += block.shape[0]
+        rows[done[0] - block.shape[0] : done[0], start : start + block.shape[1]] = block
+
+    losses = add_per_sample_grads(model, batch, losses_fn, add, method)
+    return rows, losses
+
+
+def add_per_sample_grads(
+    model: nn.Module, batch: Any, losses_fn: LossFn, add: Callable[[torch.Tensor, int], None], method: str = "auto"
+) -> torch.Tensor:
+    """Hand each chunk's per-sample gradients to `add` as they are computed; the n losses.
+
     `batch` is a pytree (dict / tuple) of tensors with the samples along dim 0;
     `losses_fn(model, batch)` returns each sample's summed loss, [n]. Every gradient call sees
     exactly `CHUNK` samples, whatever n is: the last chunk is padded by repeating its last
-    sample, whose rows are dropped. `method` is "auto" (the model's layers choose: see the
+    sample, whose rows are dropped. `add(block, start)` receives [samples of the chunk, L]
+    blocks: columns [start, start + L) of the parameters flattened in `named_parameters`
+    order, in groups of about `GROUP` elements (each chunk gives every column once; the block
+    of column 0 comes once per chunk). `method` is "auto" (the model's layers choose: see the
     module docstring), or one of "hooks", "expanded", "vmap".
     """
     if method not in METHODS:
         raise UsageError(f"sync=exact: per-sample method {method!r} is not one of {', '.join(METHODS)}")
     leaves = _leaves(batch)
     n = int(leaves[0].shape[0]) if leaves else 0
-    params = [p for _, p in model.named_parameters()]
     if n == 0:
-        size = sum(p.numel() for p in params)
-        return params[0].new_zeros(0, size), torch.zeros(0, dtype=torch.float64)
+        return torch.zeros(0, dtype=torch.float64)
     chosen = choose_method(model) if method == "auto" else method
-    rows, losses = [], []
+    losses = []
     for start in range(0, n, CHUNK):
         take = min(CHUNK, n - start)
         index = torch.arange(start, start + CHUNK, device=leaves[0].device).clamp(max=start + take - 1)
         chunk = tree_map(lambda t, index=index: t.index_select(0, index), batch)
         try:
-            g, loss = _compute(chosen, model, chunk, losses_fn)
+            loss, blocks = _compute(chosen, model, chunk, losses_fn)
         except _NotHookable as exc:
             if method != "auto":
                 raise UsageError(f"sync=exact: method='hooks' cannot run this model: {exc}; use 'vmap'") from None
             # Found on the first chunk the model runs (it is a property of the model, not of
             # the data): every later chunk, step and rank takes the fallback too.
             _fallback[model] = chosen = "vmap"  # a parameter used outside its layer: expanded weights cannot either
-            if rows:
+            if losses:
                 raise UsageError(f"sync=exact: method='hooks' cannot compute this model: {exc}") from None
-            g, loss = _compute(chosen, model, chunk, losses_fn)
-        rows.append(g[:take])
+            loss, blocks = _compute(chosen, model, chunk, losses_fn)
+        for column, block in blocks:
+            add(block[:take], column)
         losses.append(loss[:take].detach().to(torch.float64).cpu())
-    return (rows[0] if len(rows) == 1 else torch.cat(rows)), torch.cat(losses)
+    return torch.cat(losses)
+
+
+# Per-sample gradients leave a chunk in groups of consecutive parameters of about this many
+# elements (a parameter larger than it alone): a chunk holds CHUNK x GROUP floats at a time,
+# not CHUNK x all parameters. Small models are one group: one block per chunk.
+GROUP = 1 << 18
+
+Blocks = Iterator[tuple[int, torch.Tensor]]  # (first column, [CHUNK, L] per-sample gradients)
+
+
+class _Layout:
+    """The flattened parameters' columns, and their groups: what a chunk's blocks are cut along."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.named = list(model.named_parameters())
+        self.offsets: dict[int, int] = {}
+        self.group_of: dict[int, int] = {}
+        self.groups: list[tuple[int, int]] = []  # (first column, size)
+        offset = first = 0
+        for _, p in self.named:
+            self.offsets[id(p)] = offset
+            if offset - first >= GROUP:
+                self.groups.append((first, offset - first))
+                first = offset
+            self.group_of[id(p)] = len(self.groups)
+            offset += p.numel()
+        self.groups.append((first, offset - first))
+        self.size = offset
+        self.key = tuple(id(p) for _, p in self.named)
+        self._ruled: list[tuple[str, nn.Module, str]] | None = None
+        self._own: dict[int, tuple[nn.Parameter, ...]] = {}
+
+    def own(self, module: nn.Module) -> tuple[nn.Parameter, ...]:
+        """`module.parameters(recurse=False)`, looked up once per module."""
+        held = self._own.get(id(module))
+        if held is None:
+            held = self._own[id(module)] = tuple(module.parameters(recurse=False))
+        return held
+
+    def ruled(self, model: nn.Module) -> list[tuple[str, nn.Module, str]]:
+        """(name, module, kind) of the layers with a per-sample rule that hold parameters."""
+        if self._ruled is None:
+            self._ruled = [
+                (name, module, kind)
+                for name, module in model.named_modules()
+                if (kind := _hook_kind(module)) is not None and next(module.parameters(recurse=False), None) is not None
+            ]
+        return self._ruled
+
+    def blocks(self, grads: Iterable[tuple[torch.Tensor, torch.Tensor]], rows: int) -> Blocks:
+        """Group each parameter's [rows, ...] gradient into its group's block, in `grads`' order."""
+        current, start, parts = -1, 0, []
+        for p, g in grads:
+            group = self.group_of[id(p)]
+            if group != current and parts:
+                yield start, parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+                parts = []
+            current, start = group, self.groups[group][0] if not parts else start
+            parts.append(g.reshape(rows, -1))
+        if parts:
+            yield start, parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+
+
+_layouts: weakref.WeakKeyDictionary[nn.Module, _Layout] = weakref.WeakKeyDictionary()
+
+
+def _layout(model: nn.Module) -> _Layout:
+    """The model's layout, made once (remade if its parameters change)."""
+    layout = _layouts.get(model)
+    if layout is None or layout.key != tuple(id(p) for p in model.parameters()):
+        _layouts[model] = layout = _Layout(model)
+    return layout
 
 
 # Models whose hooks check failed once (a parameter used outside its layer): their fallback.
 _fallback: weakref.WeakKeyDictionary[nn.Module, str] = weakref.WeakKeyDictionary()
 
 
+_chosen: weakref.WeakKeyDictionary[nn.Module, str] = weakref.WeakKeyDictionary()
+
+
 def choose_method(model: nn.Module) -> str:
     """The method "auto" takes for `model`: fixed by its layers (and a failed hooks check)."""
-    return _fallback.get(model) or _static_method(model, hooks=True)
+    if model not in _chosen:  # the layers are looked at once per model
+        _chosen[model] = _static_method(model, hooks=True)
+    return _fallback.get(model) or _chosen[model]
 
 
 def _static_method(model: nn.Module, hooks: bool) -> str:
@@ -136,7 +238,8 @@ def _static_method(model: nn.Module, hooks: bool) -> str:
     return "expanded" if _expandable(model) else "vmap"
 
 
-def _compute(method: str, model: nn.Module, chunk: Any, losses_fn: LossFn) -> tuple[torch.Tensor, torch.Tensor]:
+def _compute(method: str, model: nn.Module, chunk: Any, losses_fn: LossFn) -> tuple[torch.Tensor, Blocks]:
+    """The chunk's losses, and its per-sample gradients as blocks (computed as they are taken)."""
     if method == "hooks":
         return _hook_grads(model, chunk, losses_fn)
     with _Explained(model, method):
@@ -161,21 +264,22 @@ class _Forward:
         return self.forward(*args, **kwargs)
 
 
-def _expanded_grads(model: nn.Module, chunk: Any, losses_fn: LossFn) -> tuple[torch.Tensor, torch.Tensor]:
+def _expanded_grads(model: nn.Module, chunk: Any, losses_fn: LossFn) -> tuple[torch.Tensor, Blocks]:
     from torch.nn.utils._per_sample_grad import call_for_per_sample_grads
 
     params = [p for _, p in model.named_parameters()]
     forward = call_for_per_sample_grads(model, batch_size=CHUNK, loss_reduction="sum")
     losses = losses_fn(_Forward(forward), chunk)  # type: ignore[arg-type]
     losses.sum().backward()
-    rows = torch.cat([p.grad_sample.reshape(CHUNK, -1) for p in params], dim=1)  # type: ignore[attr-defined]
-    for p in params:
-        p.grad_sample = None  # type: ignore[attr-defined]
-        p.grad = None
-    return rows, losses
+
+    def taken(p: torch.Tensor) -> torch.Tensor:
+        g, p.grad_sample, p.grad = p.grad_sample, None, None  # type: ignore[attr-defined]
+        return g
+
+    return losses, _layout(model).blocks(((p, taken(p)) for p in params), CHUNK)
 
 
-def _vmap_grads(model: nn.Module, losses_fn: LossFn) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
+def _vmap_grads(model: nn.Module, losses_fn: LossFn) -> Callable[..., tuple[torch.Tensor, Blocks]]:
     params = {f"m.{k}": v.detach() for k, v in model.named_parameters()}
     buffers = {f"m.{k}": v for k, v in model.named_buffers()}
 
@@ -185,9 +289,10 @@ def _vmap_grads(model: nn.Module, losses_fn: LossFn) -> Callable[..., tuple[torc
 
     grads_of = vmap(grad_and_value(one), in_dims=(None, 0))
 
-    def chunk_grads(model: nn.Module, chunk: Any, losses_fn: LossFn) -> tuple[torch.Tensor, torch.Tensor]:
+    def chunk_grads(model: nn.Module, chunk: Any, losses_fn: LossFn) -> tuple[torch.Tensor, Blocks]:
         g, loss = grads_of(params, chunk)
-        return torch.cat([g[k].reshape(CHUNK, -1) for k in params], dim=1), loss
+        held = [p for _, p in model.named_parameters()]  # `params` holds detached copies: other ids
+        return loss, _layout(model).blocks(zip(held, (g[k] for k in params), strict=True), CHUNK)
 
     return chunk_grads
 
@@ -252,20 +357,18 @@ class _Call:
         self.module, self.kind, self.x, self.y = module, kind, x, y
 
 
-def _hook_grads(model: nn.Module, chunk: Any, losses_fn: LossFn) -> tuple[torch.Tensor, torch.Tensor]:
+def _hook_grads(model: nn.Module, chunk: Any, losses_fn: LossFn) -> tuple[torch.Tensor, Blocks]:
     """Per-sample gradients from one batched forward and one backward to the ruled layers' outputs.
 
     A sample's weight gradient is a product of its own rows only (its activations and output
     gradients, summed over its positions): `torch.bmm` over the chunk, one matrix product per
     sample in the fixed chunk shape, so no other sample of the chunk enters it.
     """
-    named = list(model.named_parameters())
+    layout = _layout(model)
+    named = layout.named
     calls: list[_Call] = []
     handles = []
-    for name, module in model.named_modules():
-        kind = _hook_kind(module)
-        if kind is None or next(module.parameters(recurse=False), None) is None:
-            continue
+    for name, module, kind in layout.ruled(model):
         if kind == "embedding":
             handles.append(module.register_forward_pre_hook(_per_sample_lookup))
         handles.append(module.register_forward_hook(_recorder(calls, kind, name)))
@@ -282,19 +385,36 @@ def _hook_grads(model: nn.Module, chunk: Any, losses_fn: LossFn) -> tuple[torch.
     reached = [c for c in calls if c.y.requires_grad]
     outputs = torch.autograd.grad(losses.sum(), [c.y for c in reached], allow_unused=True) if reached else []
     used = [(c, g) for c, g in zip(reached, outputs, strict=True) if g is not None]
-    _check_every_use_ruled(losses, named, used)
-    offsets, offset = {}, 0
-    for _, p in named:
-        offsets[id(p)] = (offset, p)
-        offset += p.numel()
-    rows = named[0][1].new_zeros(CHUNK, offset)
-    # A tied parameter (GPT-2's lm_head and wte) gets one contribution per use, in the
-    # forward's order: the same order for every sample and split.
+    _check_every_use_ruled(losses, named, used, layout)
+    touching: dict[int, list[tuple[_Call, torch.Tensor]]] = {}  # group -> the calls of its parameters
     for call, gy in used:
-        for p, g in _rule(call, gy):
-            start, _ = offsets[id(p)]
-            rows[:, start : start + p.numel()] += g.reshape(CHUNK, -1)
-    return rows, losses.detach()
+        for group in sorted({layout.group_of[id(p)] for p in layout.own(call.module)}):
+            touching.setdefault(group, []).append((call, gy))
+
+    def blocks() -> Blocks:
+        # One group at a time: its block is made, handed over and dropped before the next.
+        for group, (first, size) in enumerate(layout.groups):
+            block = named[0][1].new_empty(CHUNK, size)
+            written: set[int] = set()
+            # A tied parameter (GPT-2's lm_head and wte) gets one contribution per use, in the
+            # forward's order: the same order for every sample and split (0 + g is g, exactly).
+            for call, gy in touching.get(group, ()):
+                for p, g in _rule(call, gy):
+                    if layout.group_of[id(p)] == group:
+                        start = layout.offsets[id(p)] - first
+                        part = block[:, start : start + p.numel()]
+                        if id(p) in written:
+                            part += g.reshape(CHUNK, -1)
+                        else:
+                            part.copy_(g.reshape(CHUNK, -1))
+                            written.add(id(p))
+            for _, p in named:  # a parameter no call reached: its gradient is 0
+                if layout.group_of[id(p)] == group and id(p) not in written:
+                    start = layout.offsets[id(p)] - first
+                    block[:, start : start + p.numel()] = 0
+            yield first, block
+
+    return losses.detach(), blocks()
 
 
 def _per_sample_lookup(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
@@ -354,7 +474,10 @@ def _rule(call: _Call, gy: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tenso
 
 
 def _check_every_use_ruled(
-    losses: torch.Tensor, named: list[tuple[str, nn.Parameter]], used: list[tuple[_Call, torch.Tensor]]
+    losses: torch.Tensor,
+    named: list[tuple[str, nn.Parameter]],
+    used: list[tuple[_Call, torch.Tensor]],
+    layout: _Layout,
 ) -> None:
     """Each parameter enters the loss's graph exactly as often as ruled layers used it.
 
@@ -380,7 +503,7 @@ def _check_every_use_ruled(
                 stack.append(nxt)
     ruled: dict[int, int] = {}
     for call, _ in used:
-        for p in call.module.parameters(recurse=False):
+        for p in layout.own(call.module):
             ruled[id(p)] = ruled.get(id(p), 0) + 1
     for name, p in named:
         if p.requires_grad and edges.get(id(p), 0) != ruled.get(id(p), 0):
