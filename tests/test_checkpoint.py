@@ -216,6 +216,7 @@ def _ranks_checkpoint(world: World, root: str) -> None:
     save_run_checkpoint(Path(root) / f"rank{world.rank}", run, step=2)
 
 
+@pytest.mark.slow
 def test_two_ranks_checkpoints_compare_down_to_the_element(tmp_path):
     run_distributed(_ranks_checkpoint, 2, str(tmp_path), timeout_s=60, deadline_s=120)
     manifest = json.loads((tmp_path / "rank1" / MANIFEST).read_text())

@@ -114,6 +114,7 @@ def test_train_on_cnn_with_allreduce(tmp_path, cli):
     assert read_result(tmp_path)["final_fingerprint"] == result["final_fingerprint"]
 
 
+@pytest.mark.slow
 def test_batchnorm_running_stats_are_reported_as_diverged(tmp_path, cli):
     """BatchNorm's running statistics are state too, and under DDP each rank updates them
     from its own micro-batches: the check must say so, naming the buffers, with exit 1."""

@@ -117,7 +117,7 @@ def test_deterministic_from_the_seed(findings, name, tmp_path):
     assert json.loads(json.dumps(again["numbers"])) == findings[name]["numbers"]
 
 
-@pytest.mark.parametrize("name", ["qkv-shared", "conv-shared", "heads-kernels"])
+@pytest.mark.parametrize("name", [pytest.param("qkv-shared", marks=pytest.mark.slow), "conv-shared", "heads-kernels"])
 def test_another_seed_gives_the_same_verdicts(name, tmp_path):
     f = run_demo(name, tmp_path, seed=1)
     assert f.verdict == HOLDS and f.control_verdict == FAILS, f.numbers

@@ -49,6 +49,7 @@ def float64_grid():
     return run_grid(ConfigTask(_cfg()), WORLD_SIZES, ACCUM_STEPS, ["float64"], steps=2, progress=False)
 
 
+@pytest.mark.slow
 def test_every_partition_of_the_float64_grid_is_within_rounding(float64_grid):
     parts = float64_grid.partitions
     assert {(p.world_size, p.accum_steps) for p in parts} == {(w, k) for w in WORLD_SIZES for k in ACCUM_STEPS}
@@ -57,12 +58,14 @@ def test_every_partition_of_the_float64_grid_is_within_rounding(float64_grid):
     assert float64_grid.ok
 
 
+@pytest.mark.slow
 def test_micro_batch_is_derived_and_every_sample_counts_once(float64_grid):
     for p in float64_grid.partitions:
         assert p.micro_batch * p.world_size * p.accum_steps == 32
         assert p.accounting_ok, p.accounting
 
 
+@pytest.mark.slow
 def test_the_reference_split_is_bitwise_and_the_others_differ_only_by_summation_order(float64_grid):
     ref = next(p for p in float64_grid.partitions if p.world_size == 1 and p.accum_steps == 1)
     assert ref.bitwise_equal and ref.max_ulp == 0
@@ -161,6 +164,7 @@ def test_assert_accumulation_equivalent_fails_on_batchnorm_with_the_report():
 # The command.
 
 
+@pytest.mark.slow
 def test_the_command_prints_ok_and_partitions_and_writes_its_files(tmp_path, capsys):
     # float32 and the explicit all-reduce sync here (the grid above: float64, DDP): the sync
     # mode is a parameter of the grid.

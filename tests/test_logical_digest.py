@@ -127,7 +127,10 @@ def two_ranks() -> list[dict]:
     return run_distributed(_every_layout, 2)
 
 
-@pytest.mark.parametrize("layout", ["fsdp2", "fsdp4", "hsdp2x2"])
+# fsdp2 (one 2-rank world, about 5 s) is the quick loop's FSDP case; the 4-rank world is slow.
+@pytest.mark.parametrize(
+    "layout", ["fsdp2", pytest.param("fsdp4", marks=pytest.mark.slow), pytest.param("hsdp2x2", marks=pytest.mark.slow)]
+)
 def test_one_state_has_one_logical_digest_under_every_layout(layout, request):
     results = [
         r["fsdp" if layout.startswith("fsdp") else "hsdp"]
@@ -145,6 +148,7 @@ def test_one_state_has_one_logical_digest_under_every_layout(layout, request):
     assert len({r[4] for r in results}) == 1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mutant", ["flipped_bit", "swapped", "per_rank_seed"])
 def test_a_changed_shard_changes_its_replica_groups_logical_digest(mutant, four_ranks):
     init = _single_process_init()

@@ -78,6 +78,7 @@ def test_a_correct_gpt2_ddp_loop_passes_every_split():
     assert all(sp["grad"] > 0 and sp["params"] > 0 for sp in result.spread)
 
 
+@pytest.mark.slow
 def test_in_float64_rounding_is_1e_16_and_the_2024_bug_is_orders_above_it():
     data = sequences(32)
     good = _passes(functools.partial(gpt2_ddp_loop, dtype="float64"), data, **ONE_PROCESS)

@@ -68,9 +68,9 @@ def _refused(tmp_path: Path, *args: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def two_ranks(tmp_path_factory, twenty_steps_straight) -> dict:
-    """20 steps straight on 2 spawned ranks (conftest's run of RUN, shared with test_restart.py);
-    10 steps with checkpoints; 10 more resumed."""
+def checkpointed(tmp_path_factory) -> dict:
+    """10 steps on 2 spawned ranks, a checkpoint every 2, the newest 2 kept: `pristine`, a copy of
+    those checkpoints that no later run touches, is what the refusals and the damage resume from."""
     tmp = tmp_path_factory.mktemp("resume")
     ck = tmp / "ckpt"
     first = _train(
@@ -89,16 +89,16 @@ def two_ranks(tmp_path_factory, twenty_steps_straight) -> dict:
     kept = sorted(p.name for _, p in list_checkpoints(ck))
     pristine = tmp / "pristine"
     shutil.copytree(ck, pristine)  # before the resumed run adds its own checkpoints
-    resumed = _train(tmp / "resumed", "--nproc", "2", "--steps", "20", "--checkpoint-dir", str(ck), "--resume", str(ck))
-    return {
-        "tmp": tmp,
-        "ckpt": ck,
-        "pristine": pristine,
-        "kept": kept,
-        "straight": twenty_steps_straight,
-        "first": first,
-        "resumed": resumed,
-    }
+    return {"tmp": tmp, "ckpt": ck, "pristine": pristine, "kept": kept, "first": first}
+
+
+@pytest.fixture(scope="module")
+def two_ranks(checkpointed, twenty_steps_straight) -> dict:
+    """`checkpointed`, plus 20 steps straight on 2 spawned ranks (conftest's run of RUN, shared
+    with test_restart.py) and 10 more steps resumed from `checkpointed`'s newest checkpoint."""
+    ck, out = checkpointed["ckpt"], checkpointed["tmp"] / "resumed"
+    resumed = _train(out, "--nproc", "2", "--steps", "20", "--checkpoint-dir", str(ck), "--resume", str(ck))
+    return {**checkpointed, "straight": twenty_steps_straight, "resumed": resumed}
 
 
 @pytest.mark.slow
@@ -137,33 +137,34 @@ def test_exact_mode_resumes_bitwise_and_equals_one_process(tmp_path):
     assert resumed["final_fingerprint"] == one["final_fingerprint"]
 
 
-def test_only_the_newest_k_checkpoints_are_kept(two_ranks):
-    assert two_ranks["kept"] == ["step-000008", "step-000010"]  # every 2 steps, keep 2
+def test_only_the_newest_k_checkpoints_are_kept(checkpointed):
+    assert checkpointed["kept"] == ["step-000008", "step-000010"]  # every 2 steps, keep 2
 
 
-def test_every_ranks_rng_state_is_stored_and_digested(two_ranks):
-    path = two_ranks["pristine"] / "step-000010"
+def test_every_ranks_rng_state_is_stored_and_digested(checkpointed):
+    path = checkpointed["pristine"] / "step-000010"
     manifest = json.loads((path / MANIFEST).read_text())
     rng = {name for name, e in manifest["tensors"].items() if e["file"] == STATE_FILE and name.startswith("rng/")}
     assert {n.split("/")[1] for n in rng} == {"rank0", "rank1"}
     assert {"rng/rank0/torch", "rng/rank1/torch", "rng/rank1/python", "rng/rank1/numpy"} <= rng
     assert manifest["step"] == 9 and manifest["position"]["next_step"] == 10 and manifest["extra"]["scheduler"] is None
-    damaged = two_ranks["tmp"] / "rng-damaged"
+    damaged = checkpointed["tmp"] / "rng-damaged"
     shutil.copytree(path, damaged)
     _flip_a_byte(damaged / STATE_FILE, "rng/rank1/torch")
     assert list(verify_checkpoint(damaged).problems) == ["rng/rank1/torch"]
 
 
 @pytest.mark.faults
-def test_a_damaged_newest_checkpoint_is_skipped_and_said_so(two_ranks, tmp_path):
+@pytest.mark.slow
+def test_a_damaged_newest_checkpoint_is_skipped_and_said_so(checkpointed, twenty_steps_straight, tmp_path):
     ck = tmp_path / "ckpt"
-    shutil.copytree(two_ranks["pristine"], ck)
+    shutil.copytree(checkpointed["pristine"], ck)
     _flip_a_byte(ck / "step-000010" / MODEL_FILE, "layers.0.attn.W_Q.weight")
     code, result, err = _train(tmp_path / "out", "--nproc", "2", "--steps", "20", "--resume", str(ck))
     assert code == 0, err
     assert result["resume"]["from_step"] == 8
     assert result["resume"]["skipped"] and "model/layers.0.attn.W_Q.weight" in result["resume"]["skipped"][0]
-    assert result["final_fingerprint"] == two_ranks["straight"]["final_fingerprint"]  # 8 + 12 = 20 too
+    assert result["final_fingerprint"] == twenty_steps_straight["final_fingerprint"]  # 8 + 12 = 20 too
 
 
 def _flip_a_byte(file: Path, tensor: str) -> None:
@@ -191,14 +192,14 @@ def _flip_a_byte(file: Path, tensor: str) -> None:
         (["--nproc", "2", "--sync", "exact"], "written with sync=ddp, this run has sync=exact: resume with --sync ddp"),
     ],
 )
-def test_a_checkpoint_of_another_run_is_refused_with_the_reason(two_ranks, tmp_path, args, reason):
-    line = _refused(tmp_path, "--steps", "20", *args, "--resume", str(two_ranks["pristine"]))
+def test_a_checkpoint_of_another_run_is_refused_with_the_reason(checkpointed, tmp_path, args, reason):
+    line = _refused(tmp_path, "--steps", "20", *args, "--resume", str(checkpointed["pristine"]))
     assert reason in line, line
 
 
-def test_another_model_is_refused_by_its_tensors_too(two_ranks, tmp_path):
+def test_another_model_is_refused_by_its_tensors_too(checkpointed, tmp_path):
     """A model whose config reads the same but whose tensors differ (a hand-built checkpoint)."""
-    src = two_ranks["pristine"] / "step-000010"
+    src = checkpointed["pristine"] / "step-000010"
     manifest = json.loads((src / MANIFEST).read_text())
     entry = manifest["tensors"]["model/layers.0.attn.W_Q.weight"]
     entry["shape"] = [16, 32]
@@ -218,17 +219,17 @@ def test_resume_from_nothing_is_refused(tmp_path):
 
 
 @pytest.mark.faults
-def test_no_checkpoint_that_verifies_is_refused_naming_the_tensor(two_ranks, tmp_path):
+def test_no_checkpoint_that_verifies_is_refused_naming_the_tensor(checkpointed, tmp_path):
     ck = tmp_path / "ckpt"
-    shutil.copytree(two_ranks["pristine"], ck)
+    shutil.copytree(checkpointed["pristine"], ck)
     for path in (ck / "step-000010", ck / "step-000008"):
         _flip_a_byte(path / MODEL_FILE, "layers.0.attn.W_Q.weight")
     line = _refused(tmp_path, "--nproc", "2", "--steps", "20", "--resume", str(ck))
     assert "no checkpoint verifies" in line and "step-000010: damaged: model/layers.0.attn.W_Q.weight" in line
 
 
-def test_a_fresh_run_does_not_write_over_another_runs_checkpoints(two_ranks, tmp_path):
-    line = _refused(tmp_path, "--nproc", "2", "--steps", "20", "--checkpoint-dir", str(two_ranks["pristine"]))
+def test_a_fresh_run_does_not_write_over_another_runs_checkpoints(checkpointed, tmp_path):
+    line = _refused(tmp_path, "--nproc", "2", "--steps", "20", "--checkpoint-dir", str(checkpointed["pristine"]))
     assert "already holds checkpoints (newest step-000010)" in line and "--resume" in line
 
 

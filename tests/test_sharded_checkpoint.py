@@ -170,6 +170,7 @@ def _one_process(path: Path, **kw) -> str:
     return state_digest(model, opt, algorithm=LOGICAL_ALGORITHM)
 
 
+@pytest.mark.slow
 def test_saved_at_four_shards_the_state_loads_unchanged_at_two_hsdp_ddp_and_one_process(worlds):
     root, four, two = worlds
     saved = four[0]["live"]
@@ -189,6 +190,7 @@ def test_saved_at_four_shards_the_state_loads_unchanged_at_two_hsdp_ddp_and_one_
     assert layout["placements"]["param/0.weight"] == ["Shard(dim=0)"]
 
 
+@pytest.mark.slow
 def test_a_consistently_edited_manifest_is_refused_at_any_layout(worlds):
     root, _, two = worlds
     for r in two:
@@ -215,6 +217,7 @@ def _flip_a_value_bit(path: Path) -> str:
     return f.name
 
 
+@pytest.mark.slow
 def test_checksum_verifies_a_sharded_checkpoint_and_names_a_flipped_bit_by_file_and_tensor(worlds, tmp_path, capsys):
     from distshare.cli import main
 
@@ -235,6 +238,7 @@ def test_checksum_verifies_a_sharded_checkpoint_and_names_a_flipped_bit_by_file_
         _one_process(flipped)
 
 
+@pytest.mark.slow
 def test_a_missing_shard_file_is_named_with_the_tensors_it_held(worlds, tmp_path, capsys):
     from distshare.cli import main
 
@@ -248,6 +252,7 @@ def test_a_missing_shard_file_is_named_with_the_tensors_it_held(worlds, tmp_path
     assert "__3_0.distcp, which is missing" in report["problems"]["param/0.weight"]
 
 
+@pytest.mark.slow
 def test_an_fsdp_training_run_checkpoints_sharded_and_resumes_bit_for_bit(worlds, capsys):
     from distshare.cli import main
 
