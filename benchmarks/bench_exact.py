@@ -18,9 +18,10 @@ at the end.
 Time. Both modes run on the same spawned gloo ranks (one `run_distributed` call: one process
 group, one thread setting), on the shipped configs (`configs/train/<model>.yaml`, G = 32,
 k = 2), interleaved in a rotated order every repeat so that drift of the machine hits both.
-A step's time is the gap between consecutive `on_step` timestamps on rank 0 (setup is never
-counted; the first `--warmup` steps are dropped). The ratio is the median over repeats of
-median(exact step) / median(normal step); normal mode is `sync=ddp`, the shipped default.
+A run's time per step is its total time from the end of the `--warmup`-th step to the end of
+the last, over the steps between (`on_step` timestamps on rank 0; setup is never counted), on
+the wall clock and in the process's CPU time. The ratio is the median over repeats of
+exact / normal of the same repeat; normal mode is `sync=ddp`, the shipped default.
 
 Precision. One process, float32, at the same parameters: the step-0 gradient of normal mode
 (one forward and backward over the global batch) and of exact mode, each against the
@@ -49,7 +50,8 @@ from distshare.training import build_run, train, train_step
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "train"
 MODES = ("ddp", "exact")
-GOAL = 3.0  # the issue's goal: exact mode's step at most 3x normal mode's
+GOAL = 1.5  # issue 19's goal on the demo models: exact mode's step at most 1.5x normal mode's
+GPT2_GOAL = 3.0  # and on transformers' GPT-2
 
 
 def _config(model: str, *overrides: str) -> RunConfig:
@@ -57,11 +59,12 @@ def _config(model: str, *overrides: str) -> RunConfig:
 
 
 def _time_rank(world: World, cfg: RunConfig, repeats: int, warmup: int) -> dict[str, list[float]]:
-    """Median step time of each mode per repeat, in a rotated order; rank 0's clock."""
-    medians: dict[str, list[float]] = {m: [] for m in MODES}
+    """Each mode's time per step in each repeat (total over the timed steps / their number), in a
+    rotated order; rank 0's wall clock, and its process CPU time under "<mode> cpu"."""
+    per_step: dict[str, list[float]] = {k: [] for m in MODES for k in (m, f"{m} cpu")}
     for r in range(repeats):
         for mode in MODES[r % 2 :] + MODES[: r % 2]:
-            stamps: list[float] = []
+            stamps: list[tuple[float, float]] = []
             run_cfg = dataclasses.replace(
                 cfg, sync=mode, plan=dataclasses.replace(cfg.plan, world_size=world.world_size)
             )
@@ -70,21 +73,24 @@ def _time_rank(world: World, cfg: RunConfig, repeats: int, warmup: int) -> dict[
                 world,
                 None,
                 progress=False,
-                on_step=lambda run, step, stamps=stamps: stamps.append(time.perf_counter()),
+                on_step=lambda run, step, stamps=stamps: stamps.append((time.perf_counter(), time.process_time())),
             )
-            gaps = [b - a for a, b in zip(stamps, stamps[1:], strict=False)][warmup:]
-            medians[mode].append(statistics.median(gaps))
-    return medians
+            timed = len(stamps) - 1 - warmup  # from the end of the last warm-up step to the end of the last
+            per_step[mode].append((stamps[-1][0] - stamps[warmup][0]) / timed)
+            per_step[f"{mode} cpu"].append((stamps[-1][1] - stamps[warmup][1]) / timed)
+    return per_step
 
 
 def timing(model: str, nproc: int, steps: int, repeats: int, warmup: int) -> dict[str, Any]:
     cfg = _config(model, f"steps={steps}")
     if nproc == 1:
+        torch.set_num_threads(1)  # as each of 2 spawned ranks on 2 cores, and the GPT-2 row
         per_rank = [_time_rank(World(), cfg, repeats, warmup)]
     else:
         per_rank = run_distributed(_time_rank, nproc, cfg, repeats, warmup, timeout_s=600, deadline_s=None)
     med = per_rank[0]
     ratios = [e / n for e, n in zip(med["exact"], med["ddp"], strict=True)]
+    cpu_ratios = [e / n for e, n in zip(med["exact cpu"], med["ddp cpu"], strict=True)]
     plan = cfg.plan.resolve(nproc)
     return {
         "model": model,
@@ -95,6 +101,7 @@ def timing(model: str, nproc: int, steps: int, repeats: int, warmup: int) -> dic
         "exact_step_ms": 1e3 * statistics.median(med["exact"]),
         "ratio": statistics.median(ratios),
         "ratios": ratios,
+        "cpu_ratio": statistics.median(cpu_ratios),
         "goal": GOAL,
     }
 
@@ -182,7 +189,7 @@ def gpt2_timing(steps: int, repeats: int, warmup: int, threads: int) -> dict[str
         "ratios": ratios,
         "peak_rss_mb_after_normal": rss_normal,
         "peak_rss_mb_at_end": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "goal": GOAL,
+        "goal": GPT2_GOAL,
     }
 
 
@@ -312,8 +319,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.out:
             Path(args.out).write_text(json.dumps({"memory": rows}, indent=1) + "\n")
         return 0
-    if args.nproc < 1 or args.steps <= args.warmup + 2 or args.repeats < 1:
-        print("bench_exact: need --nproc >= 1, --steps > --warmup + 2, --repeats >= 1", file=sys.stderr)
+    if args.nproc < 1 or args.steps <= args.warmup + 2 or args.repeats < 1 or args.precision_steps < 0:
+        print(
+            "bench_exact: need --nproc >= 1, --steps > --warmup + 2, --repeats >= 1, --precision-steps >= 0",
+            file=sys.stderr,
+        )
         return 2
     models = [m for m in args.models.split(",") if m]
     results: dict[str, Any] = {"timing": [], "precision": [], "torch": torch.__version__}
@@ -324,9 +334,11 @@ def main(argv: list[str] | None = None) -> int:
             t = timing(m, args.nproc, args.steps, args.repeats, args.warmup)
         results["timing"].append(t)
         if not args.json:
+            cpu = f", CPU {t['cpu_ratio']:.2f}" if "cpu_ratio" in t else ""
             print(
                 f"{m:12s} W={t['world_size']}  normal {t['normal_step_ms']:7.2f} ms  exact {t['exact_step_ms']:7.2f} ms"
-                f"  ratio {t['ratio']:.2f} (goal <= {GOAL:g}; per repeat {', '.join(f'{r:.2f}' for r in t['ratios'])})"
+                f"  ratio {t['ratio']:.2f}{cpu} (goal <= {t['goal']:g}; per repeat "
+                f"{', '.join(f'{r:.2f}' for r in t['ratios'])})"
             )
             if m == "gpt2":
                 print(
@@ -334,7 +346,8 @@ def main(argv: list[str] | None = None) -> int:
                     f"{t['peak_rss_mb_after_normal']:.0f} MB after normal steps, "
                     f"{t['peak_rss_mb_at_end']:.0f} MB at the end"
                 )
-    for m in (m for m in models if m != "gpt2"):  # GPT-2: bitwise equality is tested, not benchmarked
+    # GPT-2: bitwise equality is tested, not benchmarked; --precision-steps 0 skips this part.
+    for m in (m for m in models if m != "gpt2" and args.precision_steps > 0):
         pr = precision(m, args.precision_steps)
         results["precision"].append(pr)
         if not args.json:

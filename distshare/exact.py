@@ -24,7 +24,7 @@ design (BatchNorm in training mode, dropout with p > 0) are refused with one lin
 
 How the per-sample gradients are computed (`method`): "auto" takes the fastest that the
 model's layers allow (`distshare.numerics.per_sample`): per-layer rules on one batched
-backward for models of Linear, transformers' Conv1D, Embedding and LayerNorm layers (GPT-2,
+backward for models of Linear, transformers' Conv1D, Conv2d, Embedding and LayerNorm layers (GPT-2,
 BERT), else torch's expanded weights, else `torch.func.vmap`.
 """
 

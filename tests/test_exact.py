@@ -380,3 +380,47 @@ def test_every_engine_and_one_process_agree_bitwise_in_exact_mode(tmp_path):
     assert set(rows) == {"torch (spawn)", "torch (torchrun)", "accelerate", "ray", "local (1 process)"}, table["rows"]
     assert len({r["final_fingerprint"] for r in rows.values()}) == 1
     assert table["engines_bitwise_equal"] and table["max_abs_diff_vs_reference"] == 0.0
+
+
+def test_the_cnns_per_sample_gradients_by_conv_hooks_match_expanded_weights_and_its_batch_gradient():
+    # Conv2d has a hooks rule (unfolded input x output gradient, one product per sample): the
+    # shipped CNN now takes it. It must give expanded weights' per-sample gradients, depend on
+    # no other sample of the batch, and sum to the batch gradient within rounding.
+    from distshare.data import build_dataset
+    from distshare.data.tensors import TensorTable
+
+    cfg = load_config("cnn", [])
+    ds, info = build_dataset(cfg.data)
+    table = TensorTable.from_dataset(ds, info, torch.float32)
+    model = build_model(cfg.model, info, seed=0)
+    assert per_sample.choose_method(model) == "hooks"
+
+    def grads(indices: list[int], method: str) -> torch.Tensor:
+        b = table.select(indices)
+        return per_sample_grads(model, {"inputs": b.inputs, "labels": b.labels}, sample_losses, method)[0]
+
+    hooks = grads(list(range(40)), "hooks")
+    assert torch.equal(hooks, grads(list(range(40)), "expanded"))
+    assert torch.equal(grads(list(range(5, 9)), "hooks"), hooks[5:9])
+    b = table.select(list(range(40)))
+    model.zero_grad()
+    sample_losses(model, {"inputs": b.inputs, "labels": b.labels}).sum().backward()
+    batch = torch.cat([p.grad.reshape(-1) for p in model.parameters()])
+    assert (hooks.sum(0) - batch).abs().max() <= 1e-6 * batch.abs().max()
+
+
+def test_a_conv_rule_without_the_padding_is_caught(monkeypatch):
+    # Mutant: the unfold ignores the layer's padding; the per-sample gradients then cannot
+    # match expanded weights (the shapes do not even agree).
+    real = per_sample.F.unfold
+    monkeypatch.setattr(per_sample.F, "unfold", lambda x, k, dilation, padding, stride: real(x, k, dilation, 0, stride))
+    from distshare.data import build_dataset
+    from distshare.data.tensors import TensorTable
+
+    cfg = load_config("cnn", [])
+    ds, info = build_dataset(cfg.data)
+    table = TensorTable.from_dataset(ds, info, torch.float32)
+    model = build_model(cfg.model, info, seed=0)
+    b = table.select(list(range(8)))
+    with pytest.raises(RuntimeError):
+        per_sample_grads(model, {"inputs": b.inputs, "labels": b.labels}, sample_losses, "hooks")

@@ -87,6 +87,7 @@ class ExactGradSum:
         self.lost = 0  # this rank's contributions truncated to 0 so far
         self.underflows = 0  # contributions of this step truncated to 0 (all ranks): set by total()
         self._work: dict[tuple, tuple[torch.Tensor, ...]] = {}  # scratch of a chunk's shape, reused
+        self._added: set[tuple[int, int]] = set()  # column ranges added to since the step began
 
     def reset(self, global_samples: int) -> None:
         """Start the next step's sum (the same parameters): nothing allocated again."""
@@ -96,6 +97,7 @@ class ExactGradSum:
         self.bins.zero_()
         self.leads.zero_()
         self.samples = self.lost = self.underflows = 0
+        self._added.clear()
 
     def add(self, rows: torch.Tensor, start: int = 0) -> None:
         """Contributions [m, L] to columns [start, start + L): converted now, not kept."""
@@ -124,7 +126,12 @@ class ExactGradSum:
         if not bool(finite.all()):
             a.masked_fill_(~finite, 0.0)  # the element is refused in total(); keep the rest exact
             top = torch.where(finite, top, NONFINITE)
-        self._raise_top(cols, top)
+        span = (cols.start, cols.stop)
+        if span not in self._added and not any(b < span[1] and span[0] < e for b, e in self._added):
+            self.top[cols] = top  # the first contributions to these columns: nothing to move
+        else:
+            self._raise_top(cols, top)
+        self._added.add(span)
         a = self.grid.scaled(a, self.top[cols])  # in units of the lower bin
         if a.dtype != high.dtype:  # scaled in float64 (mixed dtypes): its scratch too
             high, sign, rows = torch.empty_like(a), torch.empty_like(a), rows.to(a.dtype)
@@ -165,24 +172,26 @@ class ExactGradSum:
             dist.all_reduce(top, op=dist.ReduceOp.MAX, group=self.group)
             if not torch.equal(top, self.top):
                 self._raise_top(slice(0, self.size), top)
-        bad = self.top == NONFINITE
-        if bool(bad.any()):
-            raise ExactOverflow(f"sync=exact: the gradient of {self._name_at(int(bad.nonzero()[0]))} is not finite")
-        counts = torch.tensor([self.lost, self.samples], dtype=torch.int64, device=self.device)
-        summed = torch.cat([self.bins.reshape(-1), counts])
+        top_index = int(self.top.max())
+        if top_index == NONFINITE:
+            bad = int((self.top == NONFINITE).nonzero()[0])
+            raise ExactOverflow(f"sync=exact: the gradient of {self._name_at(bad)} is not finite")
         if self._distributed:
+            counts = torch.tensor([self.lost, self.samples], dtype=torch.int64, device=self.device)
+            summed = torch.cat([self.bins.reshape(-1), counts])
             dist.all_reduce(summed, op=dist.ReduceOp.SUM, group=self.group)
-        self.underflows = int(summed[-2])
-        if int(summed[-1]) != self.global_samples:
+            high, low = summed[: self.size], summed[self.size : 2 * self.size]
+            self.underflows, samples = int(summed[-2]), int(summed[-1])
+        else:
+            (high, low), self.underflows, samples = self.bins, self.lost, self.samples
+        if samples != self.global_samples:
             # More contributions than the digits were sized for may have wrapped the integer
             # sums around; fewer mean a sample missing from the step. Either way: refused.
             raise UsageError(
                 f"sync=exact: the step was started for global_samples={self.global_samples}, but the ranks "
-                f"added {int(summed[-1])} samples' gradients: pass the sample count of the whole global batch"
+                f"added {samples} samples' gradients: pass the sample count of the whole global batch"
             )
-        high, low = summed[: self.size], summed[self.size : 2 * self.size]
-        value = _round_to_float64(high, low, self.bits)
-        return _ldexp(value, self.grid.unit(self.top))
+        return self.grid.to_units(_round_to_float64(high, low, self.bits), self.top, top_index)
 
     def write_grads(self, normalizer: float) -> None:
         """Set every parameter's .grad to total / normalizer in its own dtype; collective."""
@@ -236,6 +245,9 @@ class _Grid:
         # kept in two factors (one alone may not fit: up to 2^240 for float32 gradients).
         self.shift = (1 - (torch.arange(len(ks) + 1, dtype=torch.float64) + self.k_min - 1)) * bits
         self.device = device
+        self._lowest: dict[torch.dtype, int] = {}
+        self._units: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._one_unit = 0
         self._factors: dict[torch.dtype, tuple[torch.Tensor, torch.Tensor, torch.Tensor, int, int, int, int]] = {}
 
     def factors(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int, int, int, int]:
@@ -255,8 +267,11 @@ class _Grid:
 
     def lowest(self, dtype: torch.dtype) -> int:
         """The index of the smallest non-zero value of `dtype`."""
-        tiny = torch.tensor([torch.finfo(dtype).smallest_normal * torch.finfo(dtype).eps], dtype=torch.float64)
-        return int(self.top(tiny)[0])
+        if dtype not in self._lowest:
+            info = torch.finfo(dtype)
+            tiny = torch.tensor([info.smallest_normal * info.eps], dtype=torch.float64, device=self.device)
+            self._lowest[dtype] = int(self.top(tiny)[0])
+        return self._lowest[dtype]
 
     def top(self, largest: torch.Tensor) -> torch.Tensor:
         """Each column's top-bin index (int32) from its largest |contribution|."""
@@ -280,9 +295,19 @@ class _Grid:
             return x.mul_(first[index]).mul_(second[index])
         return self.scaled(x.to(torch.float64), top)
 
-    def unit(self, top: torch.Tensor) -> torch.Tensor:
-        """The exponent of each column's lower-bin unit: (T - 1) W (int64)."""
-        return (top.to(torch.int64) + self.k_min - 2) * self.bits
+    def to_units(self, value: torch.Tensor, top: torch.Tensor, highest: int) -> torch.Tensor:
+        """value * 2^((T - 1) W) column by column (float64; `highest`: top.max()): exact wherever
+        the result is a normal float64. In two factors where one would not fit."""
+        if self._units is None:
+            exponent = (torch.arange(len(self.shift), dtype=torch.float64) + self.k_min - 2) * self.bits
+            half = torch.floor(exponent / 2)
+            self._units = (torch.exp2(half).to(self.device), torch.exp2(exponent - half).to(self.device))
+            self._one_unit = int(((exponent >= -1022) & (exponent <= 1023)).nonzero()[0])
+        first, second = self._units
+        index = top.long()
+        if int(top.min()) >= self._one_unit and highest < len(self.shift):  # the usual case: one factor
+            return value.mul_(first[index] * second[index])
+        return value.mul_(first[index]).mul_(second[index])
 
 
 _grids: dict[tuple[int, str], _Grid] = {}

@@ -12,7 +12,7 @@ Three ways to compute them, chosen once per model from its layers (`method`), so
 always takes the same one whatever the split:
 
 - `hooks` (the fastest: about the cost of one normal backward): one batched forward with the
-  inputs of every Linear, Conv1D (transformers' GPT-2), Embedding and LayerNorm recorded, one
+  inputs of every Linear, Conv1D (transformers' GPT-2), Conv2d, Embedding and LayerNorm recorded, one
   backward to those layers' outputs only, and each sample's weight gradient as a batched
   matrix product of its own activations and output gradients. For models whose parameters
   are all held by those layers, each used only there (checked on the autograd graph);
@@ -334,6 +334,13 @@ def _hook_kind(module: nn.Module) -> str | None:
         return "embedding"
     if isinstance(module, nn.LayerNorm):
         return "layer_norm"
+    if (
+        type(module) is nn.Conv2d
+        and module.groups == 1
+        and module.padding_mode == "zeros"
+        and not isinstance(module.padding, str)
+    ):
+        return "conv2d"
     return None
 
 
@@ -462,6 +469,14 @@ def _rule(call: _Call, gy: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tenso
         if m.padding_idx is not None:
             g[:, m.padding_idx] = 0  # as F.embedding's backward: the padding row learns nothing
         out.append((m.weight, g))
+    elif call.kind == "conv2d":
+        # A sample's weight gradient: its output gradient [out, L] times its unfolded input
+        # [L, in x kh x kw] (L output positions), one matrix product per sample of the chunk.
+        cols = F.unfold(x, m.kernel_size, dilation=m.dilation, padding=m.padding, stride=m.stride)
+        g2 = gy.reshape(n, gy.shape[1], -1)
+        out.append((m.weight, torch.bmm(g2, cols.transpose(1, 2)).view(n, *m.weight.shape)))
+        if m.bias is not None:
+            out.append((m.bias, g2.sum(dim=2)))
     else:  # layer_norm
         shape = m.normalized_shape
         g2 = gy.reshape(n, -1, *shape)
