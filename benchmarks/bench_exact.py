@@ -237,6 +237,7 @@ def _brief(d: Any) -> dict[str, float]:
 # bench_check_cost.py's 12.6M-parameter transformer (d_model 512, 4 layers, d_ff 2048).
 MEMORY_MODEL = ["model.d_model=512", "model.n_heads=8", "model.n_layers=4", "model.d_ff=2048"]
 MEMORY_CAP_GB = 16  # address space per child (the machine has 24 GiB)
+MEMORY_TIMEOUT_S = 3600  # per child: two steps of the 12.6M model
 
 
 def _memory_child(mode: str, samples: int) -> None:
@@ -279,12 +280,19 @@ def memory(samples: list[int]) -> list[dict[str, Any]]:
     rows = []
     for n in samples:
         for mode in MODES:
-            out = subprocess.run(
-                [sys.executable, __file__, "--memory-child", mode, str(n)],
-                capture_output=True,
-                text=True,
-                check=True,
-            )
+            try:
+                out = subprocess.run(
+                    [sys.executable, __file__, "--memory-child", mode, str(n)],
+                    capture_output=True,
+                    text=True,
+                    timeout=MEMORY_TIMEOUT_S,
+                )
+            except subprocess.TimeoutExpired:
+                rows.append({"mode": mode, "samples": n, "failed": f"no result within {MEMORY_TIMEOUT_S} s"})
+                continue
+            if out.returncode != 0:  # e.g. killed by the kernel for memory
+                rows.append({"mode": mode, "samples": n, "failed": f"exit {out.returncode}: {out.stderr[-200:]}"})
+                continue
             rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
     return rows
 
@@ -307,7 +315,11 @@ def main(argv: list[str] | None = None) -> int:
         _memory_child(args.memory_child[0], int(args.memory_child[1]))
         return 0
     if args.memory:
-        rows = memory([int(n) for n in args.memory.split(",")])
+        sizes = args.memory.split(",")
+        if not all(n.isdigit() and int(n) > 0 for n in sizes):
+            print(f"bench_exact: --memory takes positive global batches (32,128); got {args.memory!r}", file=sys.stderr)
+            return 2
+        rows = memory([int(n) for n in sizes])
         for r in rows:
             what = (
                 f"failed: {r['failed']} (address space capped at {MEMORY_CAP_GB} GB)"

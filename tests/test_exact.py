@@ -265,18 +265,49 @@ def test_a_dropped_bin_left_uncounted_is_caught(monkeypatch):
     assert acc.underflows == 0
 
 
+def _held_bytes(obj: object) -> int:
+    """Bytes of every tensor an object holds in its attributes (lists, tuples and dicts opened)."""
+    seen: set[int] = set()
+
+    def walk(value: object) -> int:
+        if isinstance(value, torch.Tensor):
+            if value.untyped_storage().data_ptr() in seen:
+                return 0
+            seen.add(value.untyped_storage().data_ptr())
+            return value.untyped_storage().nbytes()
+        if isinstance(value, (list, tuple)):
+            return sum(walk(v) for v in value)
+        if isinstance(value, dict):
+            return sum(walk(v) for v in value.values())
+        return 0
+
+    return sum(walk(v) for k, v in vars(obj).items() if k != "params")  # the model's own parameters
+
+
+def _summed_bytes(n: int, p: int) -> int:
+    acc = ExactGradSum(_model(p), n)
+    for part in torch.randn(n, p).split(CHUNK):
+        acc.add(part)
+    acc.total()
+    return _held_bytes(acc)
+
+
 def test_memory_does_not_grow_with_the_number_of_samples():
     # The sum keeps 28 bytes a parameter and one chunk's scratch, for 32 samples or 4,096.
     p = 1000
-    sizes = {}
-    for n in (32, 4096):
-        acc = ExactGradSum(_model(p), n)
-        for part in torch.randn(n, p).split(CHUNK):
-            acc.add(part)
-        acc.total()
-        state = [acc.top, acc.bins, acc.leads, *(t for work in acc._work.values() for t in work)]
-        sizes[n] = sum(t.numel() * t.element_size() for t in state)
-    assert sizes[32] == sizes[4096] == 28 * p + CHUNK * p * (3 * 4 + 8)
+    assert _summed_bytes(32, p) == _summed_bytes(4096, p) == 28 * p + CHUNK * p * (3 * 4 + 8)
+
+
+def test_a_sum_that_keeps_the_rows_is_caught(monkeypatch):
+    # Mutant: the previous design, every contribution kept until the step's end.
+    real = ExactGradSum.add
+
+    def keeping(self, rows, start=0):
+        self.__dict__.setdefault("rows", []).append(rows.clone())
+        real(self, rows, start)
+
+    monkeypatch.setattr(ExactGradSum, "add", keeping)
+    assert _summed_bytes(4096, 1000) > _summed_bytes(32, 1000)
 
 
 def test_exact_mode_hands_the_sum_one_chunk_at_a_time():

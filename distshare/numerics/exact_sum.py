@@ -87,7 +87,7 @@ class ExactGradSum:
         self.lost = 0  # this rank's contributions truncated to 0 so far
         self.underflows = 0  # contributions of this step truncated to 0 (all ranks): set by total()
         self._work: dict[tuple, tuple[torch.Tensor, ...]] = {}  # scratch of a chunk's shape, reused
-        self._added: set[tuple[int, int]] = set()  # column ranges added to since the step began
+        self._fresh = True  # nothing added since the step began: the first block sets its window
 
     def reset(self, global_samples: int) -> None:
         """Start the next step's sum (the same parameters): nothing allocated again."""
@@ -97,7 +97,7 @@ class ExactGradSum:
         self.bins.zero_()
         self.leads.zero_()
         self.samples = self.lost = self.underflows = 0
-        self._added.clear()
+        self._fresh = True
 
     def add(self, rows: torch.Tensor, start: int = 0) -> None:
         """Contributions [m, L] to columns [start, start + L): converted now, not kept."""
@@ -126,12 +126,11 @@ class ExactGradSum:
         if not bool(finite.all()):
             a.masked_fill_(~finite, 0.0)  # the element is refused in total(); keep the rest exact
             top = torch.where(finite, top, NONFINITE)
-        span = (cols.start, cols.stop)
-        if span not in self._added and not any(b < span[1] and span[0] < e for b, e in self._added):
-            self.top[cols] = top  # the first contributions to these columns: nothing to move
+        if self._fresh:
+            self.top[cols] = top  # the step's first contributions: empty bins, nothing to move
+            self._fresh = False
         else:
             self._raise_top(cols, top)
-        self._added.add(span)
         a = self.grid.scaled(a, self.top[cols])  # in units of the lower bin
         if a.dtype != high.dtype:  # scaled in float64 (mixed dtypes): its scratch too
             high, sign, rows = torch.empty_like(a), torch.empty_like(a), rows.to(a.dtype)
@@ -172,8 +171,7 @@ class ExactGradSum:
             dist.all_reduce(top, op=dist.ReduceOp.MAX, group=self.group)
             if not torch.equal(top, self.top):
                 self._raise_top(slice(0, self.size), top)
-        top_index = int(self.top.max())
-        if top_index == NONFINITE:
+        if int(self.top.max()) == NONFINITE:
             bad = int((self.top == NONFINITE).nonzero()[0])
             raise ExactOverflow(f"sync=exact: the gradient of {self._name_at(bad)} is not finite")
         if self._distributed:
@@ -191,7 +189,7 @@ class ExactGradSum:
                 f"sync=exact: the step was started for global_samples={self.global_samples}, but the ranks "
                 f"added {samples} samples' gradients: pass the sample count of the whole global batch"
             )
-        return self.grid.to_units(_round_to_float64(high, low, self.bits), self.top, top_index)
+        return self.grid.to_units(_round_to_float64(high, low, self.bits), self.top)
 
     def write_grads(self, normalizer: float) -> None:
         """Set every parameter's .grad to total / normalizer in its own dtype; collective."""
@@ -237,33 +235,22 @@ class _Grid:
     """
 
     def __init__(self, bits: int, device: torch.device) -> None:
-        self.bits = bits
+        self.bits, self.device = bits, device
         self.k_min, k_max = -(1074 // bits), 1023 // bits  # float64: 2^-1074 .. 2^1023
         ks = torch.arange(self.k_min, k_max + 1, dtype=torch.float64)
         self.bounds = torch.exp2(ks * bits).to(device)
-        # The scale of each index's columns, 2^((1 - T) W), makes the lower bin's unit 1;
-        # kept in two factors (one alone may not fit: up to 2^240 for float32 gradients).
-        self.shift = (1 - (torch.arange(len(ks) + 1, dtype=torch.float64) + self.k_min - 1)) * bits
-        self.device = device
+        # Per index, the exponent of the lower bin's unit, (T - 1) W: scaling by its negative
+        # makes that unit 1, scaling the integer total by it gives the value back.
+        self.unit = (torch.arange(len(ks) + 1, dtype=torch.float64) + self.k_min - 2) * bits
         self._lowest: dict[torch.dtype, int] = {}
-        self._units: tuple[torch.Tensor, torch.Tensor] | None = None
-        self._one_unit = 0
-        self._factors: dict[torch.dtype, tuple[torch.Tensor, torch.Tensor, torch.Tensor, int, int, int, int]] = {}
+        self._powers: dict[tuple[str, torch.dtype], _Powers] = {}
 
-    def factors(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int, int, int, int]:
-        """(single, first, second, and the index ranges where one factor, and two, are normal floats)."""
-        if dtype not in self._factors:
-            info = torch.finfo(dtype)
-            low, high = math.frexp(info.smallest_normal)[1] - 1, math.frexp(info.max)[1] - 1
-            half = torch.floor(self.shift / 2)
-            one = ((self.shift >= low) & (self.shift <= high)).nonzero().squeeze(1)
-            two = ((half >= low) & (self.shift - half <= high) & (self.shift - half >= low)).nonzero().squeeze(1)
-            tables = [
-                torch.exp2(v.clamp(low, high)).to(dtype=dtype, device=self.device)
-                for v in (self.shift, half, self.shift - half)
-            ]
-            self._factors[dtype] = (*tables, int(one[0]), int(one[-1]), int(two[0]), int(two[-1]))
-        return self._factors[dtype]
+    def powers(self, sign: str, dtype: torch.dtype) -> _Powers:
+        """2^(-unit) (`sign` "-": into units) or 2^unit ("+": back), per index, in `dtype`."""
+        key = (sign, dtype)
+        if key not in self._powers:
+            self._powers[key] = _Powers(-self.unit if sign == "-" else self.unit, dtype, self.device)
+        return self._powers[key]
 
     def lowest(self, dtype: torch.dtype) -> int:
         """The index of the smallest non-zero value of `dtype`."""
@@ -284,30 +271,46 @@ class _Grid:
         to 0 anyway, and the results stay below 2^(2W) <= 2^96, within float32. Columns whose
         factors the dtype cannot hold (mixed dtypes only) are scaled in float64.
         """
-        single, first, second, one_lo, one_hi, two_lo, two_hi = self.factors(x.dtype)
         # Below the bin of the dtype's smallest subnormal a column is all zeros (a column of
         # zeros has index 0; a non-finite one was zeroed): any factor serves it.
-        index = top.clamp(min=self.lowest(x.dtype), max=len(self.shift) - 1).long()
-        lo, hi = int(index.min()), int(index.max())
-        if one_lo <= lo and hi <= one_hi:
-            return x.mul_(single[index])
-        if two_lo <= lo and hi <= two_hi:
-            return x.mul_(first[index]).mul_(second[index])
+        index = top.clamp(min=self.lowest(x.dtype), max=len(self.unit) - 1).long()
+        if self.powers("-", x.dtype).apply_(x, index):
+            return x
         return self.scaled(x.to(torch.float64), top)
 
-    def to_units(self, value: torch.Tensor, top: torch.Tensor, highest: int) -> torch.Tensor:
-        """value * 2^((T - 1) W) column by column (float64; `highest`: top.max()): exact wherever
-        the result is a normal float64. In two factors where one would not fit."""
-        if self._units is None:
-            exponent = (torch.arange(len(self.shift), dtype=torch.float64) + self.k_min - 2) * self.bits
-            half = torch.floor(exponent / 2)
-            self._units = (torch.exp2(half).to(self.device), torch.exp2(exponent - half).to(self.device))
-            self._one_unit = int(((exponent >= -1022) & (exponent <= 1023)).nonzero()[0])
-        first, second = self._units
-        index = top.long()
-        if int(top.min()) >= self._one_unit and highest < len(self.shift):  # the usual case: one factor
-            return value.mul_(first[index] * second[index])
-        return value.mul_(first[index]).mul_(second[index])
+    def to_units(self, value: torch.Tensor, top: torch.Tensor) -> torch.Tensor:
+        """value * 2^((T - 1) W) column by column (float64): exact wherever the result is a normal float64."""
+        done = self.powers("+", torch.float64).apply_(value, top.long())
+        assert done  # every index's two factors are normal float64s
+        return value
+
+
+class _Powers:
+    """2^e for a table of exponents e, as one factor where it is a normal float of the dtype and
+    as two (each normal) where only they are: multiplying by them is exact."""
+
+    def __init__(self, exponent: torch.Tensor, dtype: torch.dtype, device: torch.device) -> None:
+        info = torch.finfo(dtype)
+        low, high = math.frexp(info.smallest_normal)[1] - 1, math.frexp(info.max)[1] - 1
+        half = torch.floor(exponent / 2)
+        one = ((exponent >= low) & (exponent <= high)).nonzero().squeeze(1)
+        two = ((half >= low) & (half <= high) & (exponent - half >= low) & (exponent - half <= high)).nonzero()
+        self.single, self.first, self.second = (
+            torch.exp2(e.clamp(low, high)).to(dtype=dtype, device=device) for e in (exponent, half, exponent - half)
+        )
+        self.one = (int(one[0]), int(one[-1])) if len(one) else (1, 0)
+        self.two = (int(two[0]), int(two[-1])) if len(two) else (1, 0)
+
+    def apply_(self, x: torch.Tensor, index: torch.Tensor) -> bool:
+        """x *= 2^e[index] column by column; False (x untouched) where the dtype cannot hold them."""
+        lo, hi = int(index.min()), int(index.max())
+        if self.one[0] <= lo and hi <= self.one[1]:
+            x.mul_(self.single[index])
+        elif self.two[0] <= lo and hi <= self.two[1]:
+            x.mul_(self.first[index]).mul_(self.second[index])
+        else:
+            return False
+        return True
 
 
 _grids: dict[tuple[int, str], _Grid] = {}
@@ -352,15 +355,3 @@ def _round_wide(high: torch.Tensor, low: torch.Tensor, bits: int) -> torch.Tenso
     sticky = (low & (torch.bitwise_left_shift(torch.ones_like(drop), drop) - 1)) != 0
     magnitude = (kept | sticky.to(torch.int64)).to(torch.float64) * torch.exp2(drop.to(torch.float64))
     return torch.where(negative, -magnitude, magnitude)
-
-
-def _ldexp(x: torch.Tensor, exponent: torch.Tensor) -> torch.Tensor:
-    """x * 2^exponent elementwise, exact wherever the result is a normal float64.
-
-    In two factors: one power of two of the whole range (up to about 2^1130 here) does not
-    fit a float64, each half does.
-    """
-    if int(exponent.max()) <= 1000 and int(exponent.min()) >= -1000:  # the usual case: one factor
-        return x * torch.exp2(exponent.to(torch.float64))
-    half = torch.div(exponent, 2, rounding_mode="floor")
-    return x * torch.exp2(half.to(torch.float64)) * torch.exp2((exponent - half).to(torch.float64))

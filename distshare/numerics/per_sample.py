@@ -171,8 +171,12 @@ class _Layout:
             self.group_of[id(p)] = len(self.groups)
             offset += p.numel()
         self.groups.append((first, offset - first))
+        self.members: list[list[nn.Parameter]] = [[] for _ in self.groups]  # each group's parameters
+        for _, p in self.named:
+            self.members[self.group_of[id(p)]].append(p)
         self.size = offset
         self.key = tuple(id(p) for _, p in self.named)
+        self.method = _static_method(model, hooks=True)  # what "auto" takes, by the layers
         self._ruled: list[tuple[str, nn.Module, str]] | None = None
         self._own: dict[int, tuple[nn.Parameter, ...]] = {}
 
@@ -194,17 +198,17 @@ class _Layout:
         return self._ruled
 
     def blocks(self, grads: Iterable[tuple[torch.Tensor, torch.Tensor]], rows: int) -> Blocks:
-        """Group each parameter's [rows, ...] gradient into its group's block, in `grads`' order."""
-        current, start, parts = -1, 0, []
+        """Each group's block from its parameters' [rows, ...] gradients, given in `named` order."""
+        current, parts = -1, []
         for p, g in grads:
             group = self.group_of[id(p)]
-            if group != current and parts:
-                yield start, parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+            if parts and group != current:
+                yield self.groups[current][0], torch.cat(parts, dim=1)
                 parts = []
-            current, start = group, self.groups[group][0] if not parts else start
+            current = group
             parts.append(g.reshape(rows, -1))
         if parts:
-            yield start, parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+            yield self.groups[current][0], torch.cat(parts, dim=1)
 
 
 _layouts: weakref.WeakKeyDictionary[nn.Module, _Layout] = weakref.WeakKeyDictionary()
@@ -222,14 +226,9 @@ def _layout(model: nn.Module) -> _Layout:
 _fallback: weakref.WeakKeyDictionary[nn.Module, str] = weakref.WeakKeyDictionary()
 
 
-_chosen: weakref.WeakKeyDictionary[nn.Module, str] = weakref.WeakKeyDictionary()
-
-
 def choose_method(model: nn.Module) -> str:
     """The method "auto" takes for `model`: fixed by its layers (and a failed hooks check)."""
-    if model not in _chosen:  # the layers are looked at once per model
-        _chosen[model] = _static_method(model, hooks=True)
-    return _fallback.get(model) or _chosen[model]
+    return _fallback.get(model) or _layout(model).method
 
 
 def _static_method(model: nn.Module, hooks: bool) -> str:
@@ -392,7 +391,7 @@ def _hook_grads(model: nn.Module, chunk: Any, losses_fn: LossFn) -> tuple[torch.
     reached = [c for c in calls if c.y.requires_grad]
     outputs = torch.autograd.grad(losses.sum(), [c.y for c in reached], allow_unused=True) if reached else []
     used = [(c, g) for c, g in zip(reached, outputs, strict=True) if g is not None]
-    _check_every_use_ruled(losses, named, used, layout)
+    _check_every_use_ruled(losses, used, layout)
     touching: dict[int, list[tuple[_Call, torch.Tensor]]] = {}  # group -> the calls of its parameters
     for call, gy in used:
         for group in sorted({layout.group_of[id(p)] for p in layout.own(call.module)}):
@@ -415,8 +414,8 @@ def _hook_grads(model: nn.Module, chunk: Any, losses_fn: LossFn) -> tuple[torch.
                         else:
                             part.copy_(g.reshape(CHUNK, -1))
                             written.add(id(p))
-            for _, p in named:  # a parameter no call reached: its gradient is 0
-                if layout.group_of[id(p)] == group and id(p) not in written:
+            for p in layout.members[group]:  # a parameter no call reached: its gradient is 0
+                if id(p) not in written:
                     start = layout.offsets[id(p)] - first
                     block[:, start : start + p.numel()] = 0
             yield first, block
@@ -488,12 +487,7 @@ def _rule(call: _Call, gy: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tenso
     return [(p, g) for p, g in out if p.requires_grad]
 
 
-def _check_every_use_ruled(
-    losses: torch.Tensor,
-    named: list[tuple[str, nn.Parameter]],
-    used: list[tuple[_Call, torch.Tensor]],
-    layout: _Layout,
-) -> None:
+def _check_every_use_ruled(losses: torch.Tensor, used: list[tuple[_Call, torch.Tensor]], layout: _Layout) -> None:
     """Each parameter enters the loss's graph exactly as often as ruled layers used it.
 
     A use the hooks did not see (a weight read directly by its parent module, say) would
@@ -520,7 +514,7 @@ def _check_every_use_ruled(
     for call, _ in used:
         for p in layout.own(call.module):
             ruled[id(p)] = ruled.get(id(p), 0) + 1
-    for name, p in named:
+    for name, p in layout.named:
         if p.requires_grad and edges.get(id(p), 0) != ruled.get(id(p), 0):
             raise _NotHookable(
                 f"parameter '{name}' enters the loss {edges.get(id(p), 0)} times, "

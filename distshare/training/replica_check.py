@@ -56,7 +56,7 @@ MODES = ("full", "rolling")
 class ReplicaChecker(Component):
     """Compare replicas every `every` steps (0: only after the last step); `mode`: full | rolling.
 
-    `batch`: rolling checks whose digests one gather compares (None: the run's `check_batch`).
+    `batch`: rolling checks whose digests one gather compares (config `check_batch`).
     """
 
     def __init__(
@@ -66,11 +66,11 @@ class ReplicaChecker(Component):
         mode: str = "full",
         slices: int = 0,
         timeout_s: float = 120.0,
-        batch: int | None = None,
+        batch: int = BATCH,
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"mode={mode!r}: expected one of {', '.join(MODES)}")
-        if batch is not None and batch < 1:
+        if batch < 1:
             raise ValueError(f"batch={batch}: expected a positive number of checks per gather")
         self.every, self.buffers = every, buffers  # buffers: compare | separate | ignore (config check_buffers)
         self.mode, self.slices, self.timeout_s, self.batch = mode, slices, timeout_s, batch
@@ -160,8 +160,6 @@ class ReplicaChecker(Component):
             loop.result.extras["replica_check"] = {"mode": "full", "rolling_not_used": why}
             return
         self.rolling = RollingDigest(run.model, run.optimizer, self.slices, buffers=self.buffers == "compare")
-        if self.batch is None:
-            self.batch = getattr(run.cfg, "check_batch", BATCH)
         if loop.world.distributed:
             # A group of its own: the background gather never queues behind (or ahead of) DDP's
             # all-reduces, and its timeout bounds every wait.
