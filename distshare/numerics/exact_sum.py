@@ -30,7 +30,7 @@ gradient, or a total that does not fit the parameter dtype, raises `ExactOverflo
 parameter, on every rank at once.
 
 Memory: per parameter, two int64 bins, the top bin's index (int32) and two int32 counts: 28
-bytes, whatever the number of samples, and scratch for 32 rows x 2^18 columns at a time (160
+bytes, whatever the number of samples, and scratch for 32 rows x 2^18 columns at a time (128
 MiB at most). Contributions are converted 32 rows at a time: a chunk's digits are summed
 exactly in float64 (32 x 2^48 = 2^53).
 """
@@ -47,7 +47,7 @@ from distshare.errors import UsageError, VerificationFailed
 
 CHUNK_ROWS = 32  # rows summed at once in float64: 32 digits of < 2^48 stay below 2^53, exact
 DIGIT_BITS = 48  # W: 53 - log2(CHUNK_ROWS)
-CHUNK_COLUMNS = 1 << 18  # columns converted at once: the scratch is CHUNK_ROWS x this x 20 bytes (160 MiB)
+CHUNK_COLUMNS = 1 << 18  # columns converted at once: the scratch is CHUNK_ROWS x this x 16 bytes (128 MiB)
 NONFINITE = 1 << 30  # the top bin of an element with a non-finite contribution: wins the MAX
 
 
@@ -115,38 +115,38 @@ class ExactGradSum:
         cols = slice(start, start + rows.shape[1])
         key = (tuple(rows.shape), rows.dtype)
         if key not in self._work:
-            self._work = {key: (*(torch.empty_like(rows) for _ in range(3)), rows.to(torch.float64))}
-        a, high, sign, wide = self._work[key]
-        # Magnitudes and signs apart: floor() of a magnitude is truncation toward zero, and
-        # it is fast where trunc() and fmod() are not (about 40x slower on CPU here).
-        torch.abs(rows, out=a)
-        largest = a.amax(dim=0)
-        top = self.grid.top(largest)  # 0 for a column of zeros
-        finite = torch.isfinite(largest)
-        if not bool(finite.all()):
-            a.masked_fill_(~finite, 0.0)  # the element is refused in total(); keep the rest exact
-            top = torch.where(finite, top, NONFINITE)
+            self._work = {key: _Scratch(rows)}
+        work = self._work[key]
+        largest = torch.abs(rows, out=work.y).amax(dim=0)
+        if math.isfinite(float(largest.max())):  # NaN and inf reach the max
+            top = self.grid.top(largest)  # 0 for a column of zeros
+        else:
+            finite = torch.isfinite(largest)
+            rows = rows.masked_fill(~finite, 0.0)  # the element is refused in total(); keep the rest exact
+            top = torch.where(finite, self.grid.top(largest.masked_fill(~finite, 0.0)), NONFINITE)
         if self._fresh:
             self.top[cols] = top  # the step's first contributions: empty bins, nothing to move
             self._fresh = False
         else:
             self._raise_top(cols, top)
-        a = self.grid.scaled(a, self.top[cols])  # in units of the lower bin
-        if a.dtype != high.dtype:  # scaled in float64 (mixed dtypes): its scratch too
-            high, sign, rows = torch.empty_like(a), torch.empty_like(a), rows.to(a.dtype)
-        a.floor_()  # |contribution| in units of the lower bin, truncated: its two digits
-        kept = torch.clamp(a, max=1, out=sign).sum(dim=0)  # still non-zero (float counts <= 32: exact)
-        torch.mul(a, 2.0**-self.bits, out=high).floor_()  # the top bin's digit
-        leading_high = torch.clamp(high, max=1, out=sign).sum(dim=0)
-        a.add_(high, alpha=-(2.0**self.bits))  # the lower bin's digit (exact: y with its top digit cleared)
-        torch.sign(rows, out=sign)
+        high, nonzero, kept, leading_high = work.high, work.counts[2], work.counts[1], work.counts[0]
+        work.count_nonzero(rows, out=nonzero)
+        y = self.grid.scaled(rows, self.top[cols], out=work.y)  # in units of the lower bin, signed
+        if y.dtype != high.dtype:  # scaled in float64 (mixed dtypes): its scratch too
+            high = torch.empty_like(y)
+        # Truncation toward zero by a division that rounds toward zero: exact (a power of two),
+        # and fast where trunc() and fmod() are not (about 40x slower on CPU here).
+        torch.div(y, 1.0, rounding_mode="trunc", out=y)  # each contribution, truncated at the lower bin's unit
+        work.count_nonzero(y, out=kept)
+        torch.div(y, 2.0**self.bits, rounding_mode="trunc", out=high)  # the top bin's digit
+        work.count_nonzero(high, out=leading_high)
+        y.add_(high, alpha=-(2.0**self.bits))  # the lower bin's digit (exact: y's bits below the top digit)
         # Each bin's digits of up to 32 rows: below 2^53 in float64, so summed exactly.
-        self.bins[0, cols] += wide.copy_(high.mul_(sign)).sum(dim=0).to(torch.int64)
-        self.bins[1, cols] += wide.copy_(a.mul_(sign)).sum(dim=0).to(torch.int64)
-        nonzero = sign.abs_().sum(dim=0)
-        self.leads[0, cols] += leading_high.to(torch.int32)
-        self.leads[1, cols] += (kept - leading_high).to(torch.int32)
-        self.lost += int((nonzero - kept).sum())
+        self.bins[:, cols].add_(work.digit_sums(high, y))
+        nonzero -= kept  # contributions truncated to 0
+        kept -= leading_high  # those whose highest digit is the lower bin's
+        self.leads[:, cols].add_(work.counts[:2])
+        self.lost += int(nonzero.sum())
 
     def _raise_top(self, cols: slice, top: torch.Tensor) -> None:
         """Move the columns' window up to `top` where it is higher: the bins it leaves are dropped whole."""
@@ -225,11 +225,39 @@ def _work_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+class _Scratch:
+    """The working tensors of one chunk shape, reused from chunk to chunk and step to step."""
+
+    def __init__(self, rows: torch.Tensor) -> None:
+        shape, device = rows.shape, rows.device
+        self.high, self.y = torch.empty_like(rows), torch.empty_like(rows)
+        # float64 digits are summed where they are; others are copied here first, one at a time
+        self.wide = None if rows.dtype == torch.float64 else torch.empty(shape, dtype=torch.float64, device=device)
+        self.flags = torch.empty(shape, dtype=torch.bool, device=device)
+        self.counts = torch.empty(3, shape[1], dtype=torch.uint8, device=device)
+        self.sums = torch.empty(2, shape[1], dtype=torch.float64, device=device)
+
+    def count_nonzero(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """Per column, how many of its (at most CHUNK_ROWS <= 255) rows are non-zero, into `out` (uint8).
+
+        A copy into bool and a uint8 sum: comparisons and bool reductions are several times
+        slower on CPU."""
+        return torch.sum(self.flags.copy_(x).view(torch.uint8), dim=0, dtype=torch.uint8, out=out)
+
+    def digit_sums(self, high: torch.Tensor, low: torch.Tensor) -> torch.Tensor:
+        """Each column's sums of its two digits, [2, columns] int64: exact in float64 (rows x 2^48 <= 2^53)."""
+        for digits, out in zip((high, low), self.sums, strict=True):
+            if digits.dtype != torch.float64:
+                digits = self.wide.copy_(digits)
+            torch.sum(digits, dim=0, out=out)
+        return self.sums.to(torch.int64)
+
+
 class _Grid:
     """The fixed bins of one digit width W: bin k holds the bits of 2^(kW) .. 2^((k+1)W - 1).
 
-    A column's top bin is kept as an index i into `bounds` (every 2^(kW) a float64 can hold,
-    from its smallest subnormal up): i = how many bounds its largest |contribution| is >= of,
+    A column's top bin is kept as an index i over the bin starts 2^(kW) a float64 can hold
+    (k_min <= k <= k_max): i = how many of them its largest |contribution| is >= of,
     so the top bin is T = k_min + i - 1, and 0 means zero or below every bin start. Indices
     order as the bins do, so a MAX over indices is the MAX over bins.
     """
@@ -237,12 +265,17 @@ class _Grid:
     def __init__(self, bits: int, device: torch.device) -> None:
         self.bits, self.device = bits, device
         self.k_min, k_max = -(1074 // bits), 1023 // bits  # float64: 2^-1074 .. 2^1023
-        ks = torch.arange(self.k_min, k_max + 1, dtype=torch.float64)
-        self.bounds = torch.exp2(ks * bits).to(device)
+        self.starts = k_max - self.k_min + 1  # how many bin starts: the largest index
         # Per index, the exponent of the lower bin's unit, (T - 1) W: scaling by its negative
         # makes that unit 1, scaling the integer total by it gives the value back.
-        self.unit = (torch.arange(len(ks) + 1, dtype=torch.float64) + self.k_min - 2) * bits
+        self.unit = (torch.arange(self.starts + 1, dtype=torch.float64) + self.k_min - 2) * bits
         self._lowest: dict[torch.dtype, int] = {}
+        self._scaling: dict[torch.dtype, torch.Tensor] = {}
+        # The top-bin index of a float64 by its exponent field f (the value in [2^(f-1023), 2^(f-1022))):
+        # 0 for f = 0 (zero; only a float64 can be subnormal, and `top` reads those apart).
+        e = torch.arange(2048) - 1023
+        by_field = (torch.div(e, bits, rounding_mode="floor") - (self.k_min - 1)).clamp(0, self.starts)
+        self._by_field = torch.where(e > -1023, by_field, 0).to(dtype=torch.int32, device=device)
         self._powers: dict[tuple[str, torch.dtype], _Powers] = {}
 
     def powers(self, sign: str, dtype: torch.dtype) -> _Powers:
@@ -251,6 +284,17 @@ class _Grid:
         if key not in self._powers:
             self._powers[key] = _Powers(-self.unit if sign == "-" else self.unit, dtype, self.device)
         return self._powers[key]
+
+    def scaling_index(self, dtype: torch.dtype) -> torch.Tensor:
+        """Per top-bin index, the index whose factor scales the column: itself, except below the
+        bin of the dtype's smallest subnormal, where a column is all zeros and any factor serves
+        it: there, one a single float of the dtype holds (so a zero column never forces two)."""
+        if dtype not in self._scaling:
+            factors = _Powers(-self.unit, dtype, self.device)
+            any_factor = factors.one[0] if factors.one[0] <= factors.one[1] else self.lowest(dtype)
+            index = torch.arange(self.starts + 1, dtype=torch.int32)
+            self._scaling[dtype] = torch.where(index < self.lowest(dtype), any_factor, index).to(self.device)
+        return self._scaling[dtype]
 
     def lowest(self, dtype: torch.dtype) -> int:
         """The index of the smallest non-zero value of `dtype`."""
@@ -261,26 +305,36 @@ class _Grid:
         return self._lowest[dtype]
 
     def top(self, largest: torch.Tensor) -> torch.Tensor:
-        """Each column's top-bin index (int32) from its largest |contribution|."""
-        return torch.bucketize(largest.to(torch.float64), self.bounds, out_int32=True, right=True)
+        """Each column's top-bin index (int32) from its largest |contribution| (finite).
 
-    def scaled(self, x: torch.Tensor, top: torch.Tensor) -> torch.Tensor:
-        """x * 2^((1 - T) W), in place where it can be, column by column: exact wherever the result is >= 1.
+        From the exponent: largest in [2^(e-1), 2^e) is >= the bin start 2^(kW) exactly when
+        kW <= e - 1 (what `bucketize` over the starts would find, at a fraction of its cost)."""
+        if largest.dtype != torch.float64:
+            # Every float32 is a normal float64, whose exponent field alone says it: a lookup.
+            field = torch.bitwise_right_shift(largest.to(torch.float64).view(torch.int64), 52)
+            return self._by_field.index_select(0, field)
+        exponent = torch.frexp(largest)[1] - 1  # subnormal float64s too
+        index = torch.div(exponent, self.bits, rounding_mode="floor") - (self.k_min - 1)
+        return torch.where(largest > 0, index.clamp(0, self.starts), 0).to(torch.int32)
+
+    def scaled(self, x: torch.Tensor, top: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """x * 2^((1 - T) W) column by column, into `out` where it can be: exact wherever the result is >= 1.
 
         A power-of-two factor is exact for every result that matters: one below 1 is truncated
         to 0 anyway, and the results stay below 2^(2W) <= 2^96, within float32. Columns whose
-        factors the dtype cannot hold (mixed dtypes only) are scaled in float64.
+        factors the dtype cannot hold (mixed dtypes only) are scaled in float64, in a new tensor.
         """
         # Below the bin of the dtype's smallest subnormal a column is all zeros (a column of
         # zeros has index 0; a non-finite one was zeroed): any factor serves it.
-        index = top.clamp(min=self.lowest(x.dtype), max=len(self.unit) - 1).long()
-        if self.powers("-", x.dtype).apply_(x, index):
-            return x
-        return self.scaled(x.to(torch.float64), top)
+        index = self.scaling_index(x.dtype).index_select(0, top.clamp(max=self.starts))
+        if self.powers("-", x.dtype).apply(x, index, out):
+            return out
+        wide = x.to(torch.float64)
+        return self.scaled(wide, top, out=wide)
 
     def to_units(self, value: torch.Tensor, top: torch.Tensor) -> torch.Tensor:
         """value * 2^((T - 1) W) column by column (float64): exact wherever the result is a normal float64."""
-        done = self.powers("+", torch.float64).apply_(value, top.long())
+        done = self.powers("+", torch.float64).apply(value, top, out=value)
         assert done  # every index's two factors are normal float64s
         return value
 
@@ -301,13 +355,13 @@ class _Powers:
         self.one = (int(one[0]), int(one[-1])) if len(one) else (1, 0)
         self.two = (int(two[0]), int(two[-1])) if len(two) else (1, 0)
 
-    def apply_(self, x: torch.Tensor, index: torch.Tensor) -> bool:
-        """x *= 2^e[index] column by column; False (x untouched) where the dtype cannot hold them."""
-        lo, hi = int(index.min()), int(index.max())
+    def apply(self, x: torch.Tensor, index: torch.Tensor, out: torch.Tensor) -> bool:
+        """out = x * 2^e[index] column by column; False (out untouched) where the dtype cannot hold them."""
+        lo, hi = (int(v) for v in torch.aminmax(index))
         if self.one[0] <= lo and hi <= self.one[1]:
-            x.mul_(self.single[index])
+            torch.mul(x, self.single.index_select(0, index), out=out)
         elif self.two[0] <= lo and hi <= self.two[1]:
-            x.mul_(self.first[index]).mul_(self.second[index])
+            torch.mul(x, self.first.index_select(0, index), out=out).mul_(self.second.index_select(0, index))
         else:
             return False
         return True
