@@ -193,11 +193,11 @@ class ExactGradSum:
 
     def write_grads(self, normalizer: float) -> None:
         """Set every parameter's .grad to total / normalizer in its own dtype; collective."""
-        flat = self.total() / normalizer
+        flat = self.total().div_(normalizer)
         rounded = flat.to(self.dtype)
-        over = torch.isinf(rounded) & torch.isfinite(flat)
-        if bool(over.any()):
-            i = int(over.nonzero()[0])
+        # Summed in float64, finite values of the dtype stay finite: one reduction checks them all.
+        if not math.isfinite(float(rounded.sum(dtype=torch.float64))):
+            i = int(torch.isinf(rounded).nonzero()[0])  # `flat` is finite: an inf here is an overflow
             raise ExactOverflow(
                 f"sync=exact: the gradient of {self._name_at(i)} is {float(flat[i]):.3g}, "
                 f"beyond the range of {str(self.dtype).removeprefix('torch.')}"
@@ -379,10 +379,11 @@ def _grid(bits: int, device: torch.device) -> _Grid:
 
 def _round_to_float64(high: torch.Tensor, low: torch.Tensor, bits: int) -> torch.Tensor:
     """high * 2^bits + low (int64 digit sums), correctly rounded to float64 (nearest, ties to even)."""
-    # Both below 2^53 (the usual case): two exact float64 operands, one correctly rounded addition.
-    value = high.to(torch.float64) * 2.0**bits + low.to(torch.float64)
-    wide = (high.abs() >= 2**53) | (low.abs() >= 2**53)
-    if bool(wide.any()):
+    # Both below 2^53 (the usual case): two exact float64 operands, one correctly rounded
+    # addition (the factor 2^bits is exact).
+    value = torch.add(low.to(torch.float64), high.to(torch.float64), alpha=2.0**bits)
+    if any(abs(int(v)) >= 2**53 for digits in (high, low) for v in torch.aminmax(digits)):
+        wide = (high.abs() >= 2**53) | (low.abs() >= 2**53)
         where = wide.nonzero().squeeze(1)
         value[where] = _round_wide(high[where], low[where], bits)
     return value

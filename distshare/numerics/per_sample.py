@@ -114,7 +114,8 @@ def add_per_sample_grads(
     sample, whose rows are dropped. `add(block, start)` receives [samples of the chunk, L]
     blocks: columns [start, start + L) of the parameters flattened in `named_parameters`
     order, in groups of about `GROUP` elements (each chunk gives every column once; the block
-    of column 0 comes once per chunk). `method` is "auto" (the model's layers choose: see the
+    of column 0 comes once per chunk); a block's memory is reused for the next one, so `add`
+    copies what it keeps. `method` is "auto" (the model's layers choose: see the
     module docstring), or one of "hooks", "expanded", "vmap".
     """
     if method not in METHODS:
@@ -179,6 +180,18 @@ class _Layout:
         self.method = _static_method(model, hooks=True)  # what "auto" takes, by the layers
         self._ruled: list[tuple[str, nn.Module, str]] | None = None
         self._own: dict[int, tuple[nn.Parameter, ...]] = {}
+        self._buffer: torch.Tensor | None = None
+
+    def block(self, group: int) -> torch.Tensor:
+        """An uninitialized [CHUNK, group size] block, in one buffer reused for every group, chunk and step.
+
+        A block is valid until the next one is asked for: whoever keeps it must copy it. A
+        fresh allocation of this size costs more than computing it (the pages are faulted in
+        anew each time)."""
+        like = self.named[0][1]
+        if self._buffer is None or (self._buffer.dtype, self._buffer.device) != (like.dtype, like.device):
+            self._buffer = like.new_empty(CHUNK * max(size for _, size in self.groups))
+        return self._buffer[: CHUNK * self.groups[group][1]].view(CHUNK, -1)
 
     def own(self, module: nn.Module) -> tuple[nn.Parameter, ...]:
         """`module.parameters(recurse=False)`, looked up once per module."""
@@ -203,12 +216,12 @@ class _Layout:
         for p, g in grads:
             group = self.group_of[id(p)]
             if parts and group != current:
-                yield self.groups[current][0], torch.cat(parts, dim=1)
+                yield self.groups[current][0], torch.cat(parts, dim=1, out=self.block(current)[:rows])
                 parts = []
             current = group
             parts.append(g.reshape(rows, -1))
         if parts:
-            yield self.groups[current][0], torch.cat(parts, dim=1)
+            yield self.groups[current][0], torch.cat(parts, dim=1, out=self.block(current)[:rows])
 
 
 _layouts: weakref.WeakKeyDictionary[nn.Module, _Layout] = weakref.WeakKeyDictionary()
@@ -371,7 +384,6 @@ def _hook_grads(model: nn.Module, chunk: Any, losses_fn: LossFn) -> tuple[torch.
     sample in the fixed chunk shape, so no other sample of the chunk enters it.
     """
     layout = _layout(model)
-    named = layout.named
     calls: list[_Call] = []
     handles = []
     for name, module, kind in layout.ruled(model):
@@ -398,9 +410,9 @@ def _hook_grads(model: nn.Module, chunk: Any, losses_fn: LossFn) -> tuple[torch.
             touching.setdefault(group, []).append((call, gy))
 
     def blocks() -> Blocks:
-        # One group at a time: its block is made, handed over and dropped before the next.
-        for group, (first, size) in enumerate(layout.groups):
-            block = named[0][1].new_empty(CHUNK, size)
+        # One group at a time: its block is filled and handed over before the next reuses it.
+        for group, (first, _) in enumerate(layout.groups):
+            block = layout.block(group)
             written: set[int] = set()
             # A tied parameter (GPT-2's lm_head and wte) gets one contribution per use, in the
             # forward's order: the same order for every sample and split (0 + g is g, exactly).
