@@ -25,7 +25,7 @@ from distshare.distributed.spawn import run_distributed
 from distshare.equivalence import ConfigTask, run_grid
 from distshare.errors import UsageError
 from distshare.models import build_model
-from distshare.numerics import per_sample
+from distshare.numerics import exact_sum, per_sample
 from distshare.numerics.exact_sum import ExactGradSum, ExactOverflow
 from distshare.numerics.per_sample import CHUNK, per_sample_grads, refuse_split_dependent
 from distshare.training import sample_losses
@@ -187,6 +187,24 @@ def _truncated_reference(rows: torch.Tensor, bits: int = 48) -> tuple[torch.Tens
     return torch.tensor(out, dtype=torch.float64), lost
 
 
+def _spread_rows(dtype: torch.dtype, spread: str = "gradients") -> torch.Tensor:
+    """96 x 24 contributions: signed, a fifth of them 0, exponents 2^-80 .. 2^80 apart
+    ("gradients": windows rise across chunks, many underflows) or every exponent the dtype has,
+    subnormals included ("whole range")."""
+    gen = torch.Generator().manual_seed(7)
+    n, p = 96, 24
+    if spread == "gradients":
+        exponent = torch.randint(-80, 80, (n, p), generator=gen)
+    else:
+        info = torch.finfo(dtype)
+        low, high = int(math.log2(info.smallest_normal * info.eps)), int(math.log2(info.max)) - 6
+        exponent = torch.randint(low, high, (n, p), generator=gen)
+    rows = ((torch.rand(n, p, generator=gen, dtype=torch.float64) + 0.5) * torch.exp2(exponent.double())).to(dtype)
+    rows *= torch.where(torch.rand(n, p, generator=gen) < 0.5, -1, 1).to(dtype)
+    rows[torch.rand(n, p, generator=gen) < 0.2] = 0
+    return rows
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("spread", ["gradients", "whole range"])
 def test_the_streamed_sum_is_the_specification_for_every_order_and_chunking(dtype, spread):
@@ -194,16 +212,8 @@ def test_the_streamed_sum_is_the_specification_for_every_order_and_chunking(dtyp
     # ones come: the bins it leaves are dropped whole. The result must be the rational
     # specification above (truncation at the FINAL window, rounded once) and the same underflow
     # count, whatever the order and the cuts.
-    gen = torch.Generator().manual_seed(7)
-    n, p = 96, 24
-    if spread == "gradients":  # 2^-80 .. 2^80 apart: windows rise across chunks, many underflows
-        exponent = torch.randint(-80, 80, (n, p), generator=gen)
-    else:  # every exponent the dtype has, subnormals included
-        info = torch.finfo(dtype)
-        exponent = torch.randint(int(math.log2(info.smallest_normal * info.eps)), int(math.log2(info.max)) - 6, (n, p))
-    rows = ((torch.rand(n, p, generator=gen, dtype=torch.float64) + 0.5) * torch.exp2(exponent.double())).to(dtype)
-    rows *= torch.where(torch.rand(n, p, generator=gen) < 0.5, -1, 1).to(dtype)
-    rows[torch.rand(n, p, generator=gen) < 0.2] = 0
+    rows = _spread_rows(dtype, spread)
+    n, p = rows.shape
     expected, lost = _truncated_reference(rows)
     assert lost > 0  # the case where dropped bins must be counted is exercised
     for seed in range(3):
@@ -366,6 +376,34 @@ def _overflow_on_one_rank(world) -> str:
 def test_overflow_on_one_rank_stops_every_rank_with_the_same_message():
     messages = run_distributed(_overflow_on_one_rank, 2, timeout_s=30)
     assert messages[0] == messages[1] == "sync=exact: the gradient of 'w' (element 1) is not finite"
+
+
+def _streamed_on_ranks(world, gather_limit: int, mutant: bool) -> tuple[bytes, int]:
+    # Each of 3 ranks adds every third row, in two chunks: windows differ from rank to rank,
+    # so the collective must move every rank's bins to the highest window before summing.
+    exact_sum.GATHER_LIMIT = gather_limit  # in this rank's process only
+    if mutant:  # windows moved without dropping the bins they leave
+
+        def moved_only(top, bins, leads, new_top):
+            top.copy_(torch.maximum(top, new_top))
+            return 0
+
+        exact_sum._align = moved_only
+    rows = _spread_rows(torch.float32)
+    acc = ExactGradSum(_model(rows.shape[1]), rows.shape[0], world.world_size)
+    for part in torch.tensor_split(rows[world.rank :: world.world_size], 2):
+        acc.add(part)
+    return acc.total().numpy().tobytes(), acc.underflows
+
+
+@pytest.mark.parametrize("mutant", [False, True], ids=["as built", "bins not dropped"])
+@pytest.mark.parametrize("path", ["one all_gather", "all-reduce MAX then SUM"])
+def test_both_collective_paths_sum_the_specification_across_ranks(path, mutant):
+    expected, lost = _truncated_reference(_spread_rows(torch.float32))
+    limit = exact_sum.GATHER_LIMIT if path == "one all_gather" else 0
+    results = run_distributed(_streamed_on_ranks, 3, limit, mutant, timeout_s=60)
+    assert len(set(results)) == 1  # every rank has the same total
+    assert (results[0] == (expected.numpy().tobytes(), lost)) is not mutant
 
 
 # ---------------------------------------------------------------- refusal

@@ -16,9 +16,11 @@ samples came before: when a larger contribution raises T, the lowest bin is drop
 which is exactly what truncating every earlier contribution at the new unit would have
 given. So contributions are added as soon as they exist (a chunk at a time: memory does not
 grow with the batch), yet the sum is the same integers for every order, every chunk
-composition, every partition over micro-batches and ranks: T is settled by an all-reduce MAX
-(exact, order-free), the bins by an all-reduce SUM of integers (associative). The total is
-turned into a float once (correctly rounded to float64) and divided by the item count once.
+composition, every partition over micro-batches and ranks: T is settled by a MAX over ranks
+(exact, order-free), the bins by a SUM of integers (associative), either in one all_gather of
+every rank's windows and bins (small models: one collective) or in an all-reduce MAX then SUM.
+The total is turned into a float once (correctly rounded to float64) and divided by the item
+count once.
 
 Precision: each contribution keeps at least W bits below its element's largest contribution
 (48 for n <= 16,384; up to 2W when the largest sits high in its bin): finer than float32's 24
@@ -49,6 +51,10 @@ CHUNK_ROWS = 32  # rows summed at once in float64: 32 digits of < 2^48 stay belo
 DIGIT_BITS = 48  # W: 53 - log2(CHUNK_ROWS)
 CHUNK_COLUMNS = 1 << 18  # columns converted at once: the scratch is CHUNK_ROWS x this x 16 bytes (128 MiB)
 NONFINITE = 1 << 30  # the top bin of an element with a non-finite contribution: wins the MAX
+# Across ranks, sums of up to this many elements (parameters x ranks) are gathered whole and
+# summed on every rank: one collective. Larger ones take an all-reduce MAX, then a SUM (the
+# gather would hold 40 bytes a parameter per rank).
+GATHER_LIMIT = 1 << 20
 
 
 class ExactOverflow(VerificationFailed):
@@ -150,38 +156,27 @@ class ExactGradSum:
 
     def _raise_top(self, cols: slice, top: torch.Tensor) -> None:
         """Move the columns' window up to `top` where it is higher: the bins it leaves are dropped whole."""
-        old = self.top[cols]
-        up = top > old
-        if not bool(up.any()):
-            return
-        by_one = up & (top == old + 1)
-        bins, leads = self.bins[:, cols], self.leads[:, cols]
-        # Contributions whose highest digit leaves the window are now truncated to 0.
-        self.lost += int((leads[1] * up).sum() + (leads[0] * (up & ~by_one)).sum())
-        bins[1] = torch.where(by_one, bins[0], torch.where(up, 0, bins[1]))
-        leads[1] = torch.where(by_one, leads[0], torch.where(up, 0, leads[1]))
-        bins[0] = torch.where(up, 0, bins[0])
-        leads[0] = torch.where(up, 0, leads[0])
-        self.top[cols] = torch.maximum(old, top)
+        self.lost += _align(self.top[cols], self.bins[:, cols], self.leads[:, cols], top)
 
     def total(self) -> torch.Tensor:
         """The exact sum over every rank's contributions, rounded once to float64; collective."""
-        if self._distributed:
+        if not self._distributed:
+            (high, low), self.underflows, samples = self.bins, self.lost, self.samples
+        elif self.size * dist.get_world_size(self.group) <= GATHER_LIMIT:
+            high, low, self.underflows, samples = self._gathered()
+        else:  # two all-reduces: the window's MAX, then the bins' SUM at that window
             top = self.top.clone()
             dist.all_reduce(top, op=dist.ReduceOp.MAX, group=self.group)
             if not torch.equal(top, self.top):
                 self._raise_top(slice(0, self.size), top)
-        if int(self.top.max()) == NONFINITE:
-            bad = int((self.top == NONFINITE).nonzero()[0])
-            raise ExactOverflow(f"sync=exact: the gradient of {self._name_at(bad)} is not finite")
-        if self._distributed:
             counts = torch.tensor([self.lost, self.samples], dtype=torch.int64, device=self.device)
             summed = torch.cat([self.bins.reshape(-1), counts])
             dist.all_reduce(summed, op=dist.ReduceOp.SUM, group=self.group)
             high, low = summed[: self.size], summed[self.size : 2 * self.size]
             self.underflows, samples = int(summed[-2]), int(summed[-1])
-        else:
-            (high, low), self.underflows, samples = self.bins, self.lost, self.samples
+        if int(self.top.max()) == NONFINITE:
+            bad = int((self.top == NONFINITE).nonzero()[0])
+            raise ExactOverflow(f"sync=exact: the gradient of {self._name_at(bad)} is not finite")
         if samples != self.global_samples:
             # More contributions than the digits were sized for may have wrapped the integer
             # sums around; fewer mean a sample missing from the step. Either way: refused.
@@ -190,6 +185,27 @@ class ExactGradSum:
                 f"added {samples} samples' gradients: pass the sample count of the whole global batch"
             )
         return self.grid.to_units(_round_to_float64(high, low, self.bits), self.top)
+
+    def _gathered(self) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+        """Every rank's windows, bins and counts in one all_gather, each moved to the highest
+        window and summed here (in rank order: integers, so any order gives the same): one
+        collective's latency where the MAX-then-SUM path pays two."""
+        n = self.size
+        counts = torch.tensor([self.lost, self.samples], dtype=torch.int64, device=self.device)
+        mine = torch.cat(
+            [self.top.to(torch.int64), self.bins.reshape(-1), self.leads.to(torch.int64).reshape(-1), counts]
+        )
+        parts = [torch.empty_like(mine) for _ in range(dist.get_world_size(self.group))]
+        dist.all_gather(parts, mine, group=self.group)
+        self.top.copy_(torch.stack([part[:n] for part in parts]).amax(dim=0))
+        bins = torch.zeros_like(self.bins)
+        lost = samples = 0
+        for part in parts:
+            theirs = part[n : 3 * n].view(2, n)  # a fresh tensor of this rank's: moved in place
+            lost += _align(part[:n], theirs, part[3 * n : 5 * n].view(2, n), self.top) + int(part[-2])
+            samples += int(part[-1])
+            bins += theirs
+        return bins[0], bins[1], lost, samples
 
     def write_grads(self, normalizer: float) -> None:
         """Set every parameter's .grad to total / normalizer in its own dtype; collective."""
@@ -223,6 +239,23 @@ class ExactGradSum:
 def _work_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype contributions are digitized in: float64 stays, anything narrower becomes float32."""
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _align(top: torch.Tensor, bins: torch.Tensor, leads: torch.Tensor, new_top: torch.Tensor) -> int:
+    """Move windows `top` up to `new_top` where it is higher, in place: the bins they leave are
+    dropped whole (which is truncating every contribution at the new unit). Returns how many
+    contributions that turns into 0: those whose highest digit was in a dropped bin."""
+    up = new_top > top
+    if not bool(up.any()):
+        return 0
+    by_one = up & (new_top == top + 1)
+    lost = int((leads[1] * up).sum() + (leads[0] * (up & ~by_one)).sum())
+    bins[1] = torch.where(by_one, bins[0], torch.where(up, 0, bins[1]))
+    leads[1] = torch.where(by_one, leads[0], torch.where(up, 0, leads[1]))
+    bins[0] = torch.where(up, 0, bins[0])
+    leads[0] = torch.where(up, 0, leads[0])
+    top.copy_(torch.maximum(top, new_top))
+    return lost
 
 
 class _Scratch:
