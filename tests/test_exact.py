@@ -225,6 +225,19 @@ def test_the_streamed_sum_is_the_specification_for_every_order_and_chunking(dtyp
         assert acc.underflows == lost, seed
 
 
+def test_blocks_wider_than_the_scratch_are_converted_in_pieces(monkeypatch):
+    # 24 columns through a scratch of 7 (7 + 7 + 7 + 3), rows 35 at a time (32 + 3): the
+    # specification still, bit for bit and count for count.
+    monkeypatch.setattr(exact_sum, "CHUNK_COLUMNS", 7)
+    rows = _spread_rows(torch.float32)
+    expected, lost = _truncated_reference(rows)
+    acc = ExactGradSum(_model(rows.shape[1]), rows.shape[0])
+    for part in torch.split(rows, 35):
+        acc.add(part)
+    assert torch.equal(acc.total(), expected)
+    assert acc.underflows == lost
+
+
 def test_a_window_taken_per_chunk_is_caught_by_the_specification(monkeypatch):
     # Mutant: each chunk truncated at its OWN largest contribution's window, as a streaming
     # sum that forgets the running window would. Orders then disagree with each other.

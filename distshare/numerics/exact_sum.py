@@ -32,7 +32,7 @@ gradient, or a total that does not fit the parameter dtype, raises `ExactOverflo
 parameter, on every rank at once.
 
 Memory: per parameter, two int64 bins, the top bin's index (int32) and two int32 counts: 28
-bytes, whatever the number of samples, and scratch for 32 rows x 2^18 columns at a time (128
+bytes, whatever the number of samples, and scratch for 32 rows x 2^17 columns at a time (68
 MiB at most). Contributions are converted 32 rows at a time: a chunk's digits are summed
 exactly in float64 (32 x 2^48 = 2^53).
 """
@@ -49,7 +49,7 @@ from distshare.errors import UsageError, VerificationFailed
 
 CHUNK_ROWS = 32  # rows summed at once in float64: 32 digits of < 2^48 stay below 2^53, exact
 DIGIT_BITS = 48  # W: 53 - log2(CHUNK_ROWS)
-CHUNK_COLUMNS = 1 << 18  # columns converted at once: the scratch is CHUNK_ROWS x this x 16 bytes (128 MiB)
+CHUNK_COLUMNS = 1 << 17  # columns converted at once: the scratch is CHUNK_ROWS x this x 17 bytes (68 MiB)
 NONFINITE = 1 << 30  # the top bin of an element with a non-finite contribution: wins the MAX
 # Across ranks, sums of up to this many elements (parameters x ranks) are gathered whole and
 # summed on every rank: one collective. Larger ones take an all-reduce MAX, then a SUM (the
