@@ -137,12 +137,11 @@ class ExactGradSum:
             self._raise_top(cols, top)
         high, nonzero, kept, leading_high = work.high, work.counts[2], work.counts[1], work.counts[0]
         work.count_nonzero(rows, out=nonzero)
-        y = self.grid.scaled(rows, self.top[cols], out=work.y)  # in units of the lower bin, signed
+        # Each contribution truncated toward zero at its lower bin's unit, in that unit: by a
+        # division that rounds toward zero (trunc() and fmod() are about 40x slower on CPU here).
+        y = self.grid.truncated(rows, self.top[cols], out=work.y)
         if y.dtype != high.dtype:  # scaled in float64 (mixed dtypes): its scratch too
             high = torch.empty_like(y)
-        # Truncation toward zero by a division that rounds toward zero: exact (a power of two),
-        # and fast where trunc() and fmod() are not (about 40x slower on CPU here).
-        torch.div(y, 1.0, rounding_mode="trunc", out=y)  # each contribution, truncated at the lower bin's unit
         work.count_nonzero(y, out=kept)
         torch.div(y, 2.0**self.bits, rounding_mode="trunc", out=high)  # the top bin's digit
         work.count_nonzero(high, out=leading_high)
@@ -319,14 +318,13 @@ class _Grid:
         return self._powers[key]
 
     def scaling_index(self, dtype: torch.dtype) -> torch.Tensor:
-        """Per top-bin index, the index whose factor scales the column: itself, except below the
-        bin of the dtype's smallest subnormal, where a column is all zeros and any factor serves
-        it: there, one a single float of the dtype holds (so a zero column never forces two)."""
+        """Per top-bin index, the index whose unit scales the column: itself, except below the
+        bin of the dtype's smallest subnormal, where a column is all zeros and any unit serves
+        it: there, the unit 1 (so a zero column never forces two factors)."""
         if dtype not in self._scaling:
-            factors = _Powers(-self.unit, dtype, self.device)
-            any_factor = factors.one[0] if factors.one[0] <= factors.one[1] else self.lowest(dtype)
             index = torch.arange(self.starts + 1, dtype=torch.int32)
-            self._scaling[dtype] = torch.where(index < self.lowest(dtype), any_factor, index).to(self.device)
+            unit_one = 2 - self.k_min  # (T - 1) W = 0
+            self._scaling[dtype] = torch.where(index < self.lowest(dtype), unit_one, index).to(self.device)
         return self._scaling[dtype]
 
     def lowest(self, dtype: torch.dtype) -> int:
@@ -350,24 +348,31 @@ class _Grid:
         index = torch.div(exponent, self.bits, rounding_mode="floor") - (self.k_min - 1)
         return torch.where(largest > 0, index.clamp(0, self.starts), 0).to(torch.int32)
 
-    def scaled(self, x: torch.Tensor, top: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        """x * 2^((1 - T) W) column by column, into `out` where it can be: exact wherever the result is >= 1.
+    def truncated(self, x: torch.Tensor, top: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """x / 2^((T - 1) W) truncated toward zero, column by column: each contribution as an
+        integer count of its lower bin's unit, exactly; into `out` where it can be.
 
-        A power-of-two factor is exact for every result that matters: one below 1 is truncated
-        to 0 anyway, and the results stay below 2^(2W) <= 2^96, within float32. Columns whose
-        factors the dtype cannot hold (mixed dtypes only) are scaled in float64, in a new tensor.
+        One division that rounds toward zero where every column's unit is a normal float of the
+        dtype (a division by a power of two is exact wherever the quotient is >= 1, and one
+        below 1 is truncated to 0 anyway; quotients stay below 2^(2W) <= 2^96); elsewhere a
+        multiplication by the inverse, in two factors if need be, then the truncation. Columns
+        whose factors the dtype cannot hold (mixed dtypes only) are scaled in float64, in a
+        new tensor.
         """
-        # Below the bin of the dtype's smallest subnormal a column is all zeros (a column of
-        # zeros has index 0; a non-finite one was zeroed): any factor serves it.
         index = self.scaling_index(x.dtype).index_select(0, top.clamp(max=self.starts))
-        if self.powers("-", x.dtype).apply(x, index, out):
-            return out
-        wide = x.to(torch.float64)
-        return self.scaled(wide, top, out=wide)
+        span = tuple(int(v) for v in torch.aminmax(index))
+        units = self.powers("+", x.dtype)
+        if units.holds(span, single=True):
+            return torch.div(x, units.single.index_select(0, index), rounding_mode="trunc", out=out)
+        if not self.powers("-", x.dtype).apply(x, index, span, out):
+            out = x.to(torch.float64, copy=True)
+            self.powers("-", torch.float64).apply(out, index, span, out)  # float64 holds them all
+        return torch.div(out, 1.0, rounding_mode="trunc", out=out)
 
     def to_units(self, value: torch.Tensor, top: torch.Tensor) -> torch.Tensor:
         """value * 2^((T - 1) W) column by column (float64): exact wherever the result is a normal float64."""
-        done = self.powers("+", torch.float64).apply(value, top, out=value)
+        top = top.clamp(max=self.starts)
+        done = self.powers("+", torch.float64).apply(value, top, tuple(int(v) for v in torch.aminmax(top)), value)
         assert done  # every index's two factors are normal float64s
         return value
 
@@ -388,12 +393,17 @@ class _Powers:
         self.one = (int(one[0]), int(one[-1])) if len(one) else (1, 0)
         self.two = (int(two[0]), int(two[-1])) if len(two) else (1, 0)
 
-    def apply(self, x: torch.Tensor, index: torch.Tensor, out: torch.Tensor) -> bool:
-        """out = x * 2^e[index] column by column; False (out untouched) where the dtype cannot hold them."""
-        lo, hi = (int(v) for v in torch.aminmax(index))
-        if self.one[0] <= lo and hi <= self.one[1]:
+    def holds(self, span: tuple[int, int], single: bool) -> bool:
+        """Are the factors of every index in `span` (lo, hi) normal floats: one each, or two each?"""
+        lo, hi = self.one if single else self.two
+        return lo <= span[0] and span[1] <= hi
+
+    def apply(self, x: torch.Tensor, index: torch.Tensor, span: tuple[int, int], out: torch.Tensor) -> bool:
+        """out = x * 2^e[index] column by column (`span`: the indices' least and greatest);
+        False (out untouched) where the dtype cannot hold the factors."""
+        if self.holds(span, single=True):
             torch.mul(x, self.single.index_select(0, index), out=out)
-        elif self.two[0] <= lo and hi <= self.two[1]:
+        elif self.holds(span, single=False):
             torch.mul(x, self.first.index_select(0, index), out=out).mul_(self.second.index_select(0, index))
         else:
             return False
