@@ -226,13 +226,28 @@ def hung_run(tmp_path_factory) -> dict[str, Any]:
     return {"code": code, "err": stderr.getvalue(), "wall": wall, "timeout": timeout, "out": out}
 
 
-@pytest.fixture(scope="module")
-def findings(request, tmp_path_factory) -> dict[str, dict]:
-    """The demos the test module names in its `DEMOS`, each run once for the module: name -> finding."""
+@pytest.fixture(scope="session")
+def demo_in_process(tmp_path_factory):
+    """`demo_in_process(name)`: the demo `name` run in this process on seed 0 (`run_demo`'s
+    default), once for the session, as its finding's dict. test_demo_weights.py and
+    test_demo_attention.py check its numbers; test_demos.py compares it with the same demo run
+    in another process (`distshare demo all`), so no demo runs twice in here on the same seed."""
     from distshare.demos import run_demo
 
-    out = tmp_path_factory.mktemp("demo")
-    return {name: run_demo(name, out).to_dict() for name in request.module.DEMOS}
+    done: dict[str, dict] = {}
+
+    def finding(name: str) -> dict:
+        if name not in done:
+            done[name] = run_demo(name, tmp_path_factory.mktemp(f"demo-{name}")).to_dict()
+        return done[name]
+
+    return finding
+
+
+@pytest.fixture(scope="module")
+def findings(request, demo_in_process) -> dict[str, dict]:
+    """The demos the test module names in its `DEMOS`, each run once (seed 0): name -> finding."""
+    return {name: demo_in_process(name) for name in request.module.DEMOS}
 
 
 def controls_by_name(finding: dict) -> dict[str, dict]:

@@ -111,9 +111,11 @@ def test_accumulation_mutant_flips_the_claim_for_its_reason(mutant, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["qkv-shared", "conv-shared", "context"])
-def test_deterministic_from_the_seed(findings, name, tmp_path):
-    """The same seed in another process gives the very same numbers."""
-    again = run_demo(name, tmp_path, seed=0).to_dict()
+def test_deterministic_from_the_seed(findings, name, demo_in_process):
+    """The same seed in another process gives the very same numbers: this process's run of the
+    demo on seed 0 (conftest's, shared with test_demo_weights.py and test_demo_attention.py)
+    against `distshare demo all`'s."""
+    again = demo_in_process(name)
     assert json.loads(json.dumps(again["numbers"])) == findings[name]["numbers"]
 
 

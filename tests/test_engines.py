@@ -99,18 +99,21 @@ def test_the_loss_scale_cancels_accelerates_division_exactly(dtype):
 
 @pytest.mark.launcher
 @pytest.mark.slow
-def test_ray_train_two_workers_matches_the_torch_engine(spawned, ray_cluster, tmp_path):
-    proc = _distshare(
-        ["train", "--engine", "ray", "--nproc", "2", "--ray-address", ray_cluster, *RUN, "--out", str(tmp_path)]
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    result = rank0_json(proc)
+def test_ray_train_two_workers_matches_the_torch_engine(parity, spawned):
+    # The parity table's Ray run: `distshare train --engine ray --nproc 2 --ray-address ...` on
+    # RUN's config (the module's Ray cluster), in its own process; its output and run directory.
+    verify, out = parity
+    (row,) = [r for r in rank0_json(verify)["rows"] if (r["engine"], r["launcher"]) == ("ray", "ray")]
+    run_dir = out / "ray"
+    stdout, stderr = (run_dir / "stdout.txt").read_text(), (run_dir / "stderr.txt").read_text()
+    assert row["exit_code"] == 0, stderr[-3000:]
+    result = rank0_json(subprocess.CompletedProcess(row["command"], row["exit_code"], stdout, stderr))
     assert result["engine"] == "ray" and result["world_size"] == 2
     assert result["replicas_in_sync"] and result["accounting"]["ok"]
     assert result["final_fingerprint"] == spawned["final_fingerprint"]
     # The driver wrote the run directory, readable again.
-    assert read_result(tmp_path)["final_fingerprint"] == result["final_fingerprint"]
-    rows = read_metrics(tmp_path)
+    assert read_result(run_dir)["final_fingerprint"] == result["final_fingerprint"]
+    rows = read_metrics(run_dir)
     assert [r["step"] for r in rows] == list(range(STEPS))
     # The same file as every engine's: the spawned ranks' columns, the same losses.
     spawned_rows = read_metrics(Path(spawned["run_dir"]))

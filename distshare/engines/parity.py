@@ -69,6 +69,7 @@ class EngineRun:
     ok: bool = False
     skipped: str = ""  # why the engine did not run (package missing)
     error: str = ""
+    exit_code: int | None = None  # the command's, once it ended (None: it did not start or timed out)
     fingerprint: str = ""
     seconds: float = 0.0
     params: dict[str, Any] = field(default_factory=dict, repr=False)
@@ -92,6 +93,7 @@ class EngineRun:
             "ok": self.ok,
             "skipped": self.skipped,
             "error": self.error,
+            "exit_code": self.exit_code,
             "final_fingerprint": self.fingerprint,
             "seconds": round(self.seconds, 2),
         }
@@ -168,6 +170,12 @@ def _run_engine(
         run.error = "timed out"
         return run
     run.seconds = time.perf_counter() - start
+    run.exit_code = proc.returncode
+    # What the engine's command printed, kept beside its run directory's files: its `--json`
+    # line is the answer a user of that engine reads, and a failure's account is in stderr.
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "stdout.txt").write_text(proc.stdout or "")
+    (out / "stderr.txt").write_text(proc.stderr or "")
     result_file = out / "result.json"
     if proc.returncode not in (0, 1) or not result_file.is_file():
         lines = [ln for ln in (proc.stderr or proc.stdout).splitlines() if ln.strip()]
