@@ -376,6 +376,18 @@ def test_a_sum_beyond_the_dtype_is_detected():
         acc.write_grads(1.0)
 
 
+def test_a_total_beyond_float64_is_refused_not_written_as_inf():
+    # Two float64 contributions of 1e308: the exact total, 2e308, is beyond float64 itself.
+    # (The check before only caught a total that float64 held and the dtype did not: this
+    # one's gradient was written as inf.)
+    model = _model(2).double()
+    acc = ExactGradSum(model, 2)
+    acc.add(torch.tensor([[1e308, 1.0], [1e308, 1.0]], dtype=torch.float64))
+    with pytest.raises(ExactOverflow, match=r"'w' \(element 0\) is inf, beyond the range of float64"):
+        acc.write_grads(1.0)
+    assert model.w.grad is None
+
+
 def _overflow_on_one_rank(world) -> str:
     acc = ExactGradSum(_model(2), 2, world.world_size)
     acc.add(torch.tensor([[1.0, math.inf if world.rank == 1 else 1.0]]))
