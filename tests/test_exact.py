@@ -13,7 +13,9 @@ import json
 import math
 import subprocess
 import sys
+from collections import defaultdict
 from fractions import Fraction
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -506,6 +508,40 @@ def test_the_cnns_per_sample_gradients_by_conv_hooks_match_expanded_weights_and_
     sample_losses(model, {"inputs": b.inputs, "labels": b.labels}).sum().backward()
     batch = torch.cat([p.grad.reshape(-1) for p in model.parameters()])
     assert (hooks.sum(0) - batch).abs().max() <= 1e-6 * batch.abs().max()
+
+
+def _transformer_grads_in_groups(group: int) -> tuple[torch.Tensor, list[tuple[int, int]]]:
+    """Per-sample gradients (hooks) of a fresh transformer whose blocks are cut every `group` columns."""
+    from distshare.data import build_dataset
+    from distshare.data.tensors import TensorTable
+
+    cfg = load_config("transformer", [])
+    ds, info = build_dataset(cfg.data)
+    table = TensorTable.from_dataset(ds, info, torch.float32)
+    model = build_model(cfg.model, info, seed=0)
+    b = table.select(list(range(12)))
+    per_sample.GROUP = group  # read when the model's layout is made: a fresh model's
+    try:
+        rows = per_sample_grads(model, {"inputs": b.inputs, "labels": b.labels}, sample_losses, "hooks")[0]
+        return rows, per_sample._layout(model).groups
+    finally:
+        per_sample.GROUP = 1 << 18
+
+
+def test_groups_cut_between_a_layers_weight_and_bias_give_the_same_gradients(monkeypatch):
+    # Groups of about 1,000 parameters split the transformer's layers, weights from biases: each
+    # group's block computes only its own parameters' products, and the whole is unchanged.
+    whole, one = _transformer_grads_in_groups(1 << 18)
+    cut, groups = _transformer_grads_in_groups(1000)
+    assert len(one) == 1 and len(groups) > 5
+    assert torch.equal(cut, whole)
+    # Mutant: a rule that hands over every parameter of the call, whatever the group (every
+    # parameter in "group None"): another group's parameter does not fit this block.
+    real = per_sample._rule
+    every_group = SimpleNamespace(group_of=defaultdict(lambda: None))
+    monkeypatch.setattr(per_sample, "_rule", lambda call, gy, group, layout: real(call, gy, None, every_group))
+    with pytest.raises(RuntimeError, match="must match the size"):
+        _transformer_grads_in_groups(1000)
 
 
 def test_a_conv_rule_without_the_padding_is_caught(monkeypatch):

@@ -249,7 +249,9 @@ def test_a_missing_use_of_a_tied_weight_fails_the_sum_check(monkeypatch):
     torch.manual_seed(0)
     model = tiny_gpt2()
     rule = per_sample._rule
-    monkeypatch.setattr(per_sample, "_rule", lambda call, gy: [] if call.module is model.lm_head else rule(call, gy))
+    monkeypatch.setattr(
+        per_sample, "_rule", lambda call, gy, *group: [] if call.module is model.lm_head else rule(call, gy, *group)
+    )
     batch = text(8)
     rows, _ = per_sample_grads(model, batch, causal_lm_losses)
     assert _relative_error_to_batch_gradient(model, batch, causal_lm_losses, rows) > 0.1

@@ -294,7 +294,8 @@ def exact_line(underflows: int) -> str:
     if not underflows:
         return "every per-sample contribution represented (no underflow)"
     return (
-        f"{underflows} per-sample contribution(s) more than 48 bits below their element's largest, "
+        f"{underflows} per-sample contribution(s) 48 or more bits (fewer beyond 16,384 samples a step) "
+        "below their element's largest, "
         "truncated to 0 (identically on every split)"
     )
 

@@ -92,7 +92,7 @@ class ExactGradSum:
         self.samples = 0  # rows added on this rank
         self.lost = 0  # this rank's contributions truncated to 0 so far
         self.underflows = 0  # contributions of this step truncated to 0 (all ranks): set by total()
-        self._work: dict[tuple, tuple[torch.Tensor, ...]] = {}  # scratch of a chunk's shape, reused
+        self._scratch: _Scratch | None = None  # for the last chunk shape, reused
         self._fresh = True  # nothing added since the step began: the first block sets its window
 
     def reset(self, global_samples: int) -> None:
@@ -119,10 +119,9 @@ class ExactGradSum:
             return
         rows = rows.to(_work_dtype(rows.dtype))  # exact; float16 cannot hold the scaled values (up to 2^96)
         cols = slice(start, start + rows.shape[1])
-        key = (tuple(rows.shape), rows.dtype)
-        if key not in self._work:
-            self._work = {key: _Scratch(rows)}
-        work = self._work[key]
+        work = self._scratch
+        if work is None or (work.y.shape, work.y.dtype) != (rows.shape, rows.dtype):
+            work = self._scratch = _Scratch(rows)
         largest = torch.abs(rows, out=work.y).amax(dim=0)
         if math.isfinite(float(largest.max())):  # NaN and inf reach the max
             top = self.grid.top(largest)  # 0 for a column of zeros
@@ -166,8 +165,7 @@ class ExactGradSum:
         else:  # two all-reduces: the window's MAX, then the bins' SUM at that window
             top = self.top.clone()
             dist.all_reduce(top, op=dist.ReduceOp.MAX, group=self.group)
-            if not torch.equal(top, self.top):
-                self._raise_top(slice(0, self.size), top)
+            self._raise_top(slice(0, self.size), top)
             counts = torch.tensor([self.lost, self.samples], dtype=torch.int64, device=self.device)
             summed = torch.cat([self.bins.reshape(-1), counts])
             dist.all_reduce(summed, op=dist.ReduceOp.SUM, group=self.group)
@@ -360,7 +358,7 @@ class _Grid:
         new tensor.
         """
         index = self.scaling_index(x.dtype).index_select(0, top.clamp(max=self.starts))
-        span = tuple(int(v) for v in torch.aminmax(index))
+        span = _span(index)
         units = self.powers("+", x.dtype)
         if units.holds(span, single=True):
             return torch.div(x, units.single.index_select(0, index), rounding_mode="trunc", out=out)
@@ -371,8 +369,8 @@ class _Grid:
 
     def to_units(self, value: torch.Tensor, top: torch.Tensor) -> torch.Tensor:
         """value * 2^((T - 1) W) column by column (float64): exact wherever the result is a normal float64."""
-        top = top.clamp(max=self.starts)
-        done = self.powers("+", torch.float64).apply(value, top, tuple(int(v) for v in torch.aminmax(top)), value)
+        # `total` refused a non-finite element before: every index is a bin's.
+        done = self.powers("+", torch.float64).apply(value, top, _span(top), value)
         assert done  # every index's two factors are normal float64s
         return value
 
@@ -408,6 +406,12 @@ class _Powers:
         else:
             return False
         return True
+
+
+def _span(index: torch.Tensor) -> tuple[int, int]:
+    """The least and the greatest index: which factors a column-by-column scaling needs."""
+    lo, hi = torch.aminmax(index)
+    return int(lo), int(hi)
 
 
 _grids: dict[tuple[int, str], _Grid] = {}

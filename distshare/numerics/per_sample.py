@@ -417,15 +417,14 @@ def _hook_grads(model: nn.Module, chunk: Any, losses_fn: LossFn) -> tuple[torch.
             # A tied parameter (GPT-2's lm_head and wte) gets one contribution per use, in the
             # forward's order: the same order for every sample and split (0 + g is g, exactly).
             for call, gy in touching.get(group, ()):
-                for p, g in _rule(call, gy):
-                    if layout.group_of[id(p)] == group:
-                        start = layout.offsets[id(p)] - first
-                        part = block[:, start : start + p.numel()]
-                        if id(p) in written:
-                            part += g.reshape(CHUNK, -1)
-                        else:
-                            part.copy_(g.reshape(CHUNK, -1))
-                            written.add(id(p))
+                for p, g in _rule(call, gy, group, layout):
+                    start = layout.offsets[id(p)] - first
+                    part = block[:, start : start + p.numel()]
+                    if id(p) in written:
+                        part += g.reshape(CHUNK, -1)
+                    else:
+                        part.copy_(g.reshape(CHUNK, -1))
+                        written.add(id(p))
             for p in layout.members[group]:  # a parameter no call reached: its gradient is 0
                 if id(p) not in written:
                     start = layout.offsets[id(p)] - first
@@ -459,44 +458,53 @@ def _recorder(calls: list[_Call], kind: str, name: str) -> Callable[..., None]:
     return record
 
 
-def _rule(call: _Call, gy: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """(parameter, its per-sample gradient [CHUNK, ...]) of one call."""
+def _rule(call: _Call, gy: torch.Tensor, group: int, layout: _Layout) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(parameter, its per-sample gradient [CHUNK, ...]) of one call, for its trainable
+    parameters in `group` only: a layer whose weight and bias fall in two groups computes each
+    product once, not once per group."""
     m, x, n = call.module, call.x, CHUNK
+
+    def wanted(p: torch.Tensor | None) -> bool:
+        return p is not None and p.requires_grad and layout.group_of[id(p)] == group
+
     out: list[tuple[torch.Tensor, torch.Tensor]] = []
     if call.kind in ("linear", "conv1d"):
         x2 = x.reshape(n, -1, x.shape[-1])
         g2 = gy.reshape(n, -1, gy.shape[-1])
-        if call.kind == "linear":  # weight [out, in]
-            out.append((m.weight, torch.bmm(g2.transpose(1, 2), x2)))
-        else:  # Conv1D: weight [in, out]
-            out.append((m.weight, torch.bmm(x2.transpose(1, 2), g2)))
-        if m.bias is not None:
+        if wanted(m.weight):
+            if call.kind == "linear":  # weight [out, in]
+                out.append((m.weight, torch.bmm(g2.transpose(1, 2), x2)))
+            else:  # Conv1D: weight [in, out]
+                out.append((m.weight, torch.bmm(x2.transpose(1, 2), g2)))
+        if wanted(m.bias):
             out.append((m.bias, g2.sum(dim=1)))
     elif call.kind == "embedding":
-        vocab, width = m.weight.shape
-        ids = x.reshape(n, -1) + torch.arange(n, device=x.device).unsqueeze(1) * vocab
-        g = m.weight.new_zeros(n * vocab, width).index_add_(0, ids.reshape(-1), gy.reshape(-1, width))
-        g = g.view(n, vocab, width)
-        if m.padding_idx is not None:
-            g[:, m.padding_idx] = 0  # as F.embedding's backward: the padding row learns nothing
-        out.append((m.weight, g))
+        if wanted(m.weight):
+            vocab, width = m.weight.shape
+            ids = x.reshape(n, -1) + torch.arange(n, device=x.device).unsqueeze(1) * vocab
+            g = m.weight.new_zeros(n * vocab, width).index_add_(0, ids.reshape(-1), gy.reshape(-1, width))
+            g = g.view(n, vocab, width)
+            if m.padding_idx is not None:
+                g[:, m.padding_idx] = 0  # as F.embedding's backward: the padding row learns nothing
+            out.append((m.weight, g))
     elif call.kind == "conv2d":
-        # A sample's weight gradient: its output gradient [out, L] times its unfolded input
-        # [L, in x kh x kw] (L output positions), one matrix product per sample of the chunk.
-        cols = F.unfold(x, m.kernel_size, dilation=m.dilation, padding=m.padding, stride=m.stride)
         g2 = gy.reshape(n, gy.shape[1], -1)
-        out.append((m.weight, torch.bmm(g2, cols.transpose(1, 2)).view(n, *m.weight.shape)))
-        if m.bias is not None:
+        if wanted(m.weight):
+            # A sample's weight gradient: its output gradient [out, L] times its unfolded input
+            # [L, in x kh x kw] (L output positions), one matrix product per sample of the chunk.
+            cols = F.unfold(x, m.kernel_size, dilation=m.dilation, padding=m.padding, stride=m.stride)
+            out.append((m.weight, torch.bmm(g2, cols.transpose(1, 2)).view(n, *m.weight.shape)))
+        if wanted(m.bias):
             out.append((m.bias, g2.sum(dim=2)))
     else:  # layer_norm
         shape = m.normalized_shape
         g2 = gy.reshape(n, -1, *shape)
-        if m.weight is not None:
+        if wanted(m.weight):
             x_hat = F.layer_norm(x, shape, eps=m.eps).reshape(n, -1, *shape)
             out.append((m.weight, (g2 * x_hat).sum(dim=1)))
-        if m.bias is not None:
+        if wanted(m.bias):
             out.append((m.bias, g2.sum(dim=1)))
-    return [(p, g) for p, g in out if p.requires_grad]
+    return out
 
 
 def _check_every_use_ruled(losses: torch.Tensor, used: list[tuple[_Call, torch.Tensor]], layout: _Layout) -> None:
