@@ -238,6 +238,13 @@ def test_blocks_wider_than_the_scratch_are_converted_in_pieces(monkeypatch):
         acc.add(part)
     assert torch.equal(acc.total(), expected)
     assert acc.underflows == lost
+    # Mutant: every piece added at column 0, its own offset forgotten.
+    real = ExactGradSum._add
+    monkeypatch.setattr(ExactGradSum, "_add", lambda self, part, start: real(self, part, 0))
+    acc = ExactGradSum(_model(rows.shape[1]), rows.shape[0])
+    for part in torch.split(rows, 35):
+        acc.add(part)
+    assert not torch.equal(acc.total(), expected)
 
 
 def test_a_window_taken_per_chunk_is_caught_by_the_specification(monkeypatch):
@@ -383,8 +390,14 @@ def test_a_total_beyond_float64_is_refused_not_written_as_inf():
     # (The check before only caught a total that float64 held and the dtype did not: this
     # one's gradient was written as inf.)
     model = _model(2).double()
+    rows = torch.tensor([[1e308, 1.0], [1e308, 1.0]], dtype=torch.float64)
+    # Control: the previous check (an inf in the dtype where float64 was finite) finds nothing here.
     acc = ExactGradSum(model, 2)
-    acc.add(torch.tensor([[1e308, 1.0], [1e308, 1.0]], dtype=torch.float64))
+    acc.add(rows)
+    flat = acc.total()
+    assert not (torch.isinf(flat.to(torch.float64)) & torch.isfinite(flat)).any() and torch.isinf(flat[0])
+    acc = ExactGradSum(model, 2)
+    acc.add(rows)
     with pytest.raises(ExactOverflow, match=r"'w' \(element 0\) is inf, beyond the range of float64"):
         acc.write_grads(1.0)
     assert model.w.grad is None
