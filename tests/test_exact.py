@@ -227,24 +227,38 @@ def test_the_streamed_sum_is_the_specification_for_every_order_and_chunking(dtyp
         assert acc.underflows == lost, seed
 
 
-def test_blocks_wider_than_the_scratch_are_converted_in_pieces(monkeypatch):
-    # 24 columns through a scratch of 7 (7 + 7 + 7 + 3), rows 35 at a time (32 + 3): the
-    # specification still, bit for bit and count for count.
-    monkeypatch.setattr(exact_sum, "CHUNK_COLUMNS", 7)
-    rows = _spread_rows(torch.float32)
-    expected, lost = _truncated_reference(rows)
+def _summed_in_pieces(rows: torch.Tensor) -> ExactGradSum:
     acc = ExactGradSum(_model(rows.shape[1]), rows.shape[0])
     for part in torch.split(rows, 35):
         acc.add(part)
+    return acc
+
+
+def test_blocks_wider_than_the_scratch_are_converted_in_pieces(monkeypatch):
+    # 24 columns through a scratch of 7 (7 + 7 + 7 + 3), rows 35 at a time (32 + 3), each
+    # piece's digits copied to float64 3 columns at a time (3 + 3 + 1): the specification
+    # still, bit for bit and count for count.
+    monkeypatch.setattr(exact_sum, "CHUNK_COLUMNS", 7)
+    monkeypatch.setattr(exact_sum, "WIDE_COLUMNS", 3)
+    rows = _spread_rows(torch.float32)
+    expected, lost = _truncated_reference(rows)
+    acc = _summed_in_pieces(rows)
     assert torch.equal(acc.total(), expected)
     assert acc.underflows == lost
     # Mutant: every piece added at column 0, its own offset forgotten.
     real = ExactGradSum._add
-    monkeypatch.setattr(ExactGradSum, "_add", lambda self, part, start: real(self, part, 0))
-    acc = ExactGradSum(_model(rows.shape[1]), rows.shape[0])
-    for part in torch.split(rows, 35):
-        acc.add(part)
-    assert not torch.equal(acc.total(), expected)
+    with monkeypatch.context() as m:
+        m.setattr(ExactGradSum, "_add", lambda self, part, start: real(self, part, 0))
+        assert not torch.equal(_summed_in_pieces(rows).total(), expected)
+
+    # Mutant: the digits' sums of the first 3 columns only, the copy's later pieces forgotten.
+    def first_piece_only(self, digits):
+        sums = torch.zeros(digits.shape[1], dtype=torch.int64)
+        sums[:3] = digits[:, :3].to(torch.float64).sum(dim=0).to(torch.int64)
+        return sums
+
+    monkeypatch.setattr(exact_sum._Scratch, "column_sums", first_piece_only)
+    assert not torch.equal(_summed_in_pieces(rows).total(), expected)
 
 
 def test_a_window_taken_per_chunk_is_caught_by_the_specification(monkeypatch):
@@ -331,8 +345,8 @@ def test_memory_does_not_grow_with_the_number_of_samples():
     # The sum keeps 28 bytes a parameter and one chunk's scratch, for 32 samples or 4,096.
     p = 1000
     # Scratch: a chunk's two float32 digits, their float64 copy and non-zero flags; per column,
-    # three uint8 counts and two float64 digit sums.
-    assert _summed_bytes(32, p) == _summed_bytes(4096, p) == 28 * p + CHUNK * p * (2 * 4 + 8 + 1) + p * (3 + 16)
+    # three uint8 counts and one float64 digit sum.
+    assert _summed_bytes(32, p) == _summed_bytes(4096, p) == 28 * p + CHUNK * p * (2 * 4 + 8 + 1) + p * (3 + 8)
 
 
 def test_a_sum_that_keeps_the_rows_is_caught(monkeypatch):

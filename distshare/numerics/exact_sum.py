@@ -32,7 +32,7 @@ gradient, or a total that does not fit the parameter dtype, raises `ExactOverflo
 parameter, on every rank at once.
 
 Memory: per parameter, two int64 bins, the top bin's index (int32) and two int32 counts: 28
-bytes, whatever the number of samples, and scratch for 32 rows x 2^17 columns at a time (68
+bytes, whatever the number of samples, and scratch for 32 rows x 2^17 columns at a time (37
 MiB at most). Contributions are converted 32 rows at a time: a chunk's digits are summed
 exactly in float64 (32 x 2^48 = 2^53).
 """
@@ -49,7 +49,11 @@ from distshare.errors import UsageError, VerificationFailed
 
 CHUNK_ROWS = 32  # rows summed at once in float64: 32 digits of < 2^48 stay below 2^53, exact
 DIGIT_BITS = 48  # W: 53 - log2(CHUNK_ROWS)
-CHUNK_COLUMNS = 1 << 17  # columns converted at once: the scratch is CHUNK_ROWS x this x 17 bytes (68 MiB)
+CHUNK_COLUMNS = 1 << 17  # columns converted at once: the scratch is CHUNK_ROWS x this x 9 bytes (36 MiB)
+# Digits are copied into float64 for their exact sums this many columns at a time: 1 MiB that
+# stays in cache, where a whole chunk's copy (4.5 MB for 17,574 columns) went out to memory and
+# back in every step (the transformer's conversion: about 10% of its time).
+WIDE_COLUMNS = 1 << 12
 NONFINITE = 1 << 30  # the top bin of an element with a non-finite contribution: wins the MAX
 # Across ranks, sums of up to this many elements (parameters x ranks) are gathered whole and
 # summed on every rank: one collective. Larger ones take an all-reduce MAX, then a SUM (the
@@ -134,23 +138,33 @@ class ExactGradSum:
             self._fresh = False
         else:
             self._raise_top(cols, top)
-        high, nonzero, kept, leading_high = work.high, work.counts[2], work.counts[1], work.counts[0]
+        high, nonzero, leading_high, with_low = work.high, work.counts[0], work.counts[1], work.counts[2]
         work.count_nonzero(rows, out=nonzero)
         # Each contribution truncated toward zero at its lower bin's unit, in that unit: by a
         # division that rounds toward zero (trunc() and fmod() are about 40x slower on CPU here).
         y = self.grid.truncated(rows, self.top[cols], out=work.y)
         if y.dtype != high.dtype:  # scaled in float64 (mixed dtypes): its scratch too
             high = torch.empty_like(y)
-        work.count_nonzero(y, out=kept)
         torch.div(y, 2.0**self.bits, rounding_mode="trunc", out=high)  # the top bin's digit
         work.count_nonzero(high, out=leading_high)
-        y.add_(high, alpha=-(2.0**self.bits))  # the lower bin's digit (exact: y's bits below the top digit)
-        # Each bin's digits of up to 32 rows: below 2^53 in float64, so summed exactly.
-        self.bins[:, cols].add_(work.digit_sums(high, y))
-        nonzero -= kept  # contributions truncated to 0
-        kept -= leading_high  # those whose highest digit is the lower bin's
-        self.leads[:, cols].add_(work.counts[:2])
-        self.lost += int(nonzero.sum())
+        low = y.add_(high, alpha=-(2.0**self.bits))  # the lower bin's digit (exact: y's bits below the top digit)
+        work.count_nonzero(low, out=with_low)
+        self.bins[0, cols].add_(work.column_sums(high))
+        self.leads[0, cols].add_(leading_high)
+        # A contribution that is not 0 but has no top digit either has its highest digit in the
+        # lower bin, or was truncated to 0 (underflow).
+        lost = nonzero.sum() - leading_high.sum()
+        # Lower digits are rare (a float32's 24 bits mostly sit inside its top bin's 48): they
+        # are summed and counted in the columns that have one, not over the whole chunk.
+        where = with_low.nonzero().squeeze(1)
+        if len(where):
+            low_part, high_part = low.index_select(1, where), high.index_select(1, where)
+            # 32 digits of < 2^48: exact in float64
+            self.bins[1, cols].index_add_(0, where, low_part.to(torch.float64).sum(dim=0).to(torch.int64))
+            only_low = ((high_part == 0) & (low_part != 0)).sum(dim=0, dtype=torch.int32)
+            self.leads[1, cols].index_add_(0, where, only_low)
+            lost -= only_low.sum()
+        self.lost += int(lost)
 
     def _raise_top(self, cols: slice, top: torch.Tensor) -> None:
         """Move the columns' window up to `top` where it is higher: the bins it leaves are dropped whole."""
@@ -261,11 +275,13 @@ class _Scratch:
     def __init__(self, rows: torch.Tensor) -> None:
         shape, device = rows.shape, rows.device
         self.high, self.y = torch.empty_like(rows), torch.empty_like(rows)
-        # float64 digits are summed where they are; others are copied here first, one at a time
-        self.wide = None if rows.dtype == torch.float64 else torch.empty(shape, dtype=torch.float64, device=device)
+        # float64 digits are summed where they are; others are copied here first
+        # float64 copies of WIDE_COLUMNS columns of digits at a time (a chunk's whole would be its largest tensor)
+        wide = (shape[0], min(shape[1], WIDE_COLUMNS))
+        self.wide = None if rows.dtype == torch.float64 else torch.empty(wide, dtype=torch.float64, device=device)
         self.flags = torch.empty(shape, dtype=torch.bool, device=device)
         self.counts = torch.empty(3, shape[1], dtype=torch.uint8, device=device)
-        self.sums = torch.empty(2, shape[1], dtype=torch.float64, device=device)
+        self.sums = torch.empty(shape[1], dtype=torch.float64, device=device)
 
     def count_nonzero(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """Per column, how many of its (at most CHUNK_ROWS <= 255) rows are non-zero, into `out` (uint8).
@@ -274,12 +290,14 @@ class _Scratch:
         slower on CPU."""
         return torch.sum(self.flags.copy_(x).view(torch.uint8), dim=0, dtype=torch.uint8, out=out)
 
-    def digit_sums(self, high: torch.Tensor, low: torch.Tensor) -> torch.Tensor:
-        """Each column's sums of its two digits, [2, columns] int64: exact in float64 (rows x 2^48 <= 2^53)."""
-        for digits, out in zip((high, low), self.sums, strict=True):
-            if digits.dtype != torch.float64:
-                digits = self.wide.copy_(digits)
-            torch.sum(digits, dim=0, out=out)
+    def column_sums(self, digits: torch.Tensor) -> torch.Tensor:
+        """Each column's sum of its digits, int64: exact in float64 (rows x 2^48 <= 2^53)."""
+        if digits.dtype == torch.float64:
+            return torch.sum(digits, dim=0, out=self.sums).to(torch.int64)
+        for start in range(0, digits.shape[1], WIDE_COLUMNS):
+            part = digits[:, start : start + WIDE_COLUMNS]
+            wide = self.wide[:, : part.shape[1]].copy_(part)
+            torch.sum(wide, dim=0, out=self.sums[start : start + part.shape[1]])
         return self.sums.to(torch.int64)
 
 

@@ -124,14 +124,15 @@ def add_per_sample_grads(
     n = int(leaves[0].shape[0]) if leaves else 0
     if n == 0:
         return torch.zeros(0, dtype=torch.float64)
-    chosen = choose_method(model) if method == "auto" else method
+    layout = _layout(model)  # checked once a call: the parameters cannot change between chunks
+    chosen = (_fallback.get(model) or layout.method) if method == "auto" else method
     losses = []
     for start in range(0, n, CHUNK):
         take = min(CHUNK, n - start)
         index = torch.arange(start, start + CHUNK, device=leaves[0].device).clamp(max=start + take - 1)
         chunk = tree_map(lambda t, index=index: t.index_select(0, index), batch)
         try:
-            loss, blocks = _compute(chosen, model, chunk, losses_fn)
+            loss, blocks = _compute(chosen, layout, model, chunk, losses_fn)
         except _NotHookable as exc:
             if method != "auto":
                 raise UsageError(f"sync=exact: method='hooks' cannot run this model: {exc}; use 'vmap'") from None
@@ -140,7 +141,7 @@ def add_per_sample_grads(
             _fallback[model] = chosen = "vmap"  # a parameter used outside its layer: expanded weights cannot either
             if losses:
                 raise UsageError(f"sync=exact: method='hooks' cannot compute this model: {exc}") from None
-            loss, blocks = _compute(chosen, model, chunk, losses_fn)
+            loss, blocks = _compute(chosen, layout, model, chunk, losses_fn)
         for column, block in blocks:
             add(block[:take], column)
         losses.append(loss[:take].detach().to(torch.float64).cpu())
@@ -250,14 +251,16 @@ def _static_method(model: nn.Module, hooks: bool) -> str:
     return "expanded" if _expandable(model) else "vmap"
 
 
-def _compute(method: str, model: nn.Module, chunk: Any, losses_fn: LossFn) -> tuple[torch.Tensor, Blocks]:
+def _compute(
+    method: str, layout: _Layout, model: nn.Module, chunk: Any, losses_fn: LossFn
+) -> tuple[torch.Tensor, Blocks]:
     """The chunk's losses, and its per-sample gradients as blocks (computed as they are taken)."""
     if method == "hooks":
-        return _hook_grads(model, chunk, losses_fn)
+        return _hook_grads(layout, model, chunk, losses_fn)
     with _Explained(model, method):
         if method == "expanded":
-            return _expanded_grads(model, chunk, losses_fn)
-        return _vmap_grads(model, losses_fn)(model, chunk, losses_fn)
+            return _expanded_grads(layout, model, chunk, losses_fn)
+        return _vmap_grads(layout, model, losses_fn)(model, chunk, losses_fn)
 
 
 def _expandable(model: nn.Module) -> bool:
@@ -276,7 +279,7 @@ class _Forward:
         return self.forward(*args, **kwargs)
 
 
-def _expanded_grads(model: nn.Module, chunk: Any, losses_fn: LossFn) -> tuple[torch.Tensor, Blocks]:
+def _expanded_grads(layout: _Layout, model: nn.Module, chunk: Any, losses_fn: LossFn) -> tuple[torch.Tensor, Blocks]:
     from torch.nn.utils._per_sample_grad import call_for_per_sample_grads
 
     params = [p for _, p in model.named_parameters()]
@@ -288,10 +291,10 @@ def _expanded_grads(model: nn.Module, chunk: Any, losses_fn: LossFn) -> tuple[to
         g, p.grad_sample, p.grad = p.grad_sample, None, None  # type: ignore[attr-defined]
         return g
 
-    return losses, _layout(model).blocks(((p, taken(p)) for p in params), CHUNK)
+    return losses, layout.blocks(((p, taken(p)) for p in params), CHUNK)
 
 
-def _vmap_grads(model: nn.Module, losses_fn: LossFn) -> Callable[..., tuple[torch.Tensor, Blocks]]:
+def _vmap_grads(layout: _Layout, model: nn.Module, losses_fn: LossFn) -> Callable[..., tuple[torch.Tensor, Blocks]]:
     params = {f"m.{k}": v.detach() for k, v in model.named_parameters()}
     buffers = {f"m.{k}": v for k, v in model.named_buffers()}
 
@@ -304,7 +307,7 @@ def _vmap_grads(model: nn.Module, losses_fn: LossFn) -> Callable[..., tuple[torc
     def chunk_grads(model: nn.Module, chunk: Any, losses_fn: LossFn) -> tuple[torch.Tensor, Blocks]:
         g, loss = grads_of(params, chunk)
         held = [p for _, p in model.named_parameters()]  # `params` holds detached copies: other ids
-        return loss, _layout(model).blocks(zip(held, (g[k] for k in params), strict=True), CHUNK)
+        return loss, layout.blocks(zip(held, (g[k] for k in params), strict=True), CHUNK)
 
     return chunk_grads
 
@@ -376,14 +379,13 @@ class _Call:
         self.module, self.kind, self.x, self.y = module, kind, x, y
 
 
-def _hook_grads(model: nn.Module, chunk: Any, losses_fn: LossFn) -> tuple[torch.Tensor, Blocks]:
+def _hook_grads(layout: _Layout, model: nn.Module, chunk: Any, losses_fn: LossFn) -> tuple[torch.Tensor, Blocks]:
     """Per-sample gradients from one batched forward and one backward to the ruled layers' outputs.
 
     A sample's weight gradient is a product of its own rows only (its activations and output
     gradients, summed over its positions): `torch.bmm` over the chunk, one matrix product per
     sample in the fixed chunk shape, so no other sample of the chunk enters it.
     """
-    layout = _layout(model)
     calls: list[_Call] = []
     handles = []
     for name, module, kind in layout.ruled(model):
