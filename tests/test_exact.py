@@ -237,7 +237,7 @@ def _summed_in_pieces(rows: torch.Tensor) -> ExactGradSum:
 def test_blocks_wider_than_the_scratch_are_converted_in_pieces(monkeypatch):
     # 24 columns through a scratch of 7 (7 + 7 + 7 + 3), rows 35 at a time (32 + 3), each
     # piece's digits copied to float64 3 columns at a time (3 + 3 + 1): the specification
-    # still, bit for bit and count for count.
+    # still, bit for bit and count for count; then written in pieces too.
     monkeypatch.setattr(exact_sum, "CHUNK_COLUMNS", 7)
     monkeypatch.setattr(exact_sum, "WIDE_COLUMNS", 3)
     rows = _spread_rows(torch.float32)
@@ -257,8 +257,25 @@ def test_blocks_wider_than_the_scratch_are_converted_in_pieces(monkeypatch):
         sums[:3] = digits[:, :3].to(torch.float64).sum(dim=0).to(torch.int64)
         return sums
 
-    monkeypatch.setattr(exact_sum._Scratch, "column_sums", first_piece_only)
-    assert not torch.equal(_summed_in_pieces(rows).total(), expected)
+    with monkeypatch.context() as m:
+        m.setattr(exact_sum._Scratch, "column_sums", first_piece_only)
+        assert not torch.equal(_summed_in_pieces(rows).total(), expected)
+
+    # The gradient is rounded and written 5 elements at a time (5 x 4 + 4): the total divided
+    # once, in float32, all the same.
+    monkeypatch.setattr(exact_sum, "WRITE_COLUMNS", 5)
+    written = expected.div(3.0).to(torch.float32)
+    acc = _summed_in_pieces(rows)
+    acc.write_grads(3.0)
+    assert torch.equal(acc.params[0][1].grad, written)
+    # Mutant: every piece of the gradient taken from the first columns' sums.
+    real_value = ExactGradSum._value
+    monkeypatch.setattr(
+        ExactGradSum, "_value", lambda self, h, l, cols: real_value(self, h, l, slice(0, len(range(self.size)[cols])))
+    )
+    acc = _summed_in_pieces(rows)
+    acc.write_grads(3.0)
+    assert not torch.equal(acc.params[0][1].grad, written)
 
 
 def test_a_window_taken_per_chunk_is_caught_by_the_specification(monkeypatch):

@@ -58,6 +58,7 @@ CHUNK_COLUMNS = 1 << 15
 # stays in cache, where a whole chunk's copy (4.5 MB for 17,574 columns) went out to memory and
 # back in every step (the transformer's conversion: about 10% of its time).
 WIDE_COLUMNS = 1 << 12
+WRITE_COLUMNS = 1 << 17  # gradient elements rounded and written at once (a few MiB of float64 temporaries)
 NONFINITE = 1 << 30  # the top bin of an element with a non-finite contribution: wins the MAX
 # Across ranks, sums of up to this many elements (parameters x ranks) are gathered whole and
 # summed on every rank: one collective. Larger ones take an all-reduce MAX, then a SUM (the
@@ -176,6 +177,12 @@ class ExactGradSum:
 
     def total(self) -> torch.Tensor:
         """The exact sum over every rank's contributions, rounded once to float64; collective."""
+        high, low = self._settled()
+        return self._value(high, low, slice(0, self.size))
+
+    def _settled(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every rank's sums at one window (`self.top`): the two digit sums, [size] int64 each,
+        after refusing a non-finite gradient and a wrong sample count; collective."""
         if not self._distributed:
             (high, low), self.underflows, samples = self.bins, self.lost, self.samples
         elif self.size * dist.get_world_size(self.group) <= GATHER_LIMIT:
@@ -199,7 +206,11 @@ class ExactGradSum:
                 f"sync=exact: the step was started for global_samples={self.global_samples}, but the ranks "
                 f"added {samples} samples' gradients: pass the sample count of the whole global batch"
             )
-        return self.grid.to_units(_round_to_float64(high, low, self.bits), self.top)
+        return high, low
+
+    def _value(self, high: torch.Tensor, low: torch.Tensor, cols: slice) -> torch.Tensor:
+        """The settled sums of columns `cols` as float64 values, each rounded once."""
+        return self.grid.to_units(_round_to_float64(high[cols], low[cols], self.bits), self.top[cols])
 
     def _gathered(self) -> tuple[torch.Tensor, torch.Tensor, int, int]:
         """Every rank's windows, bins and counts in one all_gather, each moved to the highest
@@ -224,13 +235,22 @@ class ExactGradSum:
 
     def write_grads(self, normalizer: float) -> None:
         """Set every parameter's .grad to total / normalizer in its own dtype; collective."""
-        flat = self.total().div_(normalizer)
-        rounded = flat.to(self.dtype)
-        # Summed in float64, finite values of the dtype stay finite: one reduction checks them all.
-        if not math.isfinite(float(rounded.sum(dtype=torch.float64))):
-            i = int(torch.isinf(rounded).nonzero()[0])  # `flat` is finite: an inf here is an overflow
+        high, low = self._settled()
+        rounded = torch.empty(self.size, dtype=self.dtype, device=self.device)
+        # Finite values of the dtype summed in float64 stay finite: one number checks them all.
+        check = torch.zeros((), dtype=torch.float64, device=self.device)
+        # In pieces: a whole model's float64 temporaries (100 MB each for 12.6M parameters) went
+        # out to memory and were faulted in anew every step.
+        for start in range(0, self.size, WRITE_COLUMNS):
+            cols = slice(start, start + WRITE_COLUMNS)
+            piece = rounded[cols]
+            piece.copy_(self._value(high, low, cols).div_(normalizer))
+            check += piece.sum(dtype=torch.float64)
+        if not math.isfinite(float(check)):
+            i = int(torch.isinf(rounded).nonzero()[0])  # every value is finite: an inf here is an overflow
+            value = float(self._value(high, low, slice(i, i + 1))) / normalizer
             raise ExactOverflow(
-                f"sync=exact: the gradient of {self._name_at(i)} is {float(flat[i]):.3g}, "
+                f"sync=exact: the gradient of {self._name_at(i)} is {value:.3g}, "
                 f"beyond the range of {str(self.dtype).removeprefix('torch.')}"
             )
         offset = 0
