@@ -554,20 +554,27 @@ def test_the_cnns_per_sample_gradients_by_conv_hooks_match_expanded_weights_and_
     assert (hooks.sum(0) - batch).abs().max() <= 1e-6 * batch.abs().max()
 
 
-def _transformer_grads_in_groups(group: int) -> tuple[torch.Tensor, list[tuple[int, int]]]:
-    """Per-sample gradients (hooks) of a fresh transformer whose blocks are cut every `group` columns."""
+def _grads_in_groups(
+    group: int, name: str = "transformer", stale: bool = False
+) -> tuple[torch.Tensor, list[tuple[int, int]]]:
+    """Per-sample gradients (hooks) of a fresh distshare model whose blocks are cut every
+    `group` columns; `stale`: the reused block buffer holds NaN when the run starts (and then
+    the previous block's rows: what a block that is not wholly written hands over)."""
     from distshare.data import build_dataset
     from distshare.data.tensors import TensorTable
 
-    cfg = load_config("transformer", [])
+    cfg = load_config(name, [])
     ds, info = build_dataset(cfg.data)
     table = TensorTable.from_dataset(ds, info, torch.float32)
     model = build_model(cfg.model, info, seed=0)
     b = table.select(list(range(12)))
     per_sample.GROUP = group  # read when the model's layout is made: a fresh model's
     try:
+        layout = per_sample._layout(model)
+        if stale:
+            layout._buffer = torch.full((CHUNK * max(size for _, size in layout.groups),), math.nan)
         rows = per_sample_grads(model, {"inputs": b.inputs, "labels": b.labels}, sample_losses, "hooks")[0]
-        return rows, per_sample._layout(model).groups
+        return rows, layout.groups
     finally:
         per_sample.GROUP = 1 << 18
 
@@ -575,17 +582,49 @@ def _transformer_grads_in_groups(group: int) -> tuple[torch.Tensor, list[tuple[i
 def test_groups_cut_between_a_layers_weight_and_bias_give_the_same_gradients(monkeypatch):
     # Groups of about 1,000 parameters split the transformer's layers, weights from biases: each
     # group's block computes only its own parameters' products, and the whole is unchanged.
-    whole, one = _transformer_grads_in_groups(1 << 18)
-    cut, groups = _transformer_grads_in_groups(1000)
+    whole, one = _grads_in_groups(1 << 18)
+    cut, groups = _grads_in_groups(1000)
     assert len(one) == 1 and len(groups) > 5
     assert torch.equal(cut, whole)
     # Mutant: a rule that hands over every parameter of the call, whatever the group (every
-    # parameter in "group None"): another group's parameter does not fit this block.
+    # parameter in "group None"): another group's parameter does not fit this block (a weight
+    # of 1,000 elements or more is a group of its own, its block a view the bias cannot take).
     real = per_sample._rule
     every_group = SimpleNamespace(group_of=defaultdict(lambda: None))
-    monkeypatch.setattr(per_sample, "_rule", lambda call, gy, group, layout: real(call, gy, None, every_group))
-    with pytest.raises(RuntimeError, match="must match the size"):
-        _transformer_grads_in_groups(1000)
+    monkeypatch.setattr(
+        per_sample, "_rule", lambda call, gy, group, layout, into=None: real(call, gy, None, every_group, into)
+    )
+    with pytest.raises(RuntimeError, match="is invalid for input of size"):
+        _grads_in_groups(1000)
+
+
+@pytest.mark.parametrize("name", ["transformer", "cnn"])
+def test_a_parameter_alone_in_its_group_is_computed_in_its_block_unchanged(name, monkeypatch):
+    # Groups of 16: every parameter of 16 elements or more is a group of its own, and its rule
+    # (Linear, Embedding, LayerNorm, Conv2d, their biases) writes the block itself, which held
+    # NaN before: the rows are those of one group, bit for bit, every element written.
+    whole, _ = _grads_in_groups(1 << 18, name)
+    in_place = []
+    real = per_sample._rule
+
+    def spy(call, gy, group, layout, into=None):
+        if into is not None:
+            in_place.append(call.kind)
+        return real(call, gy, group, layout, into)
+
+    monkeypatch.setattr(per_sample, "_rule", spy)
+    cut, groups = _grads_in_groups(16, name, stale=True)
+    kinds = {"transformer": {"linear", "embedding", "layer_norm"}, "cnn": {"conv2d", "linear"}}[name]
+    assert len(groups) > 5 and kinds <= set(in_place)
+    assert torch.equal(cut, whole)
+
+    # Mutant: a rule that computes in a tensor of its own yet hands over the block as written.
+    def claims_in_place(call, gy, group, layout, into=None):
+        ruled = real(call, gy, group, layout)
+        return [(p, into if into is not None else g) for p, g in ruled]
+
+    monkeypatch.setattr(per_sample, "_rule", claims_in_place)
+    assert not torch.equal(_grads_in_groups(16, name, stale=True)[0], whole)
 
 
 def test_a_conv_rule_without_the_padding_is_caught(monkeypatch):

@@ -208,6 +208,35 @@ def test_a_samples_gradient_is_the_same_in_any_batch_and_sums_to_the_batch_gradi
     assert _relative_error_to_batch_gradient(model, batch, losses_of, whole) < 1e-5
 
 
+@pytest.mark.parametrize("name", ["gpt2", "bert"])
+def test_parameters_in_groups_of_their_own_get_the_same_rows_in_place(name, monkeypatch):
+    # Groups of 16: every parameter of 16 elements or more is a group of its own and its rule
+    # writes the block itself (GPT-2's Conv1D, BERT's Linear, embeddings and LayerNorms;
+    # GPT-2's tied wte, used twice, still added in the shared block): one group's rows, bitwise.
+    build, losses_of = {"gpt2": (tiny_gpt2, causal_lm_losses), "bert": (tiny_bert, masked_lm_losses)}[name]
+    torch.manual_seed(0)
+    model = build()
+    batch = text(CHUNK)
+    whole, _ = per_sample_grads(model, batch, losses_of)
+    in_place = []
+    real = per_sample._rule
+
+    def spy(call, gy, group, layout, into=None):
+        if into is not None:
+            in_place.append(call.kind)
+        return real(call, gy, group, layout, into)
+
+    monkeypatch.setattr(per_sample, "_rule", spy)
+    monkeypatch.setattr(per_sample, "GROUP", 16)
+    per_sample._layouts.pop(model)  # the layout is made again, in groups of 16
+    cut, _ = per_sample_grads(model, batch, losses_of)
+    assert {"gpt2": {"conv1d", "embedding", "layer_norm"}, "bert": {"linear", "embedding", "layer_norm"}}[name] <= set(
+        in_place
+    )
+    assert len(per_sample._layout(model).groups) > 10
+    assert torch.equal(cut, whole)
+
+
 @pytest.mark.parametrize(
     "method", ["hooks", pytest.param("expanded", marks=pytest.mark.slow), pytest.param("vmap", marks=pytest.mark.slow)]
 )

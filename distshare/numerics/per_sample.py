@@ -167,7 +167,9 @@ class _Layout:
         offset = first = 0
         for _, p in self.named:
             self.offsets[id(p)] = offset
-            if offset - first >= GROUP:
+            # A parameter of GROUP elements or more is a group of its own: its rule then writes
+            # the block itself (`_hook_grads`).
+            if offset > first and (offset - first >= GROUP or p.numel() >= GROUP):
                 self.groups.append((first, offset - first))
                 first = offset
             self.group_of[id(p)] = len(self.groups)
@@ -415,10 +417,24 @@ def _hook_grads(layout: _Layout, model: nn.Module, chunk: Any, losses_fn: LossFn
         # One group at a time: its block is filled and handed over before the next reuses it.
         for group, (first, _) in enumerate(layout.groups):
             block = layout.block(group)
+            calls, members = touching.get(group, ()), layout.members[group]
+            if len(calls) == 1 and len(members) == 1 and members[0].requires_grad:
+                # One parameter used once: its rule computes into the block, not into a fresh
+                # tensor of the block's size (faulted in anew, then copied) for each chunk.
+                ruled = _rule(*calls[0], group, layout, into=block)
+                if len(ruled) > 1:  # two gradients written over one block: never silently
+                    raise RuntimeError(f"a per-sample rule gave {len(ruled)} gradients for one parameter's block")
+                if not ruled:
+                    block.zero_()
+                for _, g in ruled:
+                    if g.data_ptr() != block.data_ptr():  # a rule that could not write in place
+                        block.copy_(g.reshape(CHUNK, -1))
+                yield first, block
+                continue
             written: set[int] = set()
             # A tied parameter (GPT-2's lm_head and wte) gets one contribution per use, in the
             # forward's order: the same order for every sample and split (0 + g is g, exactly).
-            for call, gy in touching.get(group, ()):
+            for call, gy in calls:
                 for p, g in _rule(call, gy, group, layout):
                     start = layout.offsets[id(p)] - first
                     part = block[:, start : start + p.numel()]
@@ -460,14 +476,20 @@ def _recorder(calls: list[_Call], kind: str, name: str) -> Callable[..., None]:
     return record
 
 
-def _rule(call: _Call, gy: torch.Tensor, group: int, layout: _Layout) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def _rule(
+    call: _Call, gy: torch.Tensor, group: int, layout: _Layout, into: torch.Tensor | None = None
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """(parameter, its per-sample gradient [CHUNK, ...]) of one call, for its trainable
     parameters in `group` only: a layer whose weight and bias fall in two groups computes each
-    product once, not once per group."""
+    product once, not once per group. `into`: a contiguous [CHUNK, numel] tensor the gradient
+    is computed in, where the group's one parameter is the call's one wanted."""
     m, x, n = call.module, call.x, CHUNK
 
     def wanted(p: torch.Tensor | None) -> bool:
         return p is not None and p.requires_grad and layout.group_of[id(p)] == group
+
+    def dest(p: torch.Tensor) -> torch.Tensor | None:
+        return None if into is None else into.view(n, *p.shape)
 
     out: list[tuple[torch.Tensor, torch.Tensor]] = []
     if call.kind in ("linear", "conv1d"):
@@ -475,16 +497,17 @@ def _rule(call: _Call, gy: torch.Tensor, group: int, layout: _Layout) -> list[tu
         g2 = gy.reshape(n, -1, gy.shape[-1])
         if wanted(m.weight):
             if call.kind == "linear":  # weight [out, in]
-                out.append((m.weight, torch.bmm(g2.transpose(1, 2), x2)))
+                out.append((m.weight, torch.bmm(g2.transpose(1, 2), x2, out=dest(m.weight))))
             else:  # Conv1D: weight [in, out]
-                out.append((m.weight, torch.bmm(x2.transpose(1, 2), g2)))
+                out.append((m.weight, torch.bmm(x2.transpose(1, 2), g2, out=dest(m.weight))))
         if wanted(m.bias):
-            out.append((m.bias, g2.sum(dim=1)))
+            out.append((m.bias, torch.sum(g2, dim=1, out=dest(m.bias))))
     elif call.kind == "embedding":
         if wanted(m.weight):
             vocab, width = m.weight.shape
             ids = x.reshape(n, -1) + torch.arange(n, device=x.device).unsqueeze(1) * vocab
-            g = m.weight.new_zeros(n * vocab, width).index_add_(0, ids.reshape(-1), gy.reshape(-1, width))
+            g = m.weight.new_zeros(n * vocab, width) if into is None else into.view(n * vocab, width).zero_()
+            g.index_add_(0, ids.reshape(-1), gy.reshape(-1, width))
             g = g.view(n, vocab, width)
             if m.padding_idx is not None:
                 g[:, m.padding_idx] = 0  # as F.embedding's backward: the padding row learns nothing
@@ -495,17 +518,18 @@ def _rule(call: _Call, gy: torch.Tensor, group: int, layout: _Layout) -> list[tu
             # A sample's weight gradient: its output gradient [out, L] times its unfolded input
             # [L, in x kh x kw] (L output positions), one matrix product per sample of the chunk.
             cols = F.unfold(x, m.kernel_size, dilation=m.dilation, padding=m.padding, stride=m.stride)
-            out.append((m.weight, torch.bmm(g2, cols.transpose(1, 2)).view(n, *m.weight.shape)))
+            product = None if into is None else into.view(n, m.weight.shape[0], -1)
+            out.append((m.weight, torch.bmm(g2, cols.transpose(1, 2), out=product).view(n, *m.weight.shape)))
         if wanted(m.bias):
-            out.append((m.bias, g2.sum(dim=2)))
+            out.append((m.bias, torch.sum(g2, dim=2, out=dest(m.bias))))
     else:  # layer_norm
         shape = m.normalized_shape
         g2 = gy.reshape(n, -1, *shape)
         if wanted(m.weight):
             x_hat = F.layer_norm(x, shape, eps=m.eps).reshape(n, -1, *shape)
-            out.append((m.weight, (g2 * x_hat).sum(dim=1)))
+            out.append((m.weight, torch.sum(g2 * x_hat, dim=1, out=dest(m.weight))))
         if wanted(m.bias):
-            out.append((m.bias, g2.sum(dim=1)))
+            out.append((m.bias, torch.sum(g2, dim=1, out=dest(m.bias))))
     return out
 
 
