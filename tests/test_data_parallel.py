@@ -303,6 +303,10 @@ def test_watch_checks_a_gpt2_ddp_loop_and_catches_the_run_that_is_not_data_paral
 
 
 def test_launched_processes_without_a_process_group_each_train_alone(monkeypatch):
+    # accelerate's state is process-wide: an earlier test in this process may have set it up; this user did not.
+    state = sys.modules.get("accelerate.state")
+    if state is not None:
+        monkeypatch.setattr(state.PartialState, "_shared_state", {})
     model = nn.Linear(3, 1)
     with assert_data_parallel(model) as check:  # one process, no launcher: nothing to compare, nothing wrong
         model(torch.ones(2, 3)).sum().backward()
