@@ -171,6 +171,23 @@ def make_plan(n: int, w: int, k: int, b: int, seed: int = 0, drop_last: bool = T
     return GlobalBatchPlan(n, resolved, seed=seed, drop_last=drop_last)
 
 
+def rules_written_in_place(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Spies on exact mode's per-sample rules: the kinds of layer ("linear", "conv2d", ...) whose
+    gradient a rule computed in its block, in place (`distshare.numerics.per_sample`), as they come."""
+    from distshare.numerics import per_sample
+
+    kinds: list[str] = []
+    real = per_sample._rule
+
+    def spy(call, gy, group, layout, into=None):
+        if into is not None:
+            kinds.append(call.kind)
+        return real(call, gy, group, layout, into)
+
+    monkeypatch.setattr(per_sample, "_rule", spy)
+    return kinds
+
+
 @pytest.fixture
 def cli(capsys):
     """`cli(*argv)`: distshare's CLI in this process -> (exit code, stdout, stderr)."""

@@ -19,6 +19,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import rules_written_in_place
 from torch import nn
 
 from distshare.cli import main
@@ -604,15 +605,8 @@ def test_a_parameter_alone_in_its_group_is_computed_in_its_block_unchanged(name,
     # (Linear, Embedding, LayerNorm, Conv2d, their biases) writes the block itself, which held
     # NaN before: the rows are those of one group, bit for bit, every element written.
     whole, _ = _grads_in_groups(1 << 18, name)
-    in_place = []
     real = per_sample._rule
-
-    def spy(call, gy, group, layout, into=None):
-        if into is not None:
-            in_place.append(call.kind)
-        return real(call, gy, group, layout, into)
-
-    monkeypatch.setattr(per_sample, "_rule", spy)
+    in_place = rules_written_in_place(monkeypatch)
     cut, groups = _grads_in_groups(16, name, stale=True)
     kinds = {"transformer": {"linear", "embedding", "layer_norm"}, "cnn": {"conv2d", "linear"}}[name]
     assert len(groups) > 5 and kinds <= set(in_place)

@@ -17,6 +17,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from conftest import rules_written_in_place
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
@@ -218,15 +219,7 @@ def test_parameters_in_groups_of_their_own_get_the_same_rows_in_place(name, monk
     model = build()
     batch = text(CHUNK)
     whole, _ = per_sample_grads(model, batch, losses_of)
-    in_place = []
-    real = per_sample._rule
-
-    def spy(call, gy, group, layout, into=None):
-        if into is not None:
-            in_place.append(call.kind)
-        return real(call, gy, group, layout, into)
-
-    monkeypatch.setattr(per_sample, "_rule", spy)
+    in_place = rules_written_in_place(monkeypatch)
     monkeypatch.setattr(per_sample, "GROUP", 16)
     per_sample._layouts.pop(model)  # the layout is made again, in groups of 16
     cut, _ = per_sample_grads(model, batch, losses_of)
