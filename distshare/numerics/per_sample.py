@@ -125,7 +125,7 @@ def add_per_sample_grads(
     if n == 0:
         return torch.zeros(0, dtype=torch.float64)
     layout = _layout(model)  # checked once a call: the parameters cannot change between chunks
-    chosen = (_fallback.get(model) or layout.method) if method == "auto" else method
+    chosen = choose_method(model, layout) if method == "auto" else method
     losses = []
     for start in range(0, n, CHUNK):
         take = min(CHUNK, n - start)
@@ -242,9 +242,9 @@ def _layout(model: nn.Module) -> _Layout:
 _fallback: weakref.WeakKeyDictionary[nn.Module, str] = weakref.WeakKeyDictionary()
 
 
-def choose_method(model: nn.Module) -> str:
+def choose_method(model: nn.Module, layout: _Layout | None = None) -> str:
     """The method "auto" takes for `model`: fixed by its layers (and a failed hooks check)."""
-    return _fallback.get(model) or _layout(model).method
+    return _fallback.get(model) or (layout or _layout(model)).method
 
 
 def _static_method(model: nn.Module, hooks: bool) -> str:
@@ -417,33 +417,25 @@ def _hook_grads(layout: _Layout, model: nn.Module, chunk: Any, losses_fn: LossFn
         # One group at a time: its block is filled and handed over before the next reuses it.
         for group, (first, _) in enumerate(layout.groups):
             block = layout.block(group)
-            calls, members = touching.get(group, ()), layout.members[group]
-            if len(calls) == 1 and len(members) == 1 and members[0].requires_grad:
-                # One parameter used once: its rule computes into the block, not into a fresh
-                # tensor of the block's size (faulted in anew, then copied) for each chunk.
-                ruled = _rule(*calls[0], group, layout, into=block)
-                if len(ruled) > 1:  # two gradients written over one block: never silently
-                    raise RuntimeError(f"a per-sample rule gave {len(ruled)} gradients for one parameter's block")
-                if not ruled:
-                    block.zero_()
-                for _, g in ruled:
-                    if g.data_ptr() != block.data_ptr():  # a rule that could not write in place
-                        block.copy_(g.reshape(CHUNK, -1))
-                yield first, block
-                continue
+            members = layout.members[group]
+            # A parameter alone in its group (GROUP elements or more) has the whole block: its
+            # first use's rule computes in it, not in a fresh tensor of the block's size
+            # (faulted in anew, then copied) for every chunk.
+            alone = len(members) == 1
             written: set[int] = set()
             # A tied parameter (GPT-2's lm_head and wte) gets one contribution per use, in the
             # forward's order: the same order for every sample and split (0 + g is g, exactly).
-            for call, gy in calls:
-                for p, g in _rule(call, gy, group, layout):
+            for call, gy in touching.get(group, ()):
+                for p, g in _rule(call, gy, group, layout, block if alone and not written else None):
                     start = layout.offsets[id(p)] - first
                     part = block[:, start : start + p.numel()]
                     if id(p) in written:
                         part += g.reshape(CHUNK, -1)
                     else:
-                        part.copy_(g.reshape(CHUNK, -1))
+                        if g.data_ptr() != part.data_ptr():  # not computed in place
+                            part.copy_(g.reshape(CHUNK, -1))
                         written.add(id(p))
-            for p in layout.members[group]:  # a parameter no call reached: its gradient is 0
+            for p in members:  # a parameter no call reached: its gradient is 0
                 if id(p) not in written:
                     start = layout.offsets[id(p)] - first
                     block[:, start : start + p.numel()] = 0
