@@ -4,15 +4,16 @@ a rank that dies is noticed, and a rank that stops taking part makes its peers t
 from __future__ import annotations
 
 import os
+import sys
 import time
 
 import pytest
 import torch
 import torch.distributed as dist
 
-from distshare.distributed.spawn import run_distributed
+from distshare.distributed.spawn import START_METHODS, run_distributed
 from distshare.distributed.world import World
-from distshare.errors import DistshareError, RankError, RankSilent
+from distshare.errors import DistshareError, RankError, RankSilent, UsageError
 
 
 def _sum_of_ranks(world: World) -> float:
@@ -87,3 +88,45 @@ def test_the_deadline_bounds_a_hang_outside_collectives():
     with pytest.raises(DistshareError, match="no result within"):
         run_distributed(_hang_forever, 2, timeout_s=5, deadline_s=8)
     assert time.monotonic() - start < 30
+
+
+def _what_the_rank_sees(world: World) -> tuple[str | None, str, str]:
+    print(f"rank {world.rank} on stdout", flush=True)
+    print(f"rank {world.rank} on stderr", file=sys.stderr, flush=True)
+    return os.environ.get("DISTSHARE_TEST_CALL"), os.getcwd(), sys.path[0]
+
+
+@pytest.mark.parametrize("method", START_METHODS)
+def test_a_rank_starts_with_the_callers_environment_directory_and_streams_as_they_are_at_the_call(
+    method, tmp_path, monkeypatch
+):
+    # The forkserver was started by an earlier call, with that call's environment, directory
+    # and streams; a rank forked from it must still see this call's (as a spawned rank does).
+    # Mutant: `_Caller.adopt` a no-op -> the rank reads "first" and prints to the old streams.
+    monkeypatch.setenv("DISTSHARE_START_METHOD", method)
+    monkeypatch.setenv("DISTSHARE_TEST_CALL", "first")
+    run_distributed(_what_the_rank_sees, 2, timeout_s=30)
+    monkeypatch.setenv("DISTSHARE_TEST_CALL", "second")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    out, err = tmp_path / "stdout.txt", tmp_path / "stderr.txt"
+    saved = os.dup(1), os.dup(2)
+    with out.open("w") as o, err.open("w") as e:
+        os.dup2(o.fileno(), 1)
+        os.dup2(e.fileno(), 2)
+        try:
+            seen = run_distributed(_what_the_rank_sees, 2, timeout_s=30)
+        finally:
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            os.close(saved[0])
+            os.close(saved[1])
+    assert seen == [("second", str(tmp_path), str(tmp_path))] * 2
+    assert sorted(out.read_text().splitlines()) == ["rank 0 on stdout", "rank 1 on stdout"]
+    assert sorted(err.read_text().splitlines()) == ["rank 0 on stderr", "rank 1 on stderr"]
+
+
+def test_an_unknown_start_method_is_one_line(monkeypatch):
+    monkeypatch.setenv("DISTSHARE_START_METHOD", "fork")
+    with pytest.raises(UsageError, match=r"^DISTSHARE_START_METHOD='fork': expected one of forkserver, spawn$"):
+        run_distributed(_sum_of_ranks, 2)

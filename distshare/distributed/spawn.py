@@ -6,6 +6,14 @@ so tests can run in parallel). The caller gets each rank's return value; a rank'
 exception is re-raised with its rank; and nothing waits forever: the collectives carry
 the timeout (the survivors name a rank that went silent: `distshare.distributed.watchdog`), and
 the caller gives up on ranks that neither answer nor exit.
+
+Ranks are forked from a server process that has imported torch and distshare once
+(multiprocessing's "forkserver", started at the first call and kept while the caller lives):
+a fresh interpreter per rank spends about 2 s of CPU importing them, more than most test
+worlds run. A rank still starts as a fresh spawn would: the caller's environment, working
+directory, `sys.path`, stdout and stderr as they are at the call (the server was started at an
+earlier one), nothing of the caller's memory. `DISTSHARE_START_METHOD=spawn` starts every rank
+as a fresh interpreter instead (the only method where forkserver is missing, on Windows).
 """
 
 from __future__ import annotations
@@ -15,6 +23,7 @@ import multiprocessing as mp
 import os
 import pickle
 import queue
+import sys
 import tempfile
 import time
 import traceback
@@ -23,7 +32,11 @@ from pathlib import Path
 from typing import Any
 
 from distshare.distributed import watchdog
-from distshare.errors import DistshareError, RankError, RankSilent
+from distshare.errors import DistshareError, RankError, RankSilent, UsageError
+
+# What the server imports before it forks any rank: what every rank function needs.
+PRELOAD = ["torch", "distshare.distributed.world", "distshare.training"]
+START_METHODS = ("forkserver", "spawn")
 
 
 def run_distributed(
@@ -46,14 +59,14 @@ def run_distributed(
     """
     if world_size < 1:
         raise ValueError(f"world_size must be >= 1, got {world_size}")
-    ctx = mp.get_context("spawn")
+    ctx = start_context()
     results: queue.Queue = ctx.Queue()
     with tempfile.TemporaryDirectory(prefix="distshare-rdzv-") as tmp:
         init_method = Path(tmp, "rendezvous").as_uri()
         procs = [
             ctx.Process(
                 target=_rank_main,
-                args=(fn, rank, world_size, init_method, timeout_s, results, args, kwargs),
+                args=(fn, rank, world_size, init_method, timeout_s, results, args, kwargs, _Caller()),
                 name=f"distshare-rank{rank}",
             )
             for rank in range(world_size)
@@ -136,7 +149,9 @@ def _rank_main(
     results: queue.Queue,
     args: tuple,
     kwargs: dict,
+    caller: _Caller,
 ) -> None:
+    caller.adopt()
     # Simulated ranks share the machine's cores; without this each would start one
     # intra-op thread per core and they would fight over them.
     import torch
@@ -174,6 +189,53 @@ def _rank_main(
         if world is not None:
             with contextlib.suppress(Exception):  # peers may be gone already
                 close_world(world)
+
+
+def start_context() -> Any:
+    """The multiprocessing context ranks start in: forkserver (preloaded) unless the environment says spawn."""
+    available = [m for m in START_METHODS if m in mp.get_all_start_methods()]
+    method = os.environ.get("DISTSHARE_START_METHOD") or available[0]
+    if method not in available:
+        raise UsageError(f"DISTSHARE_START_METHOD={method!r}: expected one of {', '.join(available)}")
+    ctx = mp.get_context(method)
+    if method == "forkserver":
+        ctx.set_forkserver_preload(PRELOAD)  # read when the server starts: the first call
+    return ctx
+
+
+class _Caller:
+    """What a rank takes from its caller at the call: the environment, stdout and stderr.
+
+    A spawned rank inherits them; a rank forked from the server would have the server's, from
+    the call that started it (multiprocessing itself hands on the working directory and
+    `sys.path`). The two descriptors travel as multiprocessing passes descriptors to a child.
+    """
+
+    def __init__(self) -> None:
+        self.environ = dict(os.environ)
+
+    def __reduce__(self) -> tuple:
+        from multiprocessing import reduction
+
+        sys.stdout.flush()
+        sys.stderr.flush()
+        return (_Caller._restore, (self.environ, reduction.DupFd(1), reduction.DupFd(2)))
+
+    @staticmethod
+    def _restore(environ: dict[str, str], out: Any, err: Any) -> _Caller:
+        caller = _Caller.__new__(_Caller)
+        caller.environ, caller.fds = environ, (out.detach(), err.detach())
+        return caller
+
+    def adopt(self) -> None:
+        """In the rank: the caller's environment and streams in place of the server's."""
+        if os.environ != self.environ:
+            os.environ.clear()
+            os.environ.update(self.environ)
+        for fd, target in zip(self.fds, (1, 2), strict=True):
+            if fd != target:
+                os.dup2(fd, target)
+                os.close(fd)
 
 
 def _loopback_interface() -> str:
