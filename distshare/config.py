@@ -175,7 +175,7 @@ class RunConfig:
     # (all of it within check_slices checks), compared check_batch checks at a time in the
     # background; full at the ends
     check_mode: str = "full"
-    check_slices: int = 0  # rolling: slices of the state (0: as many as give about 32 MiB each)
+    check_slices: int = 0  # rolling: slices of the state (0: as many as keep each <= 32 MiB and <= 32 tensors)
     # rolling: checks whose 16-byte digests one background gather compares; a difference is
     # reported within (slices + check_batch) x check_every steps (distshare.integrity.rolling)
     check_batch: int = 16

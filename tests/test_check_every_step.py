@@ -25,7 +25,7 @@ from distshare.distributed.spawn import run_distributed
 from distshare.distributed.world import World
 from distshare.errors import ConfigError
 from distshare.integrity.replicas import ReplicaReport
-from distshare.integrity.rolling import BATCH, RollingDigest, bound, first_difference
+from distshare.integrity.rolling import BATCH, SLICE_TENSORS, RollingDigest, bound, first_difference
 from distshare.testing.faults import BIT_FLIP_BIT, BIT_FLIP_ELEMENT, BIT_FLIP_TENSOR, base_config
 from distshare.training import Run, train
 
@@ -223,7 +223,7 @@ def every_step_world(world: World, out_dir: str) -> dict:
     out["rotation"] = rotation = _rotation(run)
     full_cfg = base_config(world.world_size, STEPS)  # check_mode full, every step: the reference
     out["full_fingerprint"] = train(full_cfg, world, progress=False).final_fingerprint
-    out["whole"] = _run(world, 0, 4)[0]
+    out["whole"] = _run(world, 1, 4)[0]
     flips = _flip_steps(rotation["flip_slice"])
     out["sliced"] = {t: _run(world, SLICES, t, steps=SLICED_STEPS)[0] for t in flips}
     out["stuck"] = _stuck_slice(world)
@@ -253,6 +253,19 @@ def _assert_localized(report: ReplicaReport) -> None:
 
 # ---------------------------------------------------------------------------------------------
 # Without a world: the bound, the comparison of a batch, the settings.
+
+
+def test_a_state_of_many_small_tensors_is_cut_into_slices_of_at_most_32_tensors_each():
+    # Bytes alone would make this one slice (a few KiB); its cost is per tensor, so each step
+    # takes a quarter of them. Mutant: slices counted by bytes only -> 1 slice of 100 tensors.
+    model = torch.nn.Sequential(*[torch.nn.LayerNorm(4) for _ in range(50)])  # 100 tensors, 1.6 KiB
+    digest = RollingDigest(model)
+    assert digest.slices == 4 == -(-100 // SLICE_TENSORS)
+    pieces = sorted(p.name for plan in digest.plan for p in plan)
+    assert pieces == sorted(f"param/{name}" for name, _ in model.named_parameters())  # each tensor once
+    assert all(len(plan) <= SLICE_TENSORS + 1 for plan in digest.plan)  # + 1: a tensor cut at a border
+    assert RollingDigest(torch.nn.Sequential(*[torch.nn.LayerNorm(4) for _ in range(16)])).slices == 1
+    assert RollingDigest(model, slices=1).slices == 1  # check_slices still decides when given
 
 
 def test_the_bound_is_slices_plus_batch_checks():
@@ -305,8 +318,10 @@ def test_a_clean_run_checks_every_step_and_ends_with_the_full_fingerprint(world_
     # The same training as a full check at every step: the last check is a full one.
     assert clean["final_fingerprint"] == per_rank[0]["full_fingerprint"]
     account = clean["account"]
-    assert account["mode"] == "rolling" and account["slices"] == 1 and account["batch"] == K
-    assert (account["digested_within_steps"], account["reported_within_steps"]) == (1, 1 + K)
+    # check_slices 0 (auto): 116 tensors once Adam has its state (29 parameters, and their
+    # step, exp_avg, exp_avg_sq), at most SLICE_TENSORS a slice: 4 slices of a few KiB each.
+    assert account["mode"] == "rolling" and account["slices"] == 4 and account["batch"] == K
+    assert (account["digested_within_steps"], account["reported_within_steps"]) == (4, 4 + K)
     # A rolling digest of every step but the last (a full one): as many checks as the full mode
     # makes, in one gather per K steps and one for the partial batch at the end.
     assert account["rolling_checks"] == STEPS - 1 and clean["checks"] == STEPS
