@@ -10,7 +10,7 @@ same thread setting), on `distshare.training.train` with an AdamW transformer
 
 1. side by side: runs with `check_every=0` (one check after the loop), `check_every=1` (a full
    replica check after every step: every byte digested and compared), `check_every=1,
-   check_mode=rolling` (one ~32 MiB slice digested per step, all of it within `slices` steps,
+   check_mode=rolling` (one slice of <= 32 MiB and <= 32 tensors digested per step, all of it within `slices` steps,
    the digests of `check_batch` steps compared by one background gather:
    `distshare.integrity.rolling`) and the same with `check_batch=1` (one gather per step)
    interleave, in a rotated order per
