@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from distshare.distributed.spawn import START_METHODS, run_distributed
+from distshare.distributed.spawn import START_METHODS, run_distributed, start_context
 from distshare.distributed.world import World
 from distshare.errors import DistshareError, RankError, RankSilent, UsageError
 
@@ -91,8 +91,10 @@ def test_the_deadline_bounds_a_hang_outside_collectives():
 
 
 def _what_the_rank_sees(world: World) -> tuple[str | None, str, str]:
-    print(f"rank {world.rank} on stdout", flush=True)
-    print(f"rank {world.rank} on stderr", file=sys.stderr, flush=True)
+    # One write per line: two ranks printing with print() under PYTHONUNBUFFERED can interleave
+    # a line's text and its newline.
+    os.write(1, f"rank {world.rank} on stdout\n".encode())
+    os.write(2, f"rank {world.rank} on stderr\n".encode())
     return os.environ.get("DISTSHARE_TEST_CALL"), os.getcwd(), sys.path[0]
 
 
@@ -130,3 +132,14 @@ def test_an_unknown_start_method_is_one_line(monkeypatch):
     monkeypatch.setenv("DISTSHARE_START_METHOD", "fork")
     with pytest.raises(UsageError, match=r"^DISTSHARE_START_METHOD='fork': expected one of forkserver, spawn$"):
         run_distributed(_sum_of_ranks, 2)
+
+
+def test_ranks_fork_from_the_server_on_linux_and_spawn_elsewhere(monkeypatch):
+    monkeypatch.delenv("DISTSHARE_START_METHOD", raising=False)
+    monkeypatch.setattr(sys, "platform", "linux")
+    assert start_context().get_start_method() == "forkserver"
+    monkeypatch.setattr(sys, "platform", "darwin")  # forking after torch's frameworks load can crash there
+    assert start_context().get_start_method() == "spawn"
+    monkeypatch.setenv("DISTSHARE_START_METHOD", "spawn")
+    monkeypatch.setattr(sys, "platform", "linux")
+    assert start_context().get_start_method() == "spawn"

@@ -12,8 +12,8 @@ Ranks are forked from a server process that has imported torch and distshare onc
 a fresh interpreter per rank spends about 2 s of CPU importing them, more than most test
 worlds run. A rank still starts as a fresh spawn would: the caller's environment, working
 directory, `sys.path`, stdout and stderr as they are at the call (the server was started at an
-earlier one), nothing of the caller's memory. `DISTSHARE_START_METHOD=spawn` starts every rank
-as a fresh interpreter instead (the only method where forkserver is missing, on Windows).
+earlier one), nothing of the caller's memory. That is on Linux; elsewhere, and with
+`DISTSHARE_START_METHOD=spawn`, every rank is a fresh interpreter (`start_context`).
 """
 
 from __future__ import annotations
@@ -192,9 +192,15 @@ def _rank_main(
 
 
 def start_context() -> Any:
-    """The multiprocessing context ranks start in: forkserver (preloaded) unless the environment says spawn."""
+    """The multiprocessing context ranks start in: forkserver (preloaded) on Linux, else spawn,
+    unless `DISTSHARE_START_METHOD` names one.
+
+    Not forkserver by default elsewhere: on macOS a process forked after frameworks that torch
+    loads have started can crash in the Objective-C runtime (Python's own default there is spawn).
+    """
     available = [m for m in START_METHODS if m in mp.get_all_start_methods()]
-    method = os.environ.get("DISTSHARE_START_METHOD") or available[0]
+    default = "forkserver" if sys.platform.startswith("linux") and "forkserver" in available else "spawn"
+    method = os.environ.get("DISTSHARE_START_METHOD") or default
     if method not in available:
         raise UsageError(f"DISTSHARE_START_METHOD={method!r}: expected one of {', '.join(available)}")
     ctx = mp.get_context(method)
