@@ -143,3 +143,14 @@ def test_ranks_fork_from_the_server_on_linux_and_spawn_elsewhere(monkeypatch):
     monkeypatch.setenv("DISTSHARE_START_METHOD", "spawn")
     monkeypatch.setattr(sys, "platform", "linux")
     assert start_context().get_start_method() == "spawn"
+
+
+
+@pytest.mark.parametrize("method", START_METHODS)
+def test_a_caller_without_python_streams_still_starts_ranks(method, monkeypatch):
+    # Under pythonw, or a host that took them away, sys.stdout and sys.stderr are None: there
+    # is nothing to flush before the ranks start. Mutant: flush them unconditionally -> AttributeError.
+    monkeypatch.setenv("DISTSHARE_START_METHOD", method)
+    monkeypatch.setattr(sys, "stdout", None)
+    monkeypatch.setattr(sys, "stderr", None)
+    assert run_distributed(_sum_of_ranks, 2, timeout_s=30) == [1.0, 1.0]

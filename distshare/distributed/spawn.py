@@ -223,8 +223,9 @@ class _Caller:
     def __reduce__(self) -> tuple:
         from multiprocessing import reduction
 
-        sys.stdout.flush()
-        sys.stderr.flush()
+        for stream in (sys.stdout, sys.stderr):
+            if stream is not None:  # None under pythonw, or where a host took them away
+                stream.flush()
         return (_Caller._restore, (self.environ, reduction.DupFd(1), reduction.DupFd(2)))
 
     @staticmethod
