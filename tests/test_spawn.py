@@ -145,7 +145,6 @@ def test_ranks_fork_from_the_server_on_linux_and_spawn_elsewhere(monkeypatch):
     assert start_context().get_start_method() == "spawn"
 
 
-
 @pytest.mark.parametrize("method", START_METHODS)
 def test_a_caller_without_python_streams_still_starts_ranks(method, monkeypatch):
     # Under pythonw, or a host that took them away, sys.stdout and sys.stderr are None: there

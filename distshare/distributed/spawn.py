@@ -217,8 +217,9 @@ class _Caller:
     `sys.path`). The two descriptors travel as multiprocessing passes descriptors to a child.
     """
 
-    def __init__(self) -> None:
-        self.environ = dict(os.environ)
+    def __init__(self, environ: dict[str, str] | None = None, streams: tuple = ()) -> None:
+        self.environ = dict(os.environ) if environ is None else environ
+        self.streams = streams  # in the rank: the caller's stdout and stderr, not yet taken
 
     def __reduce__(self) -> tuple:
         from multiprocessing import reduction
@@ -226,20 +227,15 @@ class _Caller:
         for stream in (sys.stdout, sys.stderr):
             if stream is not None:  # None under pythonw, or where a host took them away
                 stream.flush()
-        return (_Caller._restore, (self.environ, reduction.DupFd(1), reduction.DupFd(2)))
-
-    @staticmethod
-    def _restore(environ: dict[str, str], out: Any, err: Any) -> _Caller:
-        caller = _Caller.__new__(_Caller)
-        caller.environ, caller.fds = environ, (out.detach(), err.detach())
-        return caller
+        return (_Caller, (self.environ, (reduction.DupFd(1), reduction.DupFd(2))))
 
     def adopt(self) -> None:
         """In the rank: the caller's environment and streams in place of the server's."""
         if os.environ != self.environ:
             os.environ.clear()
             os.environ.update(self.environ)
-        for fd, target in zip(self.fds, (1, 2), strict=True):
+        for stream, target in zip(self.streams, (1, 2), strict=True):
+            fd = stream.detach()
             if fd != target:
                 os.dup2(fd, target)
                 os.close(fd)

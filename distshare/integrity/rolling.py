@@ -175,8 +175,8 @@ class RollingDigest:
                 continue  # a number made into a tensor for the name: not the optimizer's memory
             tensors.append((name, t, owners.get(id(t))))
         self.state_bytes = sum(t.numel() * t.element_size() for _, t, _ in tensors)
-        by_size = max(math.ceil(self.state_bytes / self.slice_bytes), math.ceil(len(tensors) / SLICE_TENSORS))
-        n = self.want_slices or max(1, by_size)
+        by_bytes, by_count = math.ceil(self.state_bytes / self.slice_bytes), math.ceil(len(tensors) / SLICE_TENSORS)
+        n = self.want_slices or max(1, by_bytes, by_count)
         self.slices = max(1, min(n, self.state_bytes)) if self.state_bytes else 1
         size = math.ceil(self.state_bytes / self.slices) if self.state_bytes else 0
         self.plan: list[list[_Piece]] = [[] for _ in range(self.slices)]
