@@ -10,9 +10,11 @@ terminal's Ctrl-C does: SIGINT to the whole process group. Every wait is bounded
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -41,6 +43,24 @@ def _lines(path: Path) -> int:
     return len(path.read_text().splitlines()) if path.is_file() else 0
 
 
+def _ended_or_where_it_waits(proc: subprocess.Popen, err: Path, within_s: float = STOP_S) -> str:
+    """The driver's stdout once Ctrl-C has ended it. If it does not end within `within_s`, a
+    failure that shows where each of its threads waits (faulthandler's dump on SIGABRT: the
+    driver runs with PYTHONFAULTHANDLER=1) and what is left of its session, not a bare timeout."""
+    try:
+        return proc.communicate(timeout=within_s)[0]
+    except subprocess.TimeoutExpired:
+        ps = ["ps", "-o", "pid,ppid,stat,etime,args", "-s", str(proc.pid)]
+        session = subprocess.run(ps, capture_output=True, text=True, timeout=10).stdout
+        proc.send_signal(signal.SIGABRT)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.communicate(timeout=10)
+        raise AssertionError(
+            f"Ctrl-C did not end the driver within {within_s:.0f} s. What is left of its session:\n"
+            f"{session}\nIts stderr, ending with every thread's stack:\n{err.read_text()[-8000:]}"
+        ) from None
+
+
 @pytest.fixture(scope="module")
 def interrupted(tmp_path_factory) -> dict:
     """A long Ray run, watched while it goes, then interrupted: what was seen, and its end."""
@@ -54,7 +74,7 @@ def interrupted(tmp_path_factory) -> dict:
         proc = subprocess.Popen(
             [*get_launch_command(), *args],
             cwd=ROOT,
-            env=subprocess_env(),
+            env=subprocess_env(PYTHONFAULTHANDLER="1"),  # SIGABRT prints every thread's stack
             stdout=subprocess.PIPE,
             stderr=stderr,
             text=True,
@@ -68,7 +88,7 @@ def interrupted(tmp_path_factory) -> dict:
             _wait_for("checkpoint", lambda: any(ckpt.glob("step-*")), proc, START_S)
             seen["stderr_while_running"] = err.read_text()
             os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C in a terminal: the whole foreground group
-            stdout, _ = proc.communicate(timeout=STOP_S)
+            stdout = _ended_or_where_it_waits(proc, err)
         finally:
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGKILL)
@@ -102,3 +122,32 @@ def test_ray_ctrl_c_leaves_what_the_other_engines_leave(interrupted):
     reason = (out / "INCOMPLETE").read_text().splitlines()[0]
     assert reason == last.removeprefix("distshare: ")
     assert not (out / "result.json").exists()
+
+
+def test_a_driver_that_ignores_ctrl_c_fails_with_where_it_waits(tmp_path):
+    # The mutant of the wait above: a driver stuck after Ctrl-C (here in a thread's sleep) must
+    # fail the fixture with its stacks, so that a hang in CI explains itself.
+    err = tmp_path / "stderr.txt"
+    stuck = "import signal, threading, time; signal.signal(signal.SIGINT, signal.SIG_IGN); "
+    stuck += "threading.Thread(target=time.sleep, args=(60,)).start(); print('up', flush=True); time.sleep(60)"
+    with err.open("w") as stderr:
+        proc = subprocess.Popen(
+            [sys.executable, "-c", stuck],
+            env=subprocess_env(PYTHONFAULTHANDLER="1"),
+            stdout=subprocess.PIPE,
+            stderr=stderr,
+            text=True,
+            start_new_session=True,
+        )
+        try:
+            assert proc.stdout.readline() == "up\n"
+            os.killpg(proc.pid, signal.SIGINT)
+            with pytest.raises(AssertionError, match="did not end the driver within 1 s") as failed:
+                _ended_or_where_it_waits(proc, err, within_s=1.0)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=STOP_S)
+    message = str(failed.value)
+    assert "Fatal Python error: Aborted" in message and "Current thread" in message, message
+    assert message.count("Thread 0x") + message.count("Current thread") == 2, message  # both threads
