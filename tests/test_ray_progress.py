@@ -16,7 +16,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -43,6 +43,29 @@ def _lines(path: Path) -> int:
     return len(path.read_text().splitlines()) if path.is_file() else 0
 
 
+@contextlib.contextmanager
+def _children_take_ctrl_c() -> Iterator[None]:
+    """A process started inside gets SIGINT's default (KeyboardInterrupt) even where this one
+    ignores it. A shell without job control starts a background job (`pytest ... &` in a
+    script, some CI runners) with SIGINT ignored, and an ignored signal stays ignored across
+    fork and exec: the driver would never see this test's Ctrl-C and would train on. A handler
+    set here is reset to the default in the child at its exec."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _ignores_sigint(pid: int) -> bool:
+    """Whether process `pid` ignores SIGINT (its SigIgn mask in /proc), False where unknown."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("SigIgn:"):
+                return bool(int(line.split()[1], 16) & (1 << (signal.SIGINT - 1)))
+    return False
+
+
 def _ended_or_where_it_waits(proc: subprocess.Popen, err: Path, within_s: float = STOP_S) -> str:
     """The driver's stdout once Ctrl-C has ended it. If it does not end within `within_s`, a
     failure that shows where each of its threads waits (faulthandler's dump on SIGABRT: the
@@ -52,11 +75,12 @@ def _ended_or_where_it_waits(proc: subprocess.Popen, err: Path, within_s: float 
     except subprocess.TimeoutExpired:
         ps = ["ps", "-o", "pid,ppid,stat,etime,args", "-s", str(proc.pid)]
         session = subprocess.run(ps, capture_output=True, text=True, timeout=10).stdout
+        ignored = " It ignores SIGINT: it was started with SIGINT ignored." if _ignores_sigint(proc.pid) else ""
         proc.send_signal(signal.SIGABRT)
         with contextlib.suppress(subprocess.TimeoutExpired):
             proc.communicate(timeout=10)
         raise AssertionError(
-            f"Ctrl-C did not end the driver within {within_s:.0f} s. What is left of its session:\n"
+            f"Ctrl-C did not end the driver within {within_s:.0f} s.{ignored} What is left of its session:\n"
             f"{session}\nIts stderr, ending with every thread's stack:\n{err.read_text()[-8000:]}"
         ) from None
 
@@ -70,7 +94,7 @@ def interrupted(tmp_path_factory) -> dict:
     args += ["--checkpoint-dir", str(ckpt), "--checkpoint-every", "20", "--out", str(out)]
     metrics = out / "metrics.jsonl"
     seen: dict = {}
-    with err.open("w") as stderr:
+    with err.open("w") as stderr, _children_take_ctrl_c():
         proc = subprocess.Popen(
             [*get_launch_command(), *args],
             cwd=ROOT,
@@ -150,4 +174,22 @@ def test_a_driver_that_ignores_ctrl_c_fails_with_where_it_waits(tmp_path):
                 proc.wait(timeout=STOP_S)
     message = str(failed.value)
     assert "Fatal Python error: Aborted" in message and "Current thread" in message, message
+    assert "It ignores SIGINT" in message, message  # the stuck driver set SIG_IGN itself
     assert message.count("Thread 0x") + message.count("Current thread") == 2, message  # both threads
+
+
+def test_the_driver_takes_ctrl_c_even_where_the_tests_were_started_with_it_ignored():
+    # As a shell without job control starts `pytest ... &`: SIGINT ignored in this process.
+    # The control, a child started plainly, inherits the ignored signal (so the fixture's run
+    # would train on through its Ctrl-C); one started as the fixture starts its driver does not.
+    ask = [sys.executable, "-c", "import signal; print(signal.getsignal(signal.SIGINT) is signal.default_int_handler)"]
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        plain = subprocess.run(ask, capture_output=True, text=True, timeout=60)
+        with _children_take_ctrl_c():
+            fixed = subprocess.run(ask, capture_output=True, text=True, timeout=60)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert plain.stdout.strip() == "False", plain.stderr[-2000:]
+    assert fixed.stdout.strip() == "True", fixed.stderr[-2000:]
+    assert signal.getsignal(signal.SIGINT) is previous  # this process is left as it was
