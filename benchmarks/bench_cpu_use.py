@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
         for r in results:
             print(
                 f"{r['name']:<12} {r['exit_code']:>4} {r['wall_s']:>8.1f} {r['busy_cpu_s']:>10.1f} "
-                f"{r['idle_core_s']:>11.1f} {r['utilization']:>6.0%} {r['floor_s']:>8.1f}   {r['last_line'][-60:]}"
+                f"{r['idle_core_s']:>11.1f} {r['utilization']:>6.0%} {r['floor_s']:>8.1f}   {r['last_line'][:60]}"
             )
     return 0 if all(r["exit_code"] == 0 for r in results) else 1
 
