@@ -73,8 +73,10 @@ def _ended_or_where_it_waits(proc: subprocess.Popen, err: Path, within_s: float 
     try:
         return proc.communicate(timeout=within_s)[0]
     except subprocess.TimeoutExpired:
-        ps = ["ps", "-o", "pid,ppid,stat,etime,args", "-s", str(proc.pid)]
-        session = subprocess.run(ps, capture_output=True, text=True, timeout=10).stdout
+        session = "(ps is not available here)\n"
+        with contextlib.suppress(OSError, subprocess.SubprocessError):  # a bare machine may lack ps
+            ps = ["ps", "-o", "pid,ppid,stat,etime,args", "-s", str(proc.pid)]
+            session = subprocess.run(ps, capture_output=True, text=True, timeout=10).stdout
         ignored = " It ignores SIGINT: it was started with SIGINT ignored." if _ignores_sigint(proc.pid) else ""
         proc.send_signal(signal.SIGABRT)
         with contextlib.suppress(subprocess.TimeoutExpired):
