@@ -30,11 +30,12 @@ from pathlib import Path
 
 
 def cpu_seconds() -> tuple[float, float]:
-    """The machine's (busy, idle) CPU seconds since boot, every core summed (`/proc/stat`)."""
+    """The machine's (busy, idle) CPU seconds since boot, every core summed (`/proc/stat`).
+    Steal (time the hypervisor gave to other guests) is neither: no work of this machine's."""
     fields = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
-    user, nice, system, idle, iowait, irq, softirq, steal = (fields + [0] * 8)[:8]
+    user, nice, system, idle, iowait, irq, softirq = (fields + [0] * 7)[:7]
     hz = os.sysconf("SC_CLK_TCK")
-    return (user + nice + system + irq + softirq + steal) / hz, (idle + iowait) / hz
+    return (user + nice + system + irq + softirq) / hz, (idle + iowait) / hz
 
 
 def measure(name: str, args: list[str], timeout_s: float) -> dict:

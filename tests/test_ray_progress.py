@@ -87,6 +87,30 @@ def _ended_or_where_it_waits(proc: subprocess.Popen, err: Path, within_s: float 
         ) from None
 
 
+@contextlib.contextmanager
+def _driver(cmd: list[str], stderr_file: Path) -> Iterator[subprocess.Popen]:
+    """`cmd` started as this test's driver: in a session of its own (a terminal's foreground
+    job, so that SIGINT to its group is a Ctrl-C), with SIGINT's default, faulthandler on
+    (SIGABRT prints every thread's stack), stderr into `stderr_file`. Its whole session is
+    killed on the way out if it is still there."""
+    with stderr_file.open("w") as stderr, _children_take_ctrl_c():
+        proc = subprocess.Popen(
+            cmd,
+            cwd=ROOT,
+            env=subprocess_env(PYTHONFAULTHANDLER="1"),
+            stdout=subprocess.PIPE,
+            stderr=stderr,
+            text=True,
+            start_new_session=True,
+        )
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=STOP_S)
+
+
 @pytest.fixture(scope="module")
 def interrupted(tmp_path_factory) -> dict:
     """A long Ray run, watched while it goes, then interrupted: what was seen, and its end."""
@@ -96,29 +120,15 @@ def interrupted(tmp_path_factory) -> dict:
     args += ["--checkpoint-dir", str(ckpt), "--checkpoint-every", "20", "--out", str(out)]
     metrics = out / "metrics.jsonl"
     seen: dict = {}
-    with err.open("w") as stderr, _children_take_ctrl_c():
-        proc = subprocess.Popen(
-            [*get_launch_command(), *args],
-            cwd=ROOT,
-            env=subprocess_env(PYTHONFAULTHANDLER="1"),  # SIGABRT prints every thread's stack
-            stdout=subprocess.PIPE,
-            stderr=stderr,
-            text=True,
-            start_new_session=True,  # its own process group, as a terminal's foreground job
-        )
-        try:
-            _wait_for("metrics.jsonl row", lambda: _lines(metrics) >= 1, proc, START_S)
-            seen["first"] = _lines(metrics)
-            _wait_for("more rows", lambda: _lines(metrics) > seen["first"] + 10, proc, START_S)
-            seen["later"] = _lines(metrics)
-            _wait_for("checkpoint", lambda: any(ckpt.glob("step-*")), proc, START_S)
-            seen["stderr_while_running"] = err.read_text()
-            os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C in a terminal: the whole foreground group
-            stdout = _ended_or_where_it_waits(proc, err)
-        finally:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=STOP_S)
+    with _driver([*get_launch_command(), *args], err) as proc:
+        _wait_for("metrics.jsonl row", lambda: _lines(metrics) >= 1, proc, START_S)
+        seen["first"] = _lines(metrics)
+        _wait_for("more rows", lambda: _lines(metrics) > seen["first"] + 10, proc, START_S)
+        seen["later"] = _lines(metrics)
+        _wait_for("checkpoint", lambda: any(ckpt.glob("step-*")), proc, START_S)
+        seen["stderr_while_running"] = err.read_text()
+        os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C in a terminal: the whole foreground group
+        stdout = _ended_or_where_it_waits(proc, err)
     return {"rc": proc.returncode, "stdout": stdout, "stderr": err.read_text(), "out": out, **seen}
 
 
@@ -156,24 +166,11 @@ def test_a_driver_that_ignores_ctrl_c_fails_with_where_it_waits(tmp_path):
     err = tmp_path / "stderr.txt"
     stuck = "import signal, threading, time; signal.signal(signal.SIGINT, signal.SIG_IGN); "
     stuck += "threading.Thread(target=time.sleep, args=(60,)).start(); print('up', flush=True); time.sleep(60)"
-    with err.open("w") as stderr:
-        proc = subprocess.Popen(
-            [sys.executable, "-c", stuck],
-            env=subprocess_env(PYTHONFAULTHANDLER="1"),
-            stdout=subprocess.PIPE,
-            stderr=stderr,
-            text=True,
-            start_new_session=True,
-        )
-        try:
-            assert proc.stdout.readline() == "up\n"
-            os.killpg(proc.pid, signal.SIGINT)
-            with pytest.raises(AssertionError, match="did not end the driver within 1 s") as failed:
-                _ended_or_where_it_waits(proc, err, within_s=1.0)
-        finally:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=STOP_S)
+    with _driver([sys.executable, "-c", stuck], err) as proc:
+        assert proc.stdout.readline() == "up\n"
+        os.killpg(proc.pid, signal.SIGINT)
+        with pytest.raises(AssertionError, match="did not end the driver within 1 s") as failed:
+            _ended_or_where_it_waits(proc, err, within_s=1.0)
     message = str(failed.value)
     assert "Fatal Python error: Aborted" in message and "Current thread" in message, message
     assert "It ignores SIGINT" in message, message  # the stuck driver set SIG_IGN itself
