@@ -49,6 +49,21 @@ LAUNCHER_VARIABLES = (
 )
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    # Under pytest-xdist (`-n N`) N workers share the machine's cores: each worker, and the
+    # processes it starts, takes its share of them for torch's intra-op threads. Left at
+    # torch's default (every core) in every worker, the threads outnumber the cores and spin
+    # at each other's barriers: 2 workers on 2 cores kept 22% more CPU busy for the same tests
+    # (`benchmarks/README.md`). A serial run keeps torch's default.
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        share = str(max(1, (os.cpu_count() or 1) // workers))
+        os.environ.setdefault("OMP_NUM_THREADS", share)  # for the processes this worker starts
+        import torch
+
+        torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
+
 def subprocess_env(**extra: str) -> dict[str, str]:
     """The environment for a distshare subprocess: this one, offline, unbuffered, gloo on
     loopback, no launcher's variables, this virtualenv's scripts first on PATH; plus `extra`."""
