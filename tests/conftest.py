@@ -49,19 +49,29 @@ LAUNCHER_VARIABLES = (
 )
 
 
-def pytest_configure(config: pytest.Config) -> None:
-    # Under pytest-xdist (`-n N`) N workers share the machine's cores: each worker, and the
-    # processes it starts, takes its share of them for torch's intra-op threads. Left at
-    # torch's default (every core) in every worker, the threads outnumber the cores and spin
-    # at each other's barriers: 2 workers on 2 cores kept 22% more CPU busy for the same tests
-    # (`benchmarks/README.md`). A serial run keeps torch's default.
-    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
-    if workers > 1:
-        share = str(max(1, (os.cpu_count() or 1) // workers))
-        os.environ.setdefault("OMP_NUM_THREADS", share)  # for the processes this worker starts
-        import torch
+# As the developer's shell had it, before a worker's share below is set.
+OMP_NUM_THREADS_GIVEN = os.environ.get("OMP_NUM_THREADS")
 
-        torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
+def pytest_configure(config: pytest.Config) -> None:
+    take_this_workers_share_of_the_cores()
+
+
+def take_this_workers_share_of_the_cores() -> int | None:
+    """Under pytest-xdist (`-n N`) N workers share the machine's cores: each worker, and the
+    processes it starts, takes its share of them for torch's intra-op threads (returned; None
+    in a serial run, which keeps torch's default). Left at torch's default (every core) in
+    every worker, the threads outnumber the cores and spin at each other's barriers: 2 workers
+    on 2 cores kept 22% more CPU busy for the same tests (`benchmarks/README.md`). An
+    OMP_NUM_THREADS the developer set wins."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers <= 1:
+        return None
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // workers)))  # for its children
+    import torch  # here, not at the top: a serial run's conftest need not pay for it
+
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+    return torch.get_num_threads()
 
 
 def subprocess_env(**extra: str) -> dict[str, str]:
