@@ -1,7 +1,7 @@
 """Where a command's time goes on the whole machine: wall time, CPU kept busy, cores left idle.
 
     python benchmarks/bench_cpu_use.py                                   # the full test suite, serially
-    python benchmarks/bench_cpu_use.py --run serial="-m pytest -q" --run xdist2="-m pytest -q -n 2"
+    python benchmarks/bench_cpu_use.py --run serial="-m pytest -q" --run xdist2="-m pytest -q -n 2 --dist loadfile"
     python benchmarks/bench_cpu_use.py --run torch="-m distshare train --engine torch --nproc 2 --steps 4" \\
         --run ray="-m distshare train --engine ray --nproc 2 --steps 4" --json --out cpu-use.json
 

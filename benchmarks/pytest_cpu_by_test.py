@@ -25,8 +25,8 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_cpu_use import cpu_seconds  # noqa: E402  (the same /proc/stat reading)
+# benchmarks/ is on the path both ways this runs: as the script's own folder, or by PYTHONPATH.
+from bench_cpu_use import cpu_seconds  # the same /proc/stat reading
 
 _rows: list[dict] = []
 
@@ -76,11 +76,11 @@ def main() -> None:
     except (OSError, ValueError) as exc:
         print(f"pytest_cpu_by_test: error: cannot read {args.rows}: {exc}", file=sys.stderr)
         sys.exit(2)
-    total_busy = sum(r["busy_cpu_s"] for r in rows) or 1.0
+    total_busy = sum(r["busy_cpu_s"] for r in rows)
     print(f"{len(rows)} tests, {sum(r['wall_s'] for r in rows):.0f} s wall, {total_busy:.0f} s busy CPU")
     print("| module | tests | wall | busy CPU | share of busy |\n|---|---|---|---|---|")
     for m in by_module(rows)[: args.top]:
-        share = m["busy_cpu_s"] / total_busy
+        share = m["busy_cpu_s"] / total_busy if total_busy else 0.0
         print(f"| `{m['module']}` | {m['tests']} | {m['wall_s']:.0f} s | {m['busy_cpu_s']:.0f} s | {share:.0%} |")
 
 
