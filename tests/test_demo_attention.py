@@ -15,6 +15,7 @@ from distshare.data import build_dataset
 from distshare.demos import FAILS, HOLDS, mutants, run_demo
 from distshare.demos.common import trained
 from distshare.demos.context import TRAINING, seen_sentences
+from distshare.testing.selftest import demo_mutant_row
 
 DEMOS = ("context", "heads-kernels")
 
@@ -133,4 +134,5 @@ def test_every_mutant_has_its_reason_here():
 def test_mutant_turns_the_claim_to_fails(tmp_path, name, mutant, seed):
     f = run_demo(name, tmp_path, seed=seed, mutant=mutant)
     assert f.verdict == FAILS and f.mutant == mutant, f.headline
+    assert demo_mutant_row(f).caught  # `distshare selftest`'s row for it: this is where the suite checks it
     assert REASONS[name, mutant](f.numbers), f.headline  # and for the reason the mutant was built for

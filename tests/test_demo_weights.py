@@ -12,6 +12,7 @@ from conftest import controls_by_name
 
 from distshare.demos import FAILS, HOLDS, mutants, run_demo
 from distshare.demos.conv_shared import LocallyConnected, equivariance, interior
+from distshare.testing.selftest import demo_mutant_row
 
 DEMOS = ("qkv-shared", "conv-shared", "one-weight-set", "fixed-after-training")
 
@@ -182,6 +183,7 @@ def test_every_listed_mutant_has_a_named_reason():
 def test_every_mutant_flips_the_claim_for_its_reason(name, mutant, tmp_path):
     f = run_demo(name, tmp_path, seed=0, mutant=mutant)
     assert f.verdict == FAILS and f.mutant == mutant
+    assert demo_mutant_row(f).caught  # `distshare selftest`'s row for it: this is where the suite checks it
     assert BROKEN_BY[name, mutant](f.numbers), f.numbers
 
 

@@ -13,6 +13,7 @@ from conftest import ROOT, rank0_json, read_result, run_cli
 
 from distshare.cli import main
 from distshare.demos import DEMOS, FAILS, HOLDS, Control, Finding, mutants, run_demo
+from distshare.testing.selftest import demo_claim_rows, demo_mutant_row
 
 SEED_QA = ROOT.parent / "shared" / "seed" / "000_2515f6341b4878d6.txt"
 FIELDS = {"name", "question", "claim", "verdict", "controls", "control_verdict", "numbers", "figure"}
@@ -49,6 +50,15 @@ def test_claim_holds_and_control_flips(findings, name):
     f = findings[name]
     assert f["verdict"] == HOLDS, f["numbers"]
     assert f["control_verdict"] == FAILS, f["numbers"]
+
+
+@pytest.mark.slow
+def test_the_selftests_rows_for_every_claim_and_control_pass(findings):
+    # `distshare selftest`'s demos group, its clean rows: from `demo all`'s findings, as written.
+    rows = [row for f in findings.values() for row in demo_claim_rows(f)]
+    assert {r.verdict for r in rows} == {f"demo {name}: claim" for name in DEMOS}
+    assert len(rows) == len(DEMOS) + sum(len(f["controls"]) for f in findings.values())
+    assert all(r.caught for r in rows), [r for r in rows if not r.caught]
 
 
 @pytest.mark.slow
@@ -104,7 +114,8 @@ def test_accumulation_mutant_flips_the_claim_for_its_reason(mutant, tmp_path):
     f = run_demo("accumulation", tmp_path, mutant=mutant)
     n = f.numbers
     seeds_case = n["vs_one_batch_of_40"]["1 x 5 x 8"]
-    assert f.verdict == FAILS and not seeds_case["within_rounding"], f.headline
+    assert f.verdict == FAILS and f.mutant == mutant and not seeds_case["within_rounding"], f.headline
+    assert demo_mutant_row(f).caught  # `distshare selftest`'s row for it: this is where the suite checks it
     assert ACCUMULATION_BROKEN_BY[mutant](seeds_case, n["grad_bound_norm_rel"]), seeds_case
     assert n["vs_one_batch_of_40"]["1 x 1 x 40"]["bitwise_equal"]  # the reference stays clean
 

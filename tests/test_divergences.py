@@ -18,6 +18,7 @@ import pytest
 
 from distshare.distributed.spawn import run_distributed
 from distshare.testing.divergences import BASELINE, REPRODUCTIONS, STEPS, run_all
+from distshare.testing.selftest import diagnosis_rows_of
 
 pytestmark = [pytest.mark.faults, pytest.mark.slow]  # every test here spawns ranks that diverge on purpose
 
@@ -67,6 +68,15 @@ def test_every_reproduction_cites_its_reports():
         assert repro.fn.__name__ == repro.name and repro.fn.__doc__
         for report in repro.reports:
             assert report in repro.fn.__doc__, f"{repro.name}: {report} is not cited in its docstring"
+
+
+def test_the_selftests_rows_name_every_cause_and_pass_every_fix(three_ranks):
+    # `distshare selftest`'s diagnosis group (its 3-rank part; the HSDP part is checked in
+    # tests/test_hsdp_replicas.py), built from this module's world: the suite checks it here.
+    rows = diagnosis_rows_of(three_ranks[0])
+    assert {r.verdict for r in rows} == {f"diagnosis ({name})" for name in REPRODUCTIONS}
+    assert sorted(r.clean for r in rows) == [False] * len(REPRODUCTIONS) + [True] * len(REPRODUCTIONS)
+    assert all(r.caught for r in rows), [r for r in rows if not r.caught]
 
 
 def test_every_rank_reaches_the_same_report(per_rank):

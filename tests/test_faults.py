@@ -12,6 +12,7 @@ import pytest
 
 from distshare.distributed.spawn import run_distributed
 from distshare.testing.faults import BEFORE_FIRST_STEP, FAULTS, clean_checks, run_all_faults
+from distshare.testing.selftest import replica_rows_of
 
 WORLD = 3
 
@@ -42,6 +43,14 @@ def test_every_rank_reaches_the_same_verdict(outcomes):
         for a, b in zip(per_rank[0], rank_outcomes, strict=True):
             assert a.detected_at == b.detected_at
             assert (a.report and a.report.to_dict()) == (b.report and b.report.to_dict())
+
+
+def test_the_selftests_rows_pass_every_clean_run_and_catch_every_fault(three_ranks):
+    # `distshare selftest`'s replicas group, built from this module's world: the suite checks it here.
+    clean, faults = three_ranks[0]
+    rows = replica_rows_of(clean, faults)
+    assert len(rows) == len(clean) + len(FAULTS) and sum(r.clean for r in rows) == len(clean)
+    assert all(r.caught for r in rows), [r for r in rows if not r.caught]
 
 
 @pytest.mark.parametrize("name", sorted(FAULTS))

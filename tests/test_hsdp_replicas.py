@@ -34,6 +34,7 @@ from distshare.testing import (
     compare_replicas,
 )
 from distshare.testing.divergences import BASELINE, SHARDED, STEPS, _mlp, hsdp_model, run_hsdp
+from distshare.testing.selftest import diagnosis_rows_of
 
 pytestmark = [pytest.mark.faults, pytest.mark.slow]  # spawns ranks that diverge on purpose
 
@@ -131,6 +132,13 @@ def hsdp() -> list[dict]:
 
 def _outcome(results: dict, fixed: bool, checker: str):
     return next(o for o in results["outcomes"] if o.fixed == fixed and o.checker == checker)
+
+
+def test_the_selftests_rows_name_the_cause_and_pass_the_fix(hsdp):
+    # `distshare selftest`'s diagnosis group, its HSDP part, built from this module's world.
+    rows = diagnosis_rows_of(hsdp[0]["outcomes"])
+    assert len(rows) == 2 * len(SHARDED) * 2  # bug and fix, by compare and by watch
+    assert all(r.caught for r in rows), [r for r in rows if not r.caught]
 
 
 @pytest.mark.parametrize("checker", ["compare", "watch"])

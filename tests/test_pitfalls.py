@@ -12,11 +12,25 @@ import json
 import pytest
 
 from distshare.equivalence import pitfalls
+from distshare.testing.selftest import pitfall_rows_of
 
 
 @pytest.fixture(scope="module")
 def ddp():
     return {p.number: p for p in pitfalls.ddp_pitfalls(timeout_s=60)}
+
+
+@pytest.fixture(scope="module")
+def ran():
+    """Each single-process pitfall run at most once in the module, when a test first asks for it."""
+    done: dict = {}
+
+    def run(fn):
+        if fn not in done:
+            done[fn] = fn()
+        return done[fn]
+
+    return run
 
 
 def _check(p: pitfalls.Pitfall, wrong: str | None, fixed: str | None, key: str = "grad_excess_over_bound") -> None:
@@ -30,8 +44,8 @@ def _check(p: pitfalls.Pitfall, wrong: str | None, fixed: str | None, key: str =
 
 
 @pytest.mark.slow
-def test_1_token_normalization_is_caught_only_with_variable_lengths():
-    p = pitfalls.token_normalization()
+def test_1_token_normalization_is_caught_only_with_variable_lengths(ran):
+    p = ran(pitfalls.token_normalization)
     _check(p, "wrong", "correct")
     m = p.measured
     assert m["wrong"]["grad_excess_over_bound"] > 1e6
@@ -42,16 +56,16 @@ def test_1_token_normalization_is_caught_only_with_variable_lengths():
 
 
 @pytest.mark.slow
-def test_2_dividing_by_k_wrongly_scales_the_gradient_by_k():
-    p = pitfalls.accumulation_scale()
+def test_2_dividing_by_k_wrongly_scales_the_gradient_by_k(ran):
+    p = ran(pitfalls.accumulation_scale)
     _check(p, "forgot", "correct")
     _check(p, "twice", "correct")
     assert p.measured["k4"]["forgot"] == pytest.approx(3.0, rel=1e-9)  # k g vs g: off by k - 1
     assert p.measured["k4"]["twice"] == pytest.approx(0.75, rel=1e-9)  # g / k vs g: off by 1 - 1/k
 
 
-def test_3_distributed_sampler_duplicates_are_caught_by_the_accounting():
-    p = pitfalls.distributed_sampler()
+def test_3_distributed_sampler_duplicates_are_caught_by_the_accounting(ran):
+    p = ran(pitfalls.distributed_sampler)
     _check(p, None, None)  # counted, not measured against a bound
     assert p.detected_by == "accounting"
     assert p.measured["padded"]["duplicated"] == 2  # 42 samples on 4 ranks: padded to 44
@@ -59,8 +73,8 @@ def test_3_distributed_sampler_duplicates_are_caught_by_the_accounting():
     assert p.measured["distshare_plan"]["ok"]
 
 
-def test_4_batchnorm_depends_on_the_split_and_groupnorm_does_not():
-    p = pitfalls.batchnorm()
+def test_4_batchnorm_depends_on_the_split_and_groupnorm_does_not(ran):
+    p = ran(pitfalls.batchnorm)
     _check(p, "batchnorm", "groupnorm")
     assert p.measured["batchnorm"]["grad_excess_over_bound"] > 1e6
     assert p.measured["groupnorm"]["grad_excess_over_bound"] <= 1
@@ -68,8 +82,8 @@ def test_4_batchnorm_depends_on_the_split_and_groupnorm_does_not():
 
 
 @pytest.mark.slow
-def test_5_dropout_masks_depend_on_the_split_unless_keyed_to_the_sample():
-    p = pitfalls.dropout()
+def test_5_dropout_masks_depend_on_the_split_unless_keyed_to_the_sample(ran):
+    p = ran(pitfalls.dropout)
     _check(p, "torch_dropout_two_ranks", "keyed_masks")
     # One CPU process draws masks in order from one stream: k micro-batches get the big
     # batch's masks. Two ranks seeded alike do not.
@@ -104,9 +118,17 @@ def test_8_join_divides_by_the_initial_world_size(ddp):
     assert p.measured["divide_by_active_ranks"]["excess_over_bound"] <= 1
 
 
-def test_every_pitfall_has_a_record_that_reads_back(ddp):
-    record = pitfalls.distributed_sampler().to_dict()
+def test_every_pitfall_has_a_record_that_reads_back(ddp, ran):
+    record = ran(pitfalls.distributed_sampler).to_dict()
     assert set(record) >= {"name", "explanation", "discrepancy", "detected_by", "detected", "distshare_avoids"}
     again = json.loads(json.dumps(record))  # plain data: what result.json holds
     assert again["measured"]["padded"]["duplicated"] == 2 and again["detected"] is True
     assert sorted(ddp) == [6, 7, 8]
+
+
+@pytest.mark.slow
+def test_the_selftests_rows_catch_every_pitfall(ran, ddp):
+    # `distshare selftest`'s pitfalls group, built from this module's runs: the suite checks it here.
+    rows = pitfall_rows_of([ran(fn) for fn in pitfalls.PITFALLS] + [ddp[n] for n in sorted(ddp)])
+    assert len(rows) == len(pitfalls.PITFALLS) + 3
+    assert all(r.caught for r in rows), [r for r in rows if not r.caught]

@@ -43,7 +43,9 @@ def run_demo(name: str, out_dir: Path, seed: int = 0, mutant: str | None = None)
         return module.run(out_dir, seed)
     if mutant not in module.MUTANTS:
         raise KeyError(f"demo {name!r} has no mutant {mutant!r}; it has: {', '.join(module.MUTANTS)}")
-    return module.run(out_dir, seed, mutant=mutant)
+    finding = module.run(out_dir, seed, mutant=mutant)
+    finding.mutant = mutant  # the record names the fault it carried, whichever demo ran it
+    return finding
 
 
 def mutants(name: str) -> dict[str, str]:

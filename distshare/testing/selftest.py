@@ -258,9 +258,14 @@ def replica_rows(out: Path) -> list[Row]:
     from distshare.distributed.spawn import run_distributed
     from distshare.testing.faults import clean_checks, run_all_faults
 
-    start = time.perf_counter()
-    clean = run_distributed(clean_checks, 2, 10, timeout_s=60, deadline_s=300)[0]
-    secs = round(time.perf_counter() - start, 2)
+    clean, clean_secs = _timed(lambda: run_distributed(clean_checks, 2, 10, timeout_s=60, deadline_s=300)[0])
+    outcomes, secs = _timed(lambda: run_distributed(run_all_faults, 2, timeout_s=60, deadline_s=300)[0])
+    return replica_rows_of(clean, outcomes, clean_secs, secs)
+
+
+def replica_rows_of(clean: list[Any], outcomes: list[Any], clean_secs: float = 0.0, secs: float = 0.0) -> list[Row]:
+    """The replica group's rows from one rank's `clean_checks` and `run_all_faults` results
+    (tests/test_faults.py builds them from its own 3-rank world)."""
     rows = [
         Row(
             "replicas",
@@ -268,14 +273,11 @@ def replica_rows(out: Path) -> list[Row]:
             "none (clean run)",
             first is None,
             f"{checks} checks, all in sync" if first is None else first.summary(),
-            secs,
+            clean_secs,
             True,
         )
         for label, checks, first in clean
     ]
-    start = time.perf_counter()
-    outcomes = run_distributed(run_all_faults, 2, timeout_s=60, deadline_s=300)[0]
-    secs = round(time.perf_counter() - start, 2)
     for o in outcomes:
         caught = o.detected_at is not None and o.report is not None and not o.report.in_sync
         detail = o.report.summary() if o.report is not None else "never detected"
@@ -286,7 +288,7 @@ def replica_rows(out: Path) -> list[Row]:
                 _fault_label(o.fault, o.faulty_rank, o.injected_at),
                 caught,
                 detail,
-                secs / len(outcomes),
+                round(secs / max(len(outcomes), 1), 2),
             )
         )
     return rows
@@ -297,12 +299,19 @@ def diagnosis_rows(out: Path) -> list[Row]:
     3 ranks; the sharded ones on 4 ranks, HSDP 2 x 2, by compare_replicas and by distshare.watch):
     its bug must be named as its cause, its fixed code must raise no alarm."""
     from distshare.distributed.spawn import run_distributed
-    from distshare.testing.divergences import REPRODUCTIONS, SHARDED, run_all, run_hsdp
+    from distshare.testing.divergences import run_all, run_hsdp
 
     start = time.perf_counter()
     outcomes = run_distributed(run_all, 3, timeout_s=60, deadline_s=300)[0]
     outcomes += run_distributed(run_hsdp, 4, timeout_s=60, deadline_s=300)[0]
-    secs = round((time.perf_counter() - start) / max(len(outcomes), 1), 2)
+    return diagnosis_rows_of(outcomes, round((time.perf_counter() - start) / max(len(outcomes), 1), 2))
+
+
+def diagnosis_rows_of(outcomes: list[Any], secs: float = 0.0) -> list[Row]:
+    """The diagnosis group's rows from one rank's outcomes of `run_all` and `run_hsdp`
+    (tests/test_divergences.py and tests/test_hsdp_replicas.py build them from their worlds)."""
+    from distshare.testing.divergences import REPRODUCTIONS, SHARDED
+
     rows = []
     for o in outcomes:
         repro = {**REPRODUCTIONS, **SHARDED}[o.name]
@@ -341,9 +350,13 @@ def _fault_label(fault: str, rank: int | None, step: int) -> str:
 def pitfall_rows(out: Path) -> list[Row]:
     from distshare.equivalence.pitfalls import run_pitfalls
 
-    start = time.perf_counter()
-    pitfalls = run_pitfalls(progress=False)
-    secs = round((time.perf_counter() - start) / max(1, len(pitfalls)), 2)
+    pitfalls, secs = _timed(lambda: run_pitfalls(progress=False))
+    return pitfall_rows_of(pitfalls, round(secs / max(1, len(pitfalls)), 2))
+
+
+def pitfall_rows_of(pitfalls: list[Any], secs: float = 0.0) -> list[Row]:
+    """The pitfall group's rows from the pitfalls' records (tests/test_pitfalls.py builds them
+    from the pitfalls it runs)."""
     return [
         Row("pitfalls", f"{p.detected_by} vs pitfall {p.number}", p.name, p.detected, p.discrepancy, secs)
         for p in pitfalls
@@ -414,39 +427,42 @@ def checkpoint_rows(out: Path) -> list[Row]:
 
 
 def demo_rows(out: Path) -> list[Row]:
-    from distshare.demos import DEMOS, FAILS, HOLDS, mutants, run_demo
+    from distshare.demos import DEMOS, mutants, run_demo
 
     rows = []
     for name in DEMOS:
         where = out / "demos" / name
         where.mkdir(parents=True, exist_ok=True)
         finding, secs = _timed(lambda name=name, where=where: run_demo(name, where))
-        rows.append(
-            Row(
-                "demos",
-                f"demo {name}: claim",
-                "none (the real experiment)",
-                finding.verdict == HOLDS,
-                finding.headline,
-                secs,
-                True,
-            )
-        )
-        for c in finding.controls:
-            rows.append(
-                Row(
-                    "demos",
-                    f"demo {name}: claim",
-                    f"control {c.name}: {c.what}",
-                    c.verdict == FAILS,
-                    f"control {c.verdict}",
-                    0.0,
-                )
-            )
-        for mutant, what in mutants(name).items():
+        rows.extend(demo_claim_rows(finding, secs))
+        for mutant in mutants(name):
             f, secs = _timed(lambda name=name, where=where, mutant=mutant: run_demo(name, where, mutant=mutant))
-            rows.append(Row("demos", f"demo {name}: claim", f"{mutant}: {what}", f.verdict == FAILS, f.headline, secs))
+            rows.append(demo_mutant_row(f, secs))
     return rows
+
+
+def demo_claim_rows(finding: Any, secs: float = 0.0) -> list[Row]:
+    """A demo's real experiment (its claim must hold) and its controls (each must flip it);
+    `finding` is a `Finding` or its `to_dict()` (tests/test_demos.py passes `demo all`'s)."""
+    from distshare.demos import FAILS, HOLDS
+
+    f = finding if isinstance(finding, dict) else finding.to_dict()
+    claim = f"demo {f['name']}: claim"
+    rows = [Row("demos", claim, "none (the real experiment)", f["verdict"] == HOLDS, f["headline"], secs, True)]
+    for c in f["controls"]:
+        what = f"control {c['name']}: {c['what']}"
+        rows.append(Row("demos", claim, what, c["verdict"] == FAILS, f"control {c['verdict']}", 0.0))
+    return rows
+
+
+def demo_mutant_row(finding: Any, secs: float = 0.0) -> Row:
+    """A demo run with one of its mutants: the claim's own verdict must turn to fails
+    (tests/test_demo_weights.py and tests/test_demo_attention.py run every mutant)."""
+    from distshare.demos import FAILS, mutants
+
+    what = mutants(finding.name)[finding.mutant]
+    mutant = f"{finding.mutant}: {what}"
+    return Row("demos", f"demo {finding.name}: claim", mutant, finding.verdict == FAILS, finding.headline, secs)
 
 
 RUNNERS: dict[str, Callable[[Path], list[Row]]] = {
