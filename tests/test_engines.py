@@ -40,9 +40,10 @@ def _distshare(args: list[str], timeout: float = 240, **env: str) -> subprocess.
 
 @pytest.fixture(scope="module")
 def ray_cluster():
-    """One local Ray for the whole module: Ray's start-up is the slow part of its tests."""
+    """One local Ray for the whole module: Ray's start-up is the slow part of its tests. Three
+    CPUs: exact mode's parity runs W = 3."""
     ray = pytest.importorskip("ray")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+    ray.init(num_cpus=3, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
     try:
         yield ray.get_runtime_context().gcs_address
     finally:
@@ -192,12 +193,27 @@ def test_a_missing_engine_package_says_what_to_install(monkeypatch):
 
 @pytest.mark.launcher
 @pytest.mark.slow
+def test_every_engine_and_one_process_agree_bitwise_in_exact_mode(ray_cluster, tmp_path):
+    # Exact mode (`--sync exact`, distshare.exact) on spawned ranks, torchrun, accelerate launch,
+    # Ray Train (the module's Ray) and one process: five engines, W = 3, one final fingerprint.
+    args = ["verify", "--engine", "all", "--sync", "exact", "--nproc", "3", "--ray-address", ray_cluster]
+    proc = _distshare([*args, "--set", "steps=6", "--json", "--no-progress", "--out", str(tmp_path / "p")], timeout=400)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    table = rank0_json(proc)
+    rows = {r["name"]: r for r in table["rows"] if not r["skipped"]}
+    assert set(rows) == {"torch (spawn)", "torch (torchrun)", "accelerate", "ray", "local (1 process)"}, table["rows"]
+    assert len({r["final_fingerprint"] for r in rows.values()}) == 1
+    assert table["engines_bitwise_equal"] and table["max_abs_diff_vs_reference"] == 0.0
+
+
+@pytest.mark.launcher
+@pytest.mark.slow
 def test_ray_refuses_more_workers_than_the_cluster_holds(ray_cluster):
     # Ray would wait for the missing CPU forever; distshare says so in one line instead.
-    args = ["--nproc", "3", "--ray-address", ray_cluster, "--steps", "1", "--set", "plan.global_batch=36"]
+    args = ["--nproc", "4", "--ray-address", ray_cluster, "--steps", "1", "--set", "plan.global_batch=48"]
     proc = _distshare(["train", "--engine", "ray", *args])
     assert proc.returncode == 2, proc.stderr[-2000:]
-    assert "needs 3 CPU(s); the Ray cluster has 2" in proc.stderr
+    assert "needs 4 CPU(s); the Ray cluster has 3" in proc.stderr
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
