@@ -67,7 +67,9 @@ def take_this_workers_share_of_the_cores() -> int | None:
     workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
     if workers <= 1:
         return None
-    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // workers)))  # for its children
+    from distshare.distributed.spawn import share_of_cores
+
+    os.environ.setdefault("OMP_NUM_THREADS", str(share_of_cores(workers)))  # for its children
     import torch  # here, not at the top: a serial run's conftest need not pay for it
 
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))

@@ -7,6 +7,7 @@ The DDP pitfalls run real DistributedDataParallel on 2 spawned gloo ranks.
 
 from __future__ import annotations
 
+import functools
 import json
 
 import pytest
@@ -23,14 +24,7 @@ def ddp():
 @pytest.fixture(scope="module")
 def ran():
     """Each single-process pitfall run at most once in the module, when a test first asks for it."""
-    done: dict = {}
-
-    def run(fn):
-        if fn not in done:
-            done[fn] = fn()
-        return done[fn]
-
-    return run
+    return functools.cache(lambda fn: fn())
 
 
 def _check(p: pitfalls.Pitfall, wrong: str | None, fixed: str | None, key: str = "grad_excess_over_bound") -> None:

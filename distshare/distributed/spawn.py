@@ -39,6 +39,11 @@ PRELOAD = ["torch", "distshare.distributed.world", "distshare.training"]
 START_METHODS = ("forkserver", "spawn")
 
 
+def share_of_cores(processes: int) -> int:
+    """Torch threads for each of `processes` that share this machine's cores (at least one)."""
+    return max(1, (os.cpu_count() or 1) // processes)
+
+
 def run_distributed(
     fn: Callable[..., Any],
     world_size: int = 2,
@@ -156,7 +161,7 @@ def _rank_main(
     # intra-op thread per core and they would fight over them.
     import torch
 
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
+    torch.set_num_threads(share_of_cores(world_size))
     # tqdm's default lock is a multiprocessing semaphore, registered with the parent's
     # resource tracker: a rank killed after going silent would leak it, and the tracker
     # would add a warning to the one-line error. A thread lock does (one bar per rank).

@@ -434,19 +434,18 @@ def demo_rows(out: Path) -> list[Row]:
         where = out / "demos" / name
         where.mkdir(parents=True, exist_ok=True)
         finding, secs = _timed(lambda name=name, where=where: run_demo(name, where))
-        rows.extend(demo_claim_rows(finding, secs))
+        rows.extend(demo_claim_rows(finding.to_dict(), secs))
         for mutant in mutants(name):
             f, secs = _timed(lambda name=name, where=where, mutant=mutant: run_demo(name, where, mutant=mutant))
             rows.append(demo_mutant_row(f, secs))
     return rows
 
 
-def demo_claim_rows(finding: Any, secs: float = 0.0) -> list[Row]:
-    """A demo's real experiment (its claim must hold) and its controls (each must flip it);
-    `finding` is a `Finding` or its `to_dict()` (tests/test_demos.py passes `demo all`'s)."""
+def demo_claim_rows(f: dict[str, Any], secs: float = 0.0) -> list[Row]:
+    """A demo's real experiment (its claim must hold) and its controls (each must flip it), from
+    the finding as written (`Finding.to_dict()`; tests/test_demos.py passes `demo all`'s)."""
     from distshare.demos import FAILS, HOLDS
 
-    f = finding if isinstance(finding, dict) else finding.to_dict()
     claim = f"demo {f['name']}: claim"
     rows = [Row("demos", claim, "none (the real experiment)", f["verdict"] == HOLDS, f["headline"], secs, True)]
     for c in f["controls"]:
