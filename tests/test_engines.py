@@ -6,6 +6,7 @@ line that says what to run instead."""
 from __future__ import annotations
 
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,7 @@ from small_split import SMALL_SPLIT
 from distshare.config import SHIPPED_CONFIGS, load_config
 from distshare.engines import resolve_engine
 from distshare.engines.accelerate import exact_unscale
-from distshare.errors import UsageError
+from distshare.errors import DistshareError, UsageError
 
 CPU_YAML = SHIPPED_CONFIGS / "accelerate" / "cpu.yaml"  # the shipped config a refusal names
 
@@ -214,6 +215,35 @@ def test_ray_refuses_more_workers_than_the_cluster_holds(ray_cluster):
     proc = _distshare(["train", "--engine", "ray", *args])
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "needs 4 CPU(s); the Ray cluster has 3" in proc.stderr
+
+
+# Longer than any collective timeout the suite's Ray runs use (test_hang.py's is 3 s).
+HELD_S = 5.0
+
+
+def _hold(collector, seconds: float) -> None:
+    """Keep the collector actor busy for `seconds`: Ray runs an actor's calls one at a time."""
+    collector.__ray_call__.remote(lambda _self, s: time.sleep(s), seconds)
+
+
+@pytest.mark.launcher
+def test_a_worker_waits_for_a_slow_collector_by_its_own_bound_not_the_collective_timeout(ray_cluster, monkeypatch):
+    # A Ray run failed in CI with "GetTimeoutError": a worker's first question to the collector
+    # (an actor the driver had just started, still importing torch) was bound by the run's
+    # 3-s collective timeout. A collector held for HELD_S stands in for a slow one.
+    import ray
+
+    from distshare.engines import ray as ray_engine
+
+    collector = ray.remote(num_cpus=0)(ray_engine._Collector).remote()
+    _hold(collector, HELD_S)
+    assert ray_engine._ask_collector(ray, collector.started.remote(0)) == 0  # the first start of rank 0
+    # The mutant: a bound shorter than the hold (as the 3-s timeout was) fails, in one line.
+    monkeypatch.setattr(ray_engine, "COLLECTOR_S", 1.0)
+    _hold(collector, 3.0)
+    with pytest.raises(DistshareError, match=r"^the driver's collector did not answer within 1 s$"):
+        ray_engine._ask_collector(ray, collector.started.remote(1))
+    ray.kill(collector)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")

@@ -301,7 +301,7 @@ def _worker(config: dict[str, Any]) -> None:
         world = World(device=device)
     # Ray Train restarts the whole group: every rank's count is the same.
     here = ray.get_runtime_context().current_actor  # so that Ctrl-C on the driver can stop this worker
-    attempt = ray.get(collector.started.remote(world.rank, here), timeout=job.cfg.timeout_s)
+    attempt = _ask_collector(ray, collector.started.remote(world.rank, here))
     if attempt is None:
         raise DistshareError("the driver was interrupted: not starting again")
     sink = _CollectorSink(collector, attempt) if world.is_main else None
@@ -310,7 +310,24 @@ def _worker(config: dict[str, Any]) -> None:
             component.connect(collector, attempt)
     results = run_rank(job, world, config["engine"], "ray", restart=attempt, metrics=sink)
     if world.is_main:
-        ray.get(collector.put.remote(results))
+        _ask_collector(ray, collector.put.remote(results))
+
+
+# How long a worker waits for the collector's answer (seconds). Not the run's collective timeout:
+# no peer is involved, and the collector is an actor the driver started moments before the
+# workers, whose process may still be importing torch (4 s on an idle 2-core machine, measured;
+# longer on a busy one), so a short --timeout would otherwise fail a healthy run at its start.
+COLLECTOR_S = 120.0
+
+
+def _ask_collector(ray: Any, answer: Any) -> Any:
+    """A worker's call to the collector, waited on for at most COLLECTOR_S seconds."""
+    from ray.exceptions import GetTimeoutError
+
+    try:
+        return ray.get(answer, timeout=COLLECTOR_S)
+    except GetTimeoutError:
+        raise DistshareError(f"the driver's collector did not answer within {COLLECTOR_S:g} s") from None
 
 
 class _CollectorSink:
