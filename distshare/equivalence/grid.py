@@ -364,7 +364,9 @@ def assert_accumulation_equivalent(
     sample's summed loss ([n]), instead of `loss_fn`, and requires every partition to be
     bitwise equal to the big batch (parameters and gradients at every step), not merely
     within rounding. (Per-sample losses are not derived from `loss_fn`: calling it on one
-    sample at a time would change the shapes the model computes in.)
+    sample at a time would change the shapes the model computes in.) Given with any `sync`,
+    it also lets the reference take the rounding bound's per-sample magnitudes in one batched
+    pass instead of one forward and backward per sample.
 
     `count_items(batch) -> int` counts a collated batch's loss items (a causal LM: its label
     tokens != -100): the step, and its reference, then divide the summed loss by the count

@@ -1,12 +1,12 @@
 """The reference (W = 1, k = 1: one process, one big batch) and its envelope.
 
 Besides its own trajectory, the reference measures what the rounding bound needs: at every
-step, sum over samples of |that sample's gradient contribution| (one step per sample), and
-from it the elementwise bound `distshare.numerics.rounding.bounds`. The envelope is the
-reference retrained with every step's gradient pushed by its whole bound (random signs):
-how far rounding-sized gradient differences can carry the parameters through the
-optimizer. It is measured, not hand-picked, and a heuristic (a linear response to
-random-sign pushes), which the report says.
+step, sum over samples of |that sample's gradient contribution| (per-sample gradients in one
+batched pass where the model allows, else one step per sample), and from it the elementwise
+bound `distshare.numerics.rounding.bounds`. The envelope is the reference retrained with
+every step's gradient pushed by its whole bound (random signs): how far rounding-sized
+gradient differences can carry the parameters through the optimizer. It is measured, not
+hand-picked, and a heuristic (a linear response to random-sign pushes), which the report says.
 """
 
 from __future__ import annotations
@@ -18,9 +18,10 @@ import torch
 from torch import nn
 
 from distshare.distributed.world import World
-from distshare.equivalence.gradient import step_gradient
+from distshare.equivalence.gradient import SampleMagnitudes, step_gradient
 from distshare.equivalence.runs import PartitionRun, Tensors, grads_of, state_of
 from distshare.equivalence.tasks import GridTask, Trainee
+from distshare.errors import UsageError
 from distshare.integrity.fingerprint import state_digest
 from distshare.numerics.rounding import bounds
 
@@ -51,6 +52,9 @@ def _abs_sum(t: Trainee, copy: nn.Module, step: int, grad: Tensors, rng: torch.T
         copy.load_state_dict(t.model.state_dict())
         norm = t.normalizer(step)
         indices = t.global_batch(step)
+        batched = _batched_abs_sum(t, copy, indices, norm)
+        if batched is not None:
+            return batched, None
         for i in indices:
             try:
                 step_gradient(copy, [[i]], norm, len(indices), t.batch_loss)
@@ -61,6 +65,22 @@ def _abs_sum(t: Trainee, copy: nn.Module, step: int, grad: Tensors, rng: torch.T
                 if p.grad is not None:
                     total[n] += p.grad.detach().cpu().to(torch.float64).abs()
     return total, None
+
+
+def _batched_abs_sum(t: Trainee, copy: nn.Module, indices: list[int], norm: float) -> Tensors | None:
+    """`_abs_sum` in one batched per-sample pass, or None where it cannot be: the trainee gives
+    no per-sample losses, the model mixes samples (BatchNorm in training mode, dropout), or
+    per-sample gradients cannot run it. The one-sample loop then computes the same sums."""
+    if t.sample_batch is None or t.sample_losses is None:
+        return None
+    sync = SampleMagnitudes()
+    try:
+        step_gradient(
+            copy, [t.sample_batch(indices)], norm, len(indices), t.batch_loss, sync=sync, sample_loss_fn=t.sample_losses
+        )
+    except (UsageError, ValueError, RuntimeError):
+        return None
+    return sync.totals
 
 
 def run_reference(task: GridTask, dtype: str | None, steps: int, n_terms: int) -> Reference:

@@ -55,6 +55,11 @@ class Trainee:
     # Exact mode: sets a bare model's .grad to the big batch's exact-mode gradient at a step
     # (the reference's own arithmetic); None: one forward and backward over the whole batch.
     exact_grad: Callable[[nn.Module, int], None] | None = None
+    # The samples at these indices as one batch (tensors, samples along dim 0), and each
+    # sample's summed loss of such a batch, [n]: with both, the reference takes every sample's
+    # gradient magnitude in one batched pass (`SampleMagnitudes`); None: one sample at a time.
+    sample_batch: Callable[[list[int]], Any] | None = None
+    sample_losses: Callable[[nn.Module, Any], torch.Tensor] | None = None
 
 
 class GridTask(Protocol):
@@ -154,10 +159,17 @@ def trainee_of(run: Run, autocast: bool = False, inner: StepFn | None = None) ->
         with _precision(autocast, world.device):
             return loss_sum(model(**batch.inputs), batch.labels)
 
+    def sample_batch(indices: list[int]) -> dict[str, Any]:
+        batch = run.table.select(indices).to(world.device)
+        return {"inputs": batch.inputs, "labels": batch.labels}
+
+    def batch_sample_losses(model: nn.Module, sample: dict[str, Any]) -> torch.Tensor:
+        with _precision(autocast, world.device):
+            return sample_losses(model, sample)
+
     def exact_grad(model: nn.Module, s: int) -> None:
         indices = run.plan.global_batch(s)
-        batch = run.table.select(indices).to(world.device)
-        sample = {"inputs": batch.inputs, "labels": batch.labels}
+        sample = sample_batch(indices)
         # The one exact arithmetic, on one process: what every partition reaches. (Exact
         # mode differentiates the per-sample losses; the summed loss is never called.)
         step_gradient(
@@ -185,6 +197,8 @@ def trainee_of(run: Run, autocast: bool = False, inner: StepFn | None = None) ->
         u=unit_roundoff(getattr(torch, dtype)),
         slice_u=unit_roundoff(torch.bfloat16) if autocast else 0.0,
         exact_grad=exact_grad if cfg.sync == "exact" else None,
+        sample_batch=sample_batch,
+        sample_losses=batch_sample_losses,
     )
 
 
@@ -287,6 +301,8 @@ class UserTask:
             batch_loss=batch_loss,
             fresh_model=self._fresh,
             fresh_optimizer=lambda m: self._optimizer(m.parameters()),
+            sample_batch=self._collate if self.sample_loss_fn is not None else None,
+            sample_losses=self.sample_loss_fn,
         )
         if sync.per_sample:
             trainee.exact_grad = self._exact_grad(trainee)
