@@ -108,6 +108,15 @@ def test_no_production_module_imports_the_test_tooling():
     assert {m: i for m, i in offenders.items() if i} == SELFTEST
 
 
+def test_the_command_line_starts_without_importing_datasets():
+    # `datasets` (with pandas and pyarrow) costs 1.5 s: the CLI's --help and its refusals never
+    # build a data set, so distshare.data imports it inside its builders. A module-level
+    # `import datasets` anywhere under the commands' imports fails this (tried: in shapes.py).
+    code = "import sys, distshare.cli as c; c.build_parser(); print(sorted({'datasets', 'pandas'} & set(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.strip() == "[]", out.stdout
+
+
 def test_the_loop_imports_none_of_its_components():
     loop = _graph()["distshare.training.loop"]
     components = {

@@ -10,11 +10,15 @@ data to each other: each builds it and takes its own rows.
     digits  scikit-learn's bundled 8x8 digits                      (real.py)
     pydoc   windows of CPython's pydoc topics, label = topic       (real.py)
     file    a local csv / json / jsonl / parquet file              (files.py)
+
+`datasets` (with pandas and pyarrow: 1.5 s) is imported inside the functions that build a data
+set, not at module import: `distshare --help`, a refused command and a launcher's parent
+process never build one, and start that much sooner.
 """
 
 from __future__ import annotations
 
-import datasets
+from typing import TYPE_CHECKING
 
 from distshare.config import DataConfig
 from distshare.data.corpus import build_svo, encode_sentence
@@ -24,6 +28,9 @@ from distshare.data.shapes import build_shapes, render
 from distshare.data.tensors import TensorTable
 from distshare.data.types import IGNORE_INDEX, Batch, DataInfo
 from distshare.errors import ConfigError
+
+if TYPE_CHECKING:
+    import datasets
 
 BUILDERS = {
     "svo": build_svo,
@@ -51,6 +58,8 @@ def build_dataset(cfg: DataConfig) -> tuple[datasets.Dataset, DataInfo]:
         ConfigError: unknown `data.name`, bad `data.num_samples`, or (svo) unknown `data.task`.
         UsageError: a file that cannot be used, or scikit-learn missing for digits.
     """
+    import datasets  # where a data set is built, not at import: see distshare.data
+
     builder = BUILDERS.get(cfg.name)
     if builder is None:
         raise ConfigError("data.name", f"unknown value {cfg.name!r}; expected one of {', '.join(BUILDERS)}")

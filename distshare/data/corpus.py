@@ -17,13 +17,16 @@ grammar. With `variable_length` an optional adjective may precede each noun
 from __future__ import annotations
 
 import itertools
+from typing import TYPE_CHECKING
 
-import datasets
 import numpy as np
 
 from distshare.config import DataConfig
 from distshare.data.types import DataInfo
 from distshare.errors import ConfigError
+
+if TYPE_CHECKING:
+    import datasets
 
 NOUNS = ("cat", "mouse", "dog", "bird", "fish", "fox")
 VERBS = ("eat", "chase", "see", "bite")
@@ -45,6 +48,8 @@ def max_words(variable_length: bool) -> int:
 
 def build_svo(data: DataConfig) -> tuple[datasets.Dataset, DataInfo]:
     """Draw `data.num_samples` sentences from `data.seed`; columns text, input_ids, label(s)."""
+    import datasets  # where a data set is built, not at import: see distshare.data
+
     if data.task not in TASKS:
         raise ConfigError("data.task", f"unknown svo task {data.task!r}; expected one of {', '.join(TASKS)}")
     rng = np.random.default_rng(data.seed)

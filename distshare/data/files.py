@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import tempfile
 from pathlib import Path
-
-import datasets
+from typing import TYPE_CHECKING
 
 from distshare.config import DataConfig
 from distshare.data.types import DataInfo
 from distshare.errors import ConfigError, UsageError
+
+if TYPE_CHECKING:
+    import datasets
 
 BUILDERS = {".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 MAX_TOKENS = 64  # longer texts are truncated: every sample is padded to max_len, so keep it small
@@ -24,6 +26,8 @@ PAD, UNK = "<pad>", "<unk>"
 
 def build_file(data: DataConfig) -> tuple[datasets.Dataset, DataInfo]:
     """Read `data.path`; columns text, input_ids, label (labels as given if int, else sorted names)."""
+    import datasets  # where a data set is built, not at import: see distshare.data
+
     raw = _load(data.path)
     for field, column in (("data.text_field", data.text_field), ("data.label_field", data.label_field)):
         if column not in raw.column_names:
@@ -52,6 +56,8 @@ def build_file(data: DataConfig) -> tuple[datasets.Dataset, DataInfo]:
 
 
 def _load(path: str | None) -> datasets.Dataset:
+    import datasets  # where a data set is built, not at import: see distshare.data
+
     if not path:
         raise ConfigError("data.path", "data.name is 'file': give the path of a csv/json/parquet file")
     p = Path(path)

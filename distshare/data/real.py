@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import re
 from collections import Counter
+from typing import TYPE_CHECKING
 
-import datasets
 import numpy as np
 
 from distshare.config import DataConfig
 from distshare.data.types import DataInfo
 from distshare.errors import UsageError
+
+if TYPE_CHECKING:
+    import datasets
 
 PYDOC_TOPICS = 4  # classes: the largest topics by word count
 PYDOC_WINDOW = 12  # words per sample; every sample has exactly this many tokens
@@ -26,6 +29,8 @@ _WORD = re.compile(r"[a-z0-9_]+")
 
 def build_digits(data: DataConfig) -> tuple[datasets.Dataset, DataInfo]:
     """At most `data.num_samples` 8x8 digits in a seeded order; columns image ([1][8][8], 0..1), label."""
+    import datasets  # where a data set is built, not at import: see distshare.data
+
     try:
         from sklearn.datasets import load_digits
     except ImportError:
@@ -46,6 +51,8 @@ def build_pydoc(data: DataConfig) -> tuple[datasets.Dataset, DataInfo]:
     does not depend on which windows were drawn.
     """
     import pydoc_data.topics
+
+    import datasets  # where a data set is built, not at import: see distshare.data
 
     words = {name: _WORD.findall(text.lower()) for name, text in pydoc_data.topics.topics.items()}
     names = tuple(sorted(words, key=lambda name: (-len(words[name]), name))[:PYDOC_TOPICS])

@@ -8,12 +8,16 @@ by position, and `render` draws a noiseless pattern anywhere for shift experimen
 
 from __future__ import annotations
 
-import datasets
+from typing import TYPE_CHECKING
+
 import numpy as np
 
 from distshare.config import DataConfig
 from distshare.data.types import DataInfo
 from distshare.errors import ConfigError
+
+if TYPE_CHECKING:
+    import datasets
 
 PATTERNS: dict[str, tuple[tuple[int, ...], ...]] = {
     "cross": ((0, 1, 0), (1, 1, 1), (0, 1, 0)),
@@ -47,6 +51,8 @@ def render(pattern: int, row: int, col: int, size: int) -> np.ndarray:
 
 def build_shapes(data: DataConfig) -> tuple[datasets.Dataset, DataInfo]:
     """Draw `data.num_samples` images from `data.seed`; columns image, label, row, col."""
+    import datasets  # where a data set is built, not at import: see distshare.data
+
     n, size = data.num_samples, data.image_size
     if size < PATTERN_SIZE:
         raise ConfigError("data.image_size", f"expected at least {PATTERN_SIZE} pixels, got {size}")

@@ -11,12 +11,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import datasets
 import numpy as np
 import torch
 
 from distshare.data.types import IGNORE_INDEX, Batch, DataInfo
+
+if TYPE_CHECKING:
+    import datasets
 
 
 @dataclass

@@ -34,8 +34,9 @@ from typing import Any
 from distshare.distributed import watchdog
 from distshare.errors import DistshareError, RankError, RankSilent, UsageError
 
-# What the server imports before it forks any rank: what every rank function needs.
-PRELOAD = ["torch", "distshare.distributed.world", "distshare.training"]
+# What the server imports before it forks any rank: what every rank function needs, and
+# `datasets`, which distshare.data imports only where a data set is built (most ranks build one).
+PRELOAD = ["torch", "datasets", "distshare.distributed.world", "distshare.training"]
 START_METHODS = ("forkserver", "spawn")
 
 
