@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import get_launch_command, rank0_json, read_metrics, read_result, run_cli, run_command
+from conftest import rank0_json, read_metrics, read_result, run_cli
 from small_split import SMALL_SPLIT
 
 from distshare.config import SHIPPED_CONFIGS, load_config
@@ -21,8 +21,9 @@ from distshare.errors import DistshareError, UsageError
 
 CPU_YAML = SHIPPED_CONFIGS / "accelerate" / "cpu.yaml"  # the shipped config a refusal names
 
-# Small and quick, but a real split: G = 16 = W 2 x k 2 x b 4, float64; 40 steps with the
-# replicas compared at every one, so each engine's run is also 40 checks without a false alarm.
+# Small and quick, but a real split: float64, 40 steps with the replicas compared at every
+# one, so each engine's run is also 40 checks without a false alarm. The parity table runs it
+# at W = 3 ranks x k = 3 micro-batches (ODD, below).
 STEPS = 40
 RUN = [
     *SMALL_SPLIT,
@@ -51,18 +52,33 @@ def ray_cluster():
         ray.shutdown()
 
 
+# W = 3 ranks x k = 3 micro-batches: neither a power of two, so cancelling accelerate's
+# division by k and DDP's average over W by scaling the loss by k x W would not be exact.
+ODD = ["--set", "plan.global_batch=18", "--set", "plan.accum_steps=3", "--set", "data.num_samples=180"]
+
+
 @pytest.fixture(scope="module")
 def parity(ray_cluster, tmp_path_factory) -> tuple[subprocess.CompletedProcess[str], Path]:
-    """`verify --engine all` on RUN, once for the module: its process and its run directory."""
+    """`verify --engine all --nproc 3` on RUN + ODD, once for the module: its process and its run directory."""
     out = tmp_path_factory.mktemp("parity")
-    args = ["verify", "--engine", "all", "--nproc", "2", "--ray-address", ray_cluster, *RUN, "--out", str(out)]
-    return _distshare(args, timeout=480), out
+    args = ["verify", "--engine", "all", "--nproc", "3", "--ray-address", ray_cluster, *RUN, *ODD, "--out", str(out)]
+    return _distshare(args, timeout=600), out
+
+
+def _engine_run(parity, engine: str) -> tuple[dict, subprocess.CompletedProcess[str], Path]:
+    """One engine's row of the parity table, its own process's output (JSON) and its run directory."""
+    verify, out = parity
+    (row,) = [r for r in rank0_json(verify)["rows"] if (r["engine"], r["launcher"]) == (engine, engine)]
+    run_dir = out / engine
+    stdout, stderr = (run_dir / "stdout.txt").read_text(), (run_dir / "stderr.txt").read_text()
+    assert row["exit_code"] == 0, stderr[-3000:]
+    return row, subprocess.CompletedProcess(row["command"], row["exit_code"], stdout, stderr), run_dir
 
 
 @pytest.fixture(scope="module")
 def spawned(parity) -> dict:
     """The torch engine's run: the baseline every other engine must match. The parity table's
-    first run is it: `distshare train --engine torch --nproc 2` on RUN's config, in its own process."""
+    first run is it: `distshare train --engine torch --nproc 3` on RUN + ODD, in its own process."""
     proc, out = parity
     assert (out / "spawn" / "result.json").is_file(), proc.stdout[-3000:] + proc.stderr[-3000:]
     result = read_result(out / "spawn")
@@ -70,25 +86,19 @@ def spawned(parity) -> dict:
     return result
 
 
-# W = 3 ranks x k = 3 micro-batches: neither a power of two, so cancelling accelerate's
-# division by k and DDP's average over W by scaling the loss by k x W would not be exact.
-ODD = ["--set", "plan.global_batch=18", "--set", "plan.accum_steps=3", "--set", "data.num_samples=180"]
-
-
 @pytest.mark.launcher
 @pytest.mark.slow
-def test_accelerate_launch_cpu_processes_bitwise_equal_to_the_torch_engine(tmp_path):
-    spawned = _distshare(["train", "--engine", "torch", "--nproc", "3", *RUN, *ODD, "--out", str(tmp_path / "t")])
-    assert spawned.returncode == 0, spawned.stderr[-2000:]
-    cmd = [*get_launch_command("accelerate", num_processes=3), "train", "--engine", "accelerate"]
-    proc = run_command(cmd + RUN + ODD + ["--out", str(tmp_path / "a")])
-    assert proc.returncode == 0, proc.stderr[-3000:]
+def test_accelerate_launch_cpu_processes_bitwise_equal_to_the_torch_engine(parity, spawned):
+    # The parity table's accelerate run: `accelerate launch --num_processes 3 ... train --engine
+    # accelerate` on RUN + ODD, in its own process (a real `accelerate launch`).
+    row, proc, _ = _engine_run(parity, "accelerate")
+    assert "-m accelerate.commands.launch" in row["command"] and "--num_processes 3" in row["command"]
     result = rank0_json(proc)
     assert result["engine"] == "accelerate" and result["world_size"] == 3
     assert result["plan"]["accum_steps"] == 3 and result["plan"]["micro_batch"] == 2
     assert result["replicas_in_sync"] and result["accounting"]["ok"]
     assert result["replica_checks"] == STEPS and result["first_divergence"] is None
-    assert result["final_fingerprint"] == rank0_json(spawned)["final_fingerprint"]
+    assert result["final_fingerprint"] == spawned["final_fingerprint"]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -101,16 +111,12 @@ def test_the_loss_scale_cancels_accelerates_division_exactly(dtype):
 
 @pytest.mark.launcher
 @pytest.mark.slow
-def test_ray_train_two_workers_matches_the_torch_engine(parity, spawned):
-    # The parity table's Ray run: `distshare train --engine ray --nproc 2 --ray-address ...` on
-    # RUN's config (the module's Ray cluster), in its own process; its output and run directory.
-    verify, out = parity
-    (row,) = [r for r in rank0_json(verify)["rows"] if (r["engine"], r["launcher"]) == ("ray", "ray")]
-    run_dir = out / "ray"
-    stdout, stderr = (run_dir / "stdout.txt").read_text(), (run_dir / "stderr.txt").read_text()
-    assert row["exit_code"] == 0, stderr[-3000:]
-    result = rank0_json(subprocess.CompletedProcess(row["command"], row["exit_code"], stdout, stderr))
-    assert result["engine"] == "ray" and result["world_size"] == 2
+def test_ray_train_three_workers_matches_the_torch_engine(parity, spawned):
+    # The parity table's Ray run: `distshare train --engine ray --nproc 3 --ray-address ...` on
+    # RUN + ODD (the module's Ray cluster), in its own process; its output and run directory.
+    _, proc, run_dir = _engine_run(parity, "ray")
+    result = rank0_json(proc)
+    assert result["engine"] == "ray" and result["world_size"] == 3
     assert result["replicas_in_sync"] and result["accounting"]["ok"]
     assert result["final_fingerprint"] == spawned["final_fingerprint"]
     # The driver wrote the run directory, readable again.
