@@ -91,8 +91,8 @@ class SampleMagnitudes(GradSync):
 
     def synchronize(self, model: nn.Module) -> None:
         named = list(model.named_parameters())
-        first = next(iter(named))[1]
-        flat = torch.zeros(sum(p.numel() for _, p in named), dtype=torch.float64, device=first.device)
+        device = named[0][1].device if named else torch.device("cpu")
+        flat = torch.zeros(sum(p.numel() for _, p in named), dtype=torch.float64, device=device)
 
         def add(block: torch.Tensor, start: int) -> None:
             # |x| is exact in any precision; the sum over the chunk's samples is float64.

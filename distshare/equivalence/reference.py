@@ -41,8 +41,9 @@ class Reference:
 def _abs_sum(t: Trainee, copy: nn.Module, step: int, grad: Tensors, rng: torch.Tensor) -> tuple[Tensors, str | None]:
     """sum over samples of |that sample's contribution to the gradient|, elementwise.
 
-    Each contribution is the one step on that sample alone, divided by the global count.
-    Returns it with None, or, when the model cannot run one sample alone (BatchNorm in
+    Each contribution is that sample's gradient, divided by the global count: all samples'
+    in one batched per-sample pass where the model allows (`_batched_abs_sum`), else the one
+    step on each sample alone. Returns it with None, or, when the model cannot run one sample alone (BatchNorm in
     training mode refuses a batch of one), |gradient| with the reason: that assumes no
     cancellation between samples, a tighter bound than the truth; said in the report.
     """
