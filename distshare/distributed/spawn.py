@@ -34,9 +34,11 @@ from typing import Any
 from distshare.distributed import watchdog
 from distshare.errors import DistshareError, RankError, RankSilent, UsageError
 
-# What the server imports before it forks any rank: what every rank function needs, and
-# `datasets`, which distshare.data imports only where a data set is built (most ranks build one).
-PRELOAD = ["torch", "datasets", "distshare.distributed.world", "distshare.training"]
+# What the server imports before it forks any rank: what every rank function needs;
+# `torch._dynamo`, which torch.optim imports when the first optimizer is made (2.0 s of CPU,
+# measured, in every rank that trains); and `datasets`, which distshare.data imports only where
+# a data set is built (most ranks build one).
+PRELOAD = ["torch", "torch._dynamo", "datasets", "distshare.distributed.world", "distshare.training"]
 START_METHODS = ("forkserver", "spawn")
 
 
