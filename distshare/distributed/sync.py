@@ -119,7 +119,41 @@ class AllReduceSync(GradSync):
             g.copy_(synced)
 
 
-class ExactSync(GradSync):
+class PerSampleSync(GradSync):
+    """A sync that takes the step's samples instead of its backward (`per_sample`): the
+    micro-batches are collected by `accumulate` and computed together in `synchronize`, as
+    per-sample gradients (`distshare.numerics.per_sample`). Layers whose output depends on
+    which samples share a batch (BatchNorm in training mode, dropout) are refused at
+    `prepare`: a sample's row of a batched computation would not be its contribution."""
+
+    per_sample = True
+
+    def __init__(self) -> None:
+        self.samples: list[Any] = []
+        self.loss_fn: LossFn | None = None
+        self.global_samples, self.normalizer = 1, 1.0
+
+    def prepare(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[nn.Module, torch.optim.Optimizer]:
+        refuse_split_dependent(model)
+        return model, optimizer
+
+    def start_step(self, model: nn.Module, global_items: int, global_samples: int) -> None:
+        self.samples, self.global_samples, self.normalizer = [], global_samples, float(global_items)
+
+    def accumulate(self, model: nn.Module, batch: Any, loss_fn: LossFn) -> None:
+        """One micro-batch's samples (a pytree, samples along dim 0), for the step's per-sample pass."""
+        self.samples.append(batch)
+        self.loss_fn = loss_fn
+
+    def take_samples(self) -> Any:
+        """The step's samples as one batch (None if there were none), and forget them."""
+        samples, self.samples = self.samples, []
+        if not samples or self.loss_fn is None:
+            return None
+        return tree_map(lambda *parts: torch.cat(parts), *samples)
+
+
+class ExactSync(PerSampleSync):
     """Per-sample gradients summed exactly in integers across micro-batches and ranks.
 
     The micro-batches of a step are only collected here and computed together in `synchronize`,
@@ -130,30 +164,15 @@ class ExactSync(GradSync):
     """
 
     name = "exact"
-    per_sample = True
 
     def __init__(self, world_size: int = 1, group: dist.ProcessGroup | None = None, method: str = "auto") -> None:
+        super().__init__()
         self.world_size = world_size
         self.group = group
         self.method = method
-        self.samples: list[Any] = []
-        self.loss_fn: LossFn | None = None
-        self.global_samples, self.normalizer = 1, 1.0
         self.step_loss = 0.0  # this rank's summed loss of the last finished step
         self.underflows = 0
         self._sum: ExactGradSum | None = None  # the integer sum, kept from step to step (28 bytes a parameter)
-
-    def prepare(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[nn.Module, torch.optim.Optimizer]:
-        refuse_split_dependent(model)
-        return model, optimizer
-
-    def start_step(self, model: nn.Module, global_items: int, global_samples: int) -> None:
-        self.samples, self.global_samples, self.normalizer = [], global_samples, float(global_items)
-
-    def accumulate(self, model: nn.Module, batch: Any, loss_fn: LossFn) -> None:
-        """One micro-batch's samples (a pytree, samples along dim 0), for the step's exact sum."""
-        self.samples.append(batch)
-        self.loss_fn = loss_fn
 
     def synchronize(self, model: nn.Module) -> None:
         acc = self._sum
@@ -161,14 +180,12 @@ class ExactSync(GradSync):
             acc = self._sum = ExactGradSum(model, self.global_samples, self.world_size, self.group)
         else:
             acc.reset(self.global_samples)
-        if self.samples and self.loss_fn is not None:
-            batch = tree_map(lambda *parts: torch.cat(parts), *self.samples)
+        batch = self.take_samples()
+        self.step_loss = 0.0
+        if batch is not None:
             # Each chunk's per-sample gradients go into the integer sum as they are computed.
             losses = add_per_sample_grads(model, batch, self.loss_fn, acc.add, self.method)
             self.step_loss = float(losses.sum())
-        else:
-            self.step_loss = 0.0
-        self.samples = []
         acc.write_grads(self.normalizer)
         self.underflows += acc.underflows
 

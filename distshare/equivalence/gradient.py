@@ -16,10 +16,9 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils._pytree import tree_map
 
-from distshare.distributed.sync import GradSync
-from distshare.numerics.per_sample import add_per_sample_grads, refuse_split_dependent
+from distshare.distributed.sync import GradSync, PerSampleSync
+from distshare.numerics.per_sample import add_per_sample_grads
 from distshare.training import optimizer_step
 
 LossFn = Callable[[nn.Module, Any], torch.Tensor]  # (module, micro-batch) -> its summed loss
@@ -56,38 +55,21 @@ def step_gradient(
     )
 
 
-class SampleMagnitudes(GradSync):
+class SampleMagnitudes(PerSampleSync):
     """The sum over a global batch's samples of |each sample's contribution to the gradient|.
 
-    A sync for `step_gradient`: the step hands over its micro-batches' samples, as it does to
-    exact mode's sync, and they are computed here together as per-sample gradients
-    (`distshare.numerics.per_sample`, in fixed chunks): n samples cost about one batched
-    backward, not n backwards of one sample. `totals` then holds, per parameter, the float64
-    sum of |gradient of that sample's summed loss| / the step's normalizer; `.grad` is left
-    unset. Layers that mix the samples of a batch (BatchNorm in training mode, dropout) are
-    refused before anything runs (`UsageError`): their one-sample contribution is not a
-    row of a batched computation.
+    A sync for `step_gradient` that takes the step's per-sample path, as exact mode's sync
+    does: n samples cost about one batched backward, not n backwards of one sample. `totals`
+    then holds, per parameter, the float64 sum of |gradient of that sample's summed loss| /
+    the step's normalizer; `.grad` is left unset. A model whose layers mix samples is refused
+    before anything runs (`UsageError`, from `PerSampleSync.prepare`).
     """
 
     name = "sample magnitudes"
-    per_sample = True
 
     def __init__(self) -> None:
-        self.samples: list[Any] = []
-        self.loss_fn: LossFn | None = None
-        self.normalizer = 1.0
+        super().__init__()
         self.totals: dict[str, torch.Tensor] = {}
-
-    def prepare(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[nn.Module, torch.optim.Optimizer]:
-        refuse_split_dependent(model)
-        return model, optimizer
-
-    def start_step(self, model: nn.Module, global_items: int, global_samples: int) -> None:
-        self.samples, self.normalizer = [], float(global_items)
-
-    def accumulate(self, model: nn.Module, batch: Any, loss_fn: LossFn) -> None:
-        self.samples.append(batch)
-        self.loss_fn = loss_fn
 
     def synchronize(self, model: nn.Module) -> None:
         named = list(model.named_parameters())
@@ -98,12 +80,12 @@ class SampleMagnitudes(GradSync):
             # |x| is exact in any precision; the sum over the chunk's samples is float64.
             flat[start : start + block.shape[1]] += block.abs().sum(0, dtype=torch.float64)
 
+        batch = self.take_samples()
         self.step_loss = 0.0
-        if self.samples and self.loss_fn is not None:
-            batch = tree_map(lambda *parts: torch.cat(parts), *self.samples)
+        if batch is not None:
             self.step_loss = float(add_per_sample_grads(model, batch, self.loss_fn, add).sum())
         flat = (flat / self.normalizer).cpu()
-        self.samples, self.totals, offset = [], {}, 0
+        self.totals, offset = {}, 0
         for name, p in named:
             self.totals[name] = flat[offset : offset + p.numel()].view(p.shape)
             offset += p.numel()

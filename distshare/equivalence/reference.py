@@ -43,9 +43,9 @@ def _abs_sum(t: Trainee, copy: nn.Module, step: int, grad: Tensors, rng: torch.T
 
     Each contribution is that sample's gradient, divided by the global count: all samples'
     in one batched per-sample pass where the model allows (`_batched_abs_sum`), else the one
-    step on each sample alone. Returns it with None, or, when the model cannot run one sample alone (BatchNorm in
-    training mode refuses a batch of one), |gradient| with the reason: that assumes no
-    cancellation between samples, a tighter bound than the truth; said in the report.
+    step on each sample alone. Returns it with None, or, when the model cannot run one sample
+    alone (BatchNorm in training mode refuses a batch of one), |gradient| with the reason: that
+    assumes no cancellation between samples, a tighter bound than the truth; said in the report.
     """
     total: Tensors = {n: torch.zeros_like(p, dtype=torch.float64).cpu() for n, p in copy.named_parameters()}
     with torch.random.fork_rng(devices=[]):
@@ -80,6 +80,9 @@ def _batched_abs_sum(t: Trainee, copy: nn.Module, indices: list[int], norm: floa
             copy, [t.sample_batch(indices)], norm, len(indices), t.batch_loss, sync=sync, sample_loss_fn=t.sample_losses
         )
     except (UsageError, ValueError, RuntimeError):
+        # A property of the model (its layers, its precision), not of the step: every later
+        # step of this trainee takes the loop at once instead of failing the same way again.
+        t.sample_batch = None
         return None
     return sync.totals
 
