@@ -3,6 +3,7 @@
     python benchmarks/bench_check_cost.py                    # 2 gloo ranks, ~12.6M parameters, a few minutes
     python benchmarks/bench_check_cost.py --data pydoc           # 12-word windows of real text
     python benchmarks/bench_check_cost.py --steps 12 --repeats 3 --json
+    python benchmarks/bench_check_cost.py --device cuda      # one GPU: W = 1 on nccl, in this process
 
 Two measurements, both inside one `run_distributed` call (same ranks, same process group,
 same thread setting), on `distshare.training.train` with an AdamW transformer
@@ -42,12 +43,15 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from cuda_world import cuda_world, settle  # noqa: E402  (beside this file)
+
 from distshare.config import load_config  # noqa: E402
 from distshare.distributed.spawn import run_distributed  # noqa: E402
-from distshare.distributed.world import World  # noqa: E402
+from distshare.distributed.world import World, close_world  # noqa: E402
 from distshare.integrity.fingerprint import fingerprint_state  # noqa: E402
 from distshare.integrity.replicas import compare_replicas  # noqa: E402
-from distshare.integrity.rolling import BATCH, Exchange, RollingDigest  # noqa: E402
+from distshare.integrity.rolling import BATCH, Exchange, RollingDigest, supported  # noqa: E402
+from distshare.integrity.state import named_state_tensors  # noqa: E402
 from distshare.training import Run, train  # noqa: E402
 
 GOAL = 0.02
@@ -78,11 +82,12 @@ def _run(world: World, data: str, variant: str, steps: int, keep: list[Run] | No
     clock, and this process's CPU time (all threads; less disturbed by other processes)."""
     every, mode, batch = VARIANTS[variant]
     overrides = [*OVERRIDES, f"data.name={data}", f"plan.world_size={world.world_size}"]
-    overrides += [f"steps={steps}", f"check_every={every}", f"check_mode={mode}"]
+    overrides += [f"steps={steps}", f"check_every={every}", f"check_mode={mode}", f"device={world.device.type}"]
     cfg = load_config(None, overrides + ([f"check_batch={batch}"] if batch is not None else []))
     stamps: list[tuple[float, float]] = []
 
     def on_step(run: Run, step: int) -> None:
+        settle(world)
         stamps.append((time.perf_counter(), time.process_time()))
         if keep is not None and step == steps - 1:
             keep.append(run)
@@ -104,33 +109,47 @@ def bench_rank(world: World, data: str, steps: int, repeats: int, check_repeats:
             cpu[variant].append(cpu_s)
     run = kept[0]
     params = sum(p.numel() for p in run.model.parameters())
-    rolling = RollingDigest(run.model, run.optimizer)
+    # Device-resident state keeps the full check (the rolling digest covers host memory only):
+    # on a GPU the "rolling" runs above are full checks too, and there is no slice to time.
+    rolling_not_used = supported(run.model, run.optimizer)
+    rolling = RollingDigest(run.model, run.optimizer) if rolling_not_used is None else None
     exchange = Exchange(dist.new_group(), BATCH) if world.distributed else Exchange(None, BATCH)
     check_s, hash_s, roll_s = [], [], []
     for i in range(check_repeats):
+        settle(world)
         t0 = time.perf_counter()
         report = compare_replicas(run.model, run.optimizer)
         check_s.append(time.perf_counter() - t0)
         assert report.in_sync
         t0 = time.perf_counter()
         fingerprint_state(run.model, run.optimizer)
+        settle(world)
         hash_s.append(time.perf_counter() - t0)
-        t0 = time.perf_counter()
-        exchange.settle()  # as the checker does: the gather started at the check before, if any
-        exchange.add(rolling.advance(i), rolling.value)
-        roll_s.append(time.perf_counter() - t0)
+        if rolling is not None:
+            t0 = time.perf_counter()
+            exchange.settle()  # as the checker does: the gather started at the check before, if any
+            exchange.add(rolling.advance(i), rolling.value)
+            roll_s.append(time.perf_counter() - t0)
     exchange.flush()
     exchange.settle()
+    roll_s = roll_s or [float("nan")]
     step_s = statistics.median(runs["none"]) / (steps - 1)
 
     def ratio(variant: str, clock: dict[str, list[float]] = runs) -> tuple[float, list[float]]:
         paired = [a / b for a, b in zip(clock[variant], clock["none"], strict=True)]
         return statistics.median(paired), paired
 
+    state_bytes = (
+        rolling.state_bytes
+        if rolling is not None
+        else sum(t.numel() * t.element_size() for _, t in named_state_tensors(run.model, run.optimizer, shards=False))
+    )
     return {
+        "device": str(world.device),
+        "rolling_not_used": rolling_not_used,
         "params": params,
-        "hashed_bytes": rolling.state_bytes,
-        "slices": rolling.slices,
+        "hashed_bytes": state_bytes,
+        "slices": rolling.slices if rolling is not None else None,
         "step_ms_no_check": 1e3 * step_s,
         "step_ms": {v: 1e3 * statistics.median(t) / (steps - 1) for v, t in runs.items()},
         "step_cpu_ms": {v: 1e3 * statistics.median(t) / (steps - 1) for v, t in cpu.items()},
@@ -147,7 +166,7 @@ def bench_rank(world: World, data: str, steps: int, repeats: int, check_repeats:
         "rolling_ms": 1e3 * statistics.median(roll_s),
         "check_fraction_of_step": statistics.median(check_s) / step_s,
         "rolling_fraction_of_step": statistics.median(roll_s) / step_s,
-        "hash_gb_per_s": rolling.state_bytes / statistics.median(hash_s) / 1e9,
+        "hash_gb_per_s": state_bytes / statistics.median(hash_s) / 1e9,
     }
 
 
@@ -164,28 +183,45 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=12, help="steps per run (first gap dropped)")
     parser.add_argument("--repeats", type=int, default=6, help="runs of each variant, interleaved")
     parser.add_argument("--check-repeats", type=int, default=20, help="direct timings of one check")
+    parser.add_argument(
+        "--device", choices=("cpu", "cuda"), default="cpu", help="cuda: one rank on this GPU (nccl), --nproc ignored"
+    )
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     load = [os.getloadavg()[0]]
-    results = run_distributed(
-        bench_rank, args.nproc, args.data, args.steps, args.repeats, args.check_repeats, timeout_s=600, deadline_s=3600
-    )
+    bench_args = (args.data, args.steps, args.repeats, args.check_repeats)
+    if args.device == "cuda":
+        world = cuda_world("bench_check_cost")
+        try:
+            results = [bench_rank(world, *bench_args)]
+        finally:
+            close_world(world)
+        args.nproc = 1
+    else:
+        results = run_distributed(bench_rank, args.nproc, *bench_args, timeout_s=600, deadline_s=3600)
     load.append(os.getloadavg()[0])
     r = results[0]
     r["ranks"] = args.nproc
     r["data"] = args.data
     r["goal"] = GOAL
     r["load_average_before_after"] = [round(x, 2) for x in load]
-    r["meets_goal"] = r["rolling_fraction_of_step"] <= GOAL and r["ratio_rolling"] <= 1 + GOAL
+    # Where the rolling digest cannot run (device-resident state), every check is a full one.
+    kept_on = "rolling" if r["rolling_not_used"] is None else "full"
+    r["meets_goal"] = r[f"{'rolling' if kept_on == 'rolling' else 'check'}_fraction_of_step"] <= GOAL and (
+        r[f"ratio_{kept_on}"] <= 1 + GOAL
+    )
     if args.json:
         print(json.dumps(r))
         return 0
     print(
-        f"data {r['data']}, {r['ranks']} ranks, model {r['params'] / 1e6:.1f}M parameters, "
+        f"data {r['data']}, {r['ranks']} ranks on {r['device']}, model {r['params'] / 1e6:.1f}M parameters, "
         f"load {load[0]:.2f} -> {load[1]:.2f}"
     )
     print(f"a full check hashes {r['hashed_bytes'] / 1e6:.0f} MB per rank (parameters, buffers, optimizer state)")
-    print(f"a rolling check hashes one of {r['slices']} slices: every byte within {r['slices']} steps")
+    if r["rolling_not_used"] is None:
+        print(f"a rolling check hashes one of {r['slices']} slices: every byte within {r['slices']} steps")
+    else:
+        print(f"no rolling check here ({r['rolling_not_used']}): the rolling runs made full checks")
     ms = r["step_ms"]
     print(f"step, no checks in between      {ms['none']:9.1f} ms (total loop time / steps, median over repeats)")
     print(f"step, full check every step     {ms['full']:9.1f} ms")

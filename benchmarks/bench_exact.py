@@ -48,6 +48,9 @@ from distshare.distributed.world import World
 from distshare.numerics.diff import diff
 from distshare.training import build_run, train, train_step
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from cuda_world import cuda_world, settle  # noqa: E402  (beside this file)
+
 CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "train"
 MODES = ("ddp", "exact")
 GOAL = 1.5  # issue 19's goal on the demo models: exact mode's step at most 1.5x normal mode's
@@ -60,30 +63,41 @@ def _config(model: str, *overrides: str) -> RunConfig:
 
 def _time_rank(world: World, cfg: RunConfig, repeats: int, warmup: int) -> dict[str, list[float]]:
     """Each mode's time per step in each repeat (total over the timed steps / their number), in a
-    rotated order; rank 0's wall clock, and its process CPU time under "<mode> cpu"."""
-    per_step: dict[str, list[float]] = {k: [] for m in MODES for k in (m, f"{m} cpu")}
+    rotated order; rank 0's wall clock, and its process CPU time under "<mode> cpu"; on a GPU
+    also each run's peak of allocated device memory under "<mode> peak MB"."""
+    per_step: dict[str, list[float]] = {k: [] for m in MODES for k in (m, f"{m} cpu", f"{m} peak MB")}
+    cuda = world.device.type == "cuda"
+
+    def stamp(stamps: list[tuple[float, float]]) -> None:
+        settle(world)
+        stamps.append((time.perf_counter(), time.process_time()))
+
     for r in range(repeats):
         for mode in MODES[r % 2 :] + MODES[: r % 2]:
             stamps: list[tuple[float, float]] = []
             run_cfg = dataclasses.replace(
-                cfg, sync=mode, plan=dataclasses.replace(cfg.plan, world_size=world.world_size)
+                cfg,
+                sync=mode,
+                device=world.device.type,
+                plan=dataclasses.replace(cfg.plan, world_size=world.world_size),
             )
-            train(
-                run_cfg,
-                world,
-                None,
-                progress=False,
-                on_step=lambda run, step, stamps=stamps: stamps.append((time.perf_counter(), time.process_time())),
-            )
+            if cuda:
+                torch.cuda.reset_peak_memory_stats(world.device)
+            train(run_cfg, world, None, progress=False, on_step=lambda run, step, stamps=stamps: stamp(stamps))
+            if cuda:
+                per_step[f"{mode} peak MB"].append(torch.cuda.max_memory_allocated(world.device) / 2**20)
             timed = len(stamps) - 1 - warmup  # from the end of the last warm-up step to the end of the last
             per_step[mode].append((stamps[-1][0] - stamps[warmup][0]) / timed)
             per_step[f"{mode} cpu"].append((stamps[-1][1] - stamps[warmup][1]) / timed)
     return per_step
 
 
-def timing(model: str, nproc: int, steps: int, repeats: int, warmup: int) -> dict[str, Any]:
+def timing(model: str, nproc: int, steps: int, repeats: int, warmup: int, gpu: World | None = None) -> dict[str, Any]:
     cfg = _config(model, f"steps={steps}")
-    if nproc == 1:
+    if gpu is not None:
+        nproc = 1
+        per_rank = [_time_rank(gpu, cfg, repeats, warmup)]
+    elif nproc == 1:
         torch.set_num_threads(1)  # as each of 2 spawned ranks on 2 cores, and the GPT-2 row
         per_rank = [_time_rank(World(), cfg, repeats, warmup)]
     else:
@@ -94,6 +108,7 @@ def timing(model: str, nproc: int, steps: int, repeats: int, warmup: int) -> dic
     plan = cfg.plan.resolve(nproc)
     return {
         "model": model,
+        "device": str(gpu.device) if gpu is not None else "cpu",
         "world_size": nproc,
         "plan": dataclasses.asdict(plan),
         "parameters": None,
@@ -102,7 +117,17 @@ def timing(model: str, nproc: int, steps: int, repeats: int, warmup: int) -> dic
         "ratio": statistics.median(ratios),
         "ratios": ratios,
         "cpu_ratio": statistics.median(cpu_ratios),
+        **_peaks(med),
         "goal": GOAL,
+    }
+
+
+def _peaks(per_mode: dict[str, list[float]]) -> dict[str, float]:
+    """The highest peak of allocated GPU memory over each mode's runs, where there were any."""
+    return {
+        f"{name}_peak_cuda_mb": max(per_mode[f"{mode} peak MB"])
+        for name, mode in (("normal", MODES[0]), ("exact", MODES[1]))
+        if per_mode.get(f"{mode} peak MB")
     }
 
 
@@ -138,14 +163,18 @@ def _gpt2_losses(model: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor
     return per_token.view(labels.shape).sum(dim=1)
 
 
-def gpt2_timing(steps: int, repeats: int, warmup: int, threads: int) -> dict[str, Any]:
-    """A user's loop on tiny GPT-2, normal and exact, side by side in this process."""
+def gpt2_timing(steps: int, repeats: int, warmup: int, threads: int, gpu: World | None = None) -> dict[str, Any]:
+    """A user's loop on tiny GPT-2, normal and exact, side by side in this process (on the GPU
+    of `gpu`, a world of one rank, when given)."""
     import resource
 
     from distshare.exact import ExactGradients
 
     torch.set_num_threads(threads)
+    world = gpu or World()
     model, micro, tokens = _gpt2_setup()
+    model.to(world.device)
+    micro = [(ids.to(world.device), mask.to(world.device)) for ids, mask in micro]
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     exact = ExactGradients(model)
 
@@ -165,20 +194,30 @@ def gpt2_timing(steps: int, repeats: int, warmup: int, threads: int) -> dict[str
 
     runs = {"normal": normal_step, "exact": exact_step}
     totals: dict[str, list[float]] = {m: [] for m in runs}
+    peaks: dict[str, list[float]] = {f"{m} peak MB": [] for m in MODES}
     rss_normal = 0.0
     for r in range(repeats):
         for mode in list(runs)[r % 2 :] + list(runs)[: r % 2]:
             for _ in range(warmup):
                 runs[mode]()
+            settle(world)
+            if world.device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(world.device)
             start = time.perf_counter()
             for _ in range(steps):
                 runs[mode]()
+            settle(world)
             totals[mode].append(time.perf_counter() - start)
+            if world.device.type == "cuda":
+                peaks[f"{MODES[list(runs).index(mode)]} peak MB"].append(
+                    torch.cuda.max_memory_allocated(world.device) / 2**20
+                )
             if r == 0 and mode == "normal":
                 rss_normal = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     ratios = [e / n for e, n in zip(totals["exact"], totals["normal"], strict=True)]
     return {
         "model": "gpt2",
+        "device": str(world.device),
         "world_size": 1,
         "threads": threads,
         "method": exact.method,
@@ -189,6 +228,7 @@ def gpt2_timing(steps: int, repeats: int, warmup: int, threads: int) -> dict[str
         "ratios": ratios,
         "peak_rss_mb_after_normal": rss_normal,
         "peak_rss_mb_at_end": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        **_peaks(peaks),
         "goal": GPT2_GOAL,
     }
 
@@ -310,6 +350,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1, help="torch threads for the GPT-2 row")
     p.add_argument("--memory", default="", help="global batches for the peak-memory rows, e.g. 32,128,512")
     p.add_argument("--memory-child", nargs=2, help=argparse.SUPPRESS)
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="cuda: one rank on this GPU (nccl)")
     p.add_argument("--json", action="store_true")
     p.add_argument("--out", help="write the results as JSON to this file")
     args = p.parse_args(argv)
@@ -341,18 +382,25 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     models = [m for m in args.models.split(",") if m]
     results: dict[str, Any] = {"timing": [], "precision": [], "torch": torch.__version__}
+    gpu = cuda_world("bench_exact") if args.device == "cuda" else None
     for m in models:
         if m == "gpt2":
-            t = gpt2_timing(args.steps, args.repeats, args.warmup, args.threads)
+            t = gpt2_timing(args.steps, args.repeats, args.warmup, args.threads, gpu)
         else:
-            t = timing(m, args.nproc, args.steps, args.repeats, args.warmup)
+            t = timing(m, args.nproc, args.steps, args.repeats, args.warmup, gpu)
         results["timing"].append(t)
         if not args.json:
             cpu = f", CPU {t['cpu_ratio']:.2f}" if "cpu_ratio" in t else ""
+            peak = (
+                f"; peak GPU memory normal {t['normal_peak_cuda_mb']:.0f} MB, exact {t['exact_peak_cuda_mb']:.0f} MB"
+                if "exact_peak_cuda_mb" in t
+                else ""
+            )
             print(
-                f"{m:12s} W={t['world_size']}  normal {t['normal_step_ms']:7.2f} ms  exact {t['exact_step_ms']:7.2f} ms"
+                f"{m:12s} {t['device']} W={t['world_size']}  normal {t['normal_step_ms']:7.2f} ms  "
+                f"exact {t['exact_step_ms']:7.2f} ms"
                 f"  ratio {t['ratio']:.2f}{cpu} (goal <= {t['goal']:g}; per repeat "
-                f"{', '.join(f'{r:.2f}' for r in t['ratios'])})"
+                f"{', '.join(f'{r:.2f}' for r in t['ratios'])}){peak}"
             )
             if m == "gpt2":
                 print(
