@@ -43,7 +43,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from cuda_world import cuda_world, settle  # noqa: E402  (beside this file)
+from cuda_world import cuda_world, settle  # noqa: E402  (beside this file: the script's own directory)
 
 from distshare.config import load_config  # noqa: E402
 from distshare.distributed.spawn import run_distributed  # noqa: E402
@@ -206,10 +206,11 @@ def main(argv: list[str] | None = None) -> int:
     r["goal"] = GOAL
     r["load_average_before_after"] = [round(x, 2) for x in load]
     # Where the rolling digest cannot run (device-resident state), every check is a full one.
-    kept_on = "rolling" if r["rolling_not_used"] is None else "full"
-    r["meets_goal"] = r[f"{'rolling' if kept_on == 'rolling' else 'check'}_fraction_of_step"] <= GOAL and (
-        r[f"ratio_{kept_on}"] <= 1 + GOAL
-    )
+    if r["rolling_not_used"] is None:
+        fraction, ratio = r["rolling_fraction_of_step"], r["ratio_rolling"]
+    else:
+        fraction, ratio = r["check_fraction_of_step"], r["ratio_full"]
+    r["meets_goal"] = fraction <= GOAL and ratio <= 1 + GOAL
     if args.json:
         print(json.dumps(r))
         return 0

@@ -41,15 +41,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from cuda_world import cuda_world, settle  # noqa: E402  (beside this file: the script's own directory)
 
 from distshare.config import RunConfig, load_config
 from distshare.distributed.spawn import run_distributed
 from distshare.distributed.world import World
 from distshare.numerics.diff import diff
 from distshare.training import build_run, train, train_step
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from cuda_world import cuda_world, settle  # noqa: E402  (beside this file)
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "train"
 MODES = ("ddp", "exact")
@@ -117,18 +115,14 @@ def timing(model: str, nproc: int, steps: int, repeats: int, warmup: int, gpu: W
         "ratio": statistics.median(ratios),
         "ratios": ratios,
         "cpu_ratio": statistics.median(cpu_ratios),
-        **_peaks(med),
+        **_peaks(med["ddp peak MB"], med["exact peak MB"]),
         "goal": GOAL,
     }
 
 
-def _peaks(per_mode: dict[str, list[float]]) -> dict[str, float]:
-    """The highest peak of allocated GPU memory over each mode's runs, where there were any."""
-    return {
-        f"{name}_peak_cuda_mb": max(per_mode[f"{mode} peak MB"])
-        for name, mode in (("normal", MODES[0]), ("exact", MODES[1]))
-        if per_mode.get(f"{mode} peak MB")
-    }
+def _peaks(normal: list[float], exact: list[float]) -> dict[str, float]:
+    """The highest peak of allocated GPU memory over each mode's runs (none off a GPU)."""
+    return {f"{name}_peak_cuda_mb": max(mb) for name, mb in (("normal", normal), ("exact", exact)) if mb}
 
 
 GPT2_VOCAB, GPT2_LENGTH, GPT2_BATCH, GPT2_ACCUM = 64, 16, 32, 2
@@ -194,7 +188,7 @@ def gpt2_timing(steps: int, repeats: int, warmup: int, threads: int, gpu: World 
 
     runs = {"normal": normal_step, "exact": exact_step}
     totals: dict[str, list[float]] = {m: [] for m in runs}
-    peaks: dict[str, list[float]] = {f"{m} peak MB": [] for m in MODES}
+    peaks: dict[str, list[float]] = {m: [] for m in runs}
     rss_normal = 0.0
     for r in range(repeats):
         for mode in list(runs)[r % 2 :] + list(runs)[: r % 2]:
@@ -209,9 +203,7 @@ def gpt2_timing(steps: int, repeats: int, warmup: int, threads: int, gpu: World 
             settle(world)
             totals[mode].append(time.perf_counter() - start)
             if world.device.type == "cuda":
-                peaks[f"{MODES[list(runs).index(mode)]} peak MB"].append(
-                    torch.cuda.max_memory_allocated(world.device) / 2**20
-                )
+                peaks[mode].append(torch.cuda.max_memory_allocated(world.device) / 2**20)
             if r == 0 and mode == "normal":
                 rss_normal = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     ratios = [e / n for e, n in zip(totals["exact"], totals["normal"], strict=True)]
@@ -228,7 +220,7 @@ def gpt2_timing(steps: int, repeats: int, warmup: int, threads: int, gpu: World 
         "ratios": ratios,
         "peak_rss_mb_after_normal": rss_normal,
         "peak_rss_mb_at_end": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        **_peaks(peaks),
+        **_peaks(peaks["normal"], peaks["exact"]),
         "goal": GPT2_GOAL,
     }
 

@@ -84,8 +84,5 @@ class SampleMagnitudes(PerSampleSync):
         self.step_loss = 0.0
         if batch is not None:
             self.step_loss = float(add_per_sample_grads(model, batch, self.loss_fn, add).sum())
-        flat = (flat / self.normalizer).cpu()
-        self.totals, offset = {}, 0
-        for name, p in named:
-            self.totals[name] = flat[offset : offset + p.numel()].view(p.shape)
-            offset += p.numel()
+        pieces = (flat / self.normalizer).cpu().split([p.numel() for _, p in named])
+        self.totals = {name: piece.view(p.shape) for (name, p), piece in zip(named, pieces, strict=True)}

@@ -47,7 +47,6 @@ def _abs_sum(t: Trainee, copy: nn.Module, step: int, grad: Tensors, rng: torch.T
     alone (BatchNorm in training mode refuses a batch of one), |gradient| with the reason: that
     assumes no cancellation between samples, a tighter bound than the truth; said in the report.
     """
-    total: Tensors = {n: torch.zeros_like(p, dtype=torch.float64).cpu() for n, p in copy.named_parameters()}
     with torch.random.fork_rng(devices=[]):
         torch.set_rng_state(rng)
         copy.load_state_dict(t.model.state_dict())
@@ -56,6 +55,7 @@ def _abs_sum(t: Trainee, copy: nn.Module, step: int, grad: Tensors, rng: torch.T
         batched = _batched_abs_sum(t, copy, indices, norm)
         if batched is not None:
             return batched, None
+        total: Tensors = {n: torch.zeros_like(p, dtype=torch.float64).cpu() for n, p in copy.named_parameters()}
         for i in indices:
             try:
                 step_gradient(copy, [[i]], norm, len(indices), t.batch_loss)
